@@ -1,0 +1,30 @@
+# Shared by the scripts in this folder: the Python to use and the embedded tiny default model.
+# Sourced, not run. PYTHON: the interpreter (default: python, else python3).
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ -z "${PYTHON:-}" ]; then
+  if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
+fi
+TINY_BASE=models/tiny-llama
+
+# use_tiny_default: when BASE_MODEL is unset, build the tiny base once (offline, under a minute) and use it.
+use_tiny_default() {
+  if [ -z "${BASE_MODEL:-}" ]; then
+    BASE_MODEL=$TINY_BASE
+    USING_TINY_DEFAULT=1
+    export HF_HUB_OFFLINE=1
+    if [ ! -f "$BASE_MODEL/config.json" ]; then
+      echo "BASE_MODEL is not set: building the tiny embedded default model into $BASE_MODEL" >&2
+      "$PYTHON" -m utils.tiny_base --arch llama --output_dir "$BASE_MODEL"
+    fi
+  else
+    USING_TINY_DEFAULT=0
+  fi
+}
+
+# require_adapter DIR HOW: fail with a hint when an adapter folder is missing.
+require_adapter() {
+  if [ ! -f "$1/adapter_config.json" ]; then
+    echo "error: no adapter in $1; $2" >&2
+    exit 2
+  fi
+}

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny base models built by the project itself, small data files, a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE = REPO.parent / "shared" / "reference" / "bentsao"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(REPO))
+
+
+def reference_file(name: str) -> Path:
+    """A published BenTsao file, or skip: ../shared is not part of a plain clone."""
+    path = REFERENCE / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the published BenTsao data lives in ../shared, not in the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny llama / bloom / qwen2 bases, built once per test session with `utils.tiny_base`."""
+    from utils.tiny_base import build
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: Path(build(arch=arch, output_dir=str(root / arch))) for arch in ("llama", "bloom", "qwen2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+def project_rows() -> list[dict]:
+    """The project's own QA rows (data/infer.json), a small realistic training set."""
+    return [json.loads(line) for line in (REPO / "data" / "infer.json").read_text(encoding="utf-8").splitlines() if line]
+
+
+@pytest.fixture(scope="session")
+def train_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in project_rows()), encoding="utf-8")
+    return path
+
+
+def run_script(*args: str, stdin: str | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a repo script as a user would, from the repo root."""
+    full_env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
+    command = list(args) if args[0] == "bash" else [sys.executable, *args]
+    return subprocess.run(command, cwd=REPO, input=stdin, capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def train_adapter(base: Path, data: Path, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """A quick finetune.py run (a few steps) that must succeed."""
+    result = run_script(
+        "finetune.py", "--base_model", str(base), "--data_path", str(data), "--output_dir", str(output_dir),
+        "--batch_size", "8", "--micro_batch_size", "4", "--max_steps", "4", "--learning_rate", "3e-3",
+        "--cutoff_len", "128", "--save_steps", "2", "--eval_steps", "2", "--logging_steps", "1", *extra,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

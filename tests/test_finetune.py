@@ -1,0 +1,119 @@
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import reference_file, run_script, train_adapter
+from safetensors.torch import load_file
+
+
+def lora_tensors(adapter_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def printed_params(stdout: str) -> dict[str, str]:
+    block = stdout.split("Training BenTsao LoRA with:\n", 1)[1].split("\n\n", 1)[0]
+    return dict(line.split(": ", 1) for line in block.splitlines())
+
+
+def test_llama_adapter_is_saved_and_not_empty(tiny_llama, train_file, tmp_path):
+    out = tmp_path / "adapter"
+    result = train_adapter(tiny_llama, train_file, out)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "bentsao_training.json"):
+        assert (out / name).is_file(), name
+    tensors = lora_tensors(out)
+    lora_b = [t for name, t in tensors.items() if "lora_B" in name]
+    assert lora_b and all(torch.count_nonzero(t) > 0 for t in lora_b)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]  # LLaMA default
+    metadata = json.loads((out / "bentsao_training.json").read_text())
+    assert metadata["base_model"] == str(tiny_llama) and metadata["prompt_template_name"] == "med_template"
+    assert metadata["cutoff_len"] == 128
+    params = printed_params(result.stdout)
+    assert params["world_size"] == "1" and params["gradient_accumulation_steps"] == "2"
+    assert params["report_to"] == "none" and params["val_set_size"] == "2"  # a tenth of a 26-row file
+    assert result.stdout.count("Training BenTsao LoRA with:") == 1
+    assert f"adapter saved to {out.resolve()}" in result.stdout
+    assert "0 cut at --cutoff_len 128" in result.stdout
+    assert not (tmp_path / "wandb").exists()
+
+
+def test_bloom_trains_without_target_modules(tiny_models, train_file, tmp_path):
+    out = tmp_path / "bloom"
+    train_adapter(tiny_models["bloom"], train_file, out, "--prompt_template_name", "bloom_deploy")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["query_key_value"]
+    assert all(torch.count_nonzero(t) > 0 for n, t in lora_tensors(out).items() if "lora_B" in n)
+
+
+def test_all_linear_and_bad_target_names(tiny_models, train_file, tmp_path):
+    out = tmp_path / "qwen"
+    train_adapter(tiny_models["qwen2"], train_file, out, "--lora_target_modules", "all-linear")
+    targets = set(json.loads((out / "adapter_config.json").read_text())["target_modules"])
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= targets
+
+    bad = run_script("finetune.py", "--base_model", str(tiny_models["llama"]), "--data_path", str(train_file),
+                     "--output_dir", str(tmp_path / "bad"), "--lora_target_modules", "[q_proj,query_key_value]")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "query_key_value not in this model; valid names: down_proj, gate_proj, k_proj, o_proj" in bad.stderr
+
+
+def test_resume_continues_optimizer_schedule_and_step(tiny_llama, train_file, tmp_path):
+    whole = tmp_path / "whole"
+    train_adapter(tiny_llama, train_file, whole)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
+    result = train_adapter(tiny_llama, train_file, resumed, "--resume_from_checkpoint", "True")
+    assert f"resume_from_checkpoint: {resumed / 'checkpoint-2'}" in result.stdout
+    state = json.loads((resumed / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    expected, actual = lora_tensors(whole), lora_tensors(resumed)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=0)
+    # the learning rate of step 3 continues the decay rather than restarting the warm-up
+    lrs = [e["learning_rate"] for e in state["log_history"] if "learning_rate" in e]
+    whole_lrs = [e["learning_rate"] for e in json.loads((whole / "checkpoint-4" / "trainer_state.json").read_text())["log_history"] if "learning_rate" in e]
+    assert lrs == whole_lrs
+
+
+def test_finished_adapter_is_not_overwritten(tiny_llama, train_file, tmp_path):
+    out = tmp_path / "done"
+    train_adapter(tiny_llama, train_file, out)
+    before = (out / "adapter_model.safetensors").read_bytes()
+    again = run_script("finetune.py", "--base_model", str(tiny_llama), "--data_path", str(train_file),
+                       "--output_dir", str(out), "--max_steps", "1")
+    assert again.returncode == 2 and "--resume_from_checkpoint" in again.stderr and "--overwrite True" in again.stderr
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_published_recipe_flags_on_a_small_file(tiny_llama, tmp_path):
+    """The original scripts/finetune.sh command line, unchanged but for the model and data paths."""
+    rows = [json.loads(line) for line in reference_file("llama_data.json").read_text(encoding="utf-8").splitlines()[:160]]
+    data = tmp_path / "llama_data.json"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    result = run_script(
+        "finetune.py", "--base_model", str(tiny_llama), "--data_path", str(data),
+        "--output_dir", str(tmp_path / "lora-llama-med-e1"), "--prompt_template_name", "med_template",
+        "--micro_batch_size", "128", "--batch_size", "128", "--wandb_run_name", "e1",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "lora-llama-med-e1" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name, template", [("llama_data.json", "med_template"), ("liver_cancer.json", "literature_template")])
+def test_published_files_train_as_they_are(tiny_llama, tmp_path, name, template):
+    out = tmp_path / "published"
+    result = train_adapter(tiny_llama, reference_file(name), out, "--prompt_template_name", template,
+                           "--max_steps", "2", "--val_set_size", "0")
+    assert (out / "adapter_model.safetensors").is_file()
+    assert "training rows" in result.stdout
+
+
+def test_validation_size_choices(tiny_llama, train_file, tmp_path):
+    result = train_adapter(tiny_llama, train_file, tmp_path / "frac", "--val_set_size", "0.25", "--max_steps", "1")
+    assert printed_params(result.stdout)["val_set_size"] == "6"
+    too_many = run_script("finetune.py", "--base_model", str(tiny_llama), "--data_path", str(train_file),
+                          "--output_dir", str(tmp_path / "x"), "--val_set_size", "500")
+    assert too_many.returncode == 2 and "--val_set_size 500 leaves no training rows: the data has 26 rows" in too_many.stderr

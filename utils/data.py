@@ -1,0 +1,101 @@
+"""Instruction data: reading `{instruction, input, output}` rows and turning them into training examples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from utils.errors import UserError
+from utils.prompter import Prompter
+from utils.records import check_string_fields, read_records
+
+IGNORE_INDEX = -100  # label value the loss skips
+
+
+def read_instruction_rows(path: str | Path, require_output: bool = True) -> list[dict[str, str]]:
+    """Rows of a JSON Lines file or a JSON array, as `{instruction, input, output}` (extra keys dropped).
+
+    `input` is optional (empty when absent); `output` is required for training and optional for inference.
+    """
+    located = read_records(path)
+    required = ("instruction", "output") if require_output else ("instruction",)
+    optional = ("input",) if require_output else ("input", "output")
+    check_string_fields(path, located, required, optional)
+    rows = []
+    for _, row in located:
+        normalised = {"instruction": row["instruction"], "input": row.get("input") or ""}
+        if require_output or row.get("output") is not None:
+            normalised["output"] = row.get("output") or ""
+        rows.append(normalised)
+    return rows
+
+
+def load_instruction_dataset(path: str | Path):
+    """A `datasets.Dataset` with the columns instruction, input, output."""
+    from datasets import Dataset
+
+    return Dataset.from_list(read_instruction_rows(path, require_output=True))
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool  # the row did not fit in cutoff_len
+    trainable_tokens: int  # tokens that count in the loss
+
+
+def tokenize_row(
+    row: dict[str, Any],
+    prompter: Prompter,
+    tokenizer,
+    cutoff_len: int,
+    train_on_inputs: bool = False,
+    add_eos_token: bool = True,
+) -> Tokenized:
+    """Prompt + answer + EOS, cut at `cutoff_len`; the prompt's tokens are masked out of the loss unless
+    `train_on_inputs`. The whole text is tokenised at once (as at inference time) and the prompt's length is
+    measured by tokenising the prompt alone, as the original recipe does.
+    """
+    prompt = prompter.generate_prompt(row["instruction"], row.get("input") or None)
+    full_ids = tokenizer(prompt + row["output"], add_special_tokens=True)["input_ids"]
+    eos = tokenizer.eos_token_id
+    truncated = len(full_ids) > cutoff_len or (add_eos_token and len(full_ids) == cutoff_len and full_ids[-1] != eos)
+    input_ids = full_ids[:cutoff_len]
+    if add_eos_token and eos is not None and len(input_ids) < cutoff_len and (not input_ids or input_ids[-1] != eos):
+        input_ids = input_ids + [eos]
+    labels = list(input_ids)
+    if not train_on_inputs:
+        prompt_len = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        labels[:prompt_len] = [IGNORE_INDEX] * min(prompt_len, len(labels))
+    trainable = sum(1 for label in labels if label != IGNORE_INDEX)
+    return Tokenized(input_ids=input_ids, labels=labels, truncated=truncated, trainable_tokens=trainable)
+
+
+def tokenize_dataset(dataset, prompter: Prompter, tokenizer, cutoff_len: int, train_on_inputs: bool, label: str):
+    """Tokenise every row; report truncated rows and drop rows with nothing left to learn.
+
+    Returns the tokenised dataset (columns input_ids, attention_mask, labels) and a small report dict.
+    """
+
+    def encode(row):
+        item = tokenize_row(row, prompter, tokenizer, cutoff_len, train_on_inputs)
+        return {
+            "input_ids": item.input_ids,
+            "attention_mask": [1] * len(item.input_ids),
+            "labels": item.labels,
+            "truncated": item.truncated,
+            "trainable_tokens": item.trainable_tokens,
+        }
+
+    encoded = dataset.map(encode, remove_columns=dataset.column_names, desc=f"tokenizing {label}")
+    truncated = sum(encoded["truncated"])
+    kept = encoded.filter(lambda row: row["trainable_tokens"] > 0, desc=f"dropping empty {label} rows")
+    dropped = len(encoded) - len(kept)
+    if len(encoded) and not len(kept):
+        raise UserError(
+            f"every {label} row's prompt fills --cutoff_len {cutoff_len}, leaving nothing to learn; raise --cutoff_len"
+        )
+    report = {"rows": len(encoded), "truncated": truncated, "dropped_no_target": dropped}
+    return kept.remove_columns(["truncated", "trainable_tokens"]), report
