@@ -2,7 +2,7 @@
 
     python -m utils.tiny_base --arch llama --output_dir models/tiny-llama
 
-The tokenizer is a sentencepiece BPE model trained on the project's own text (`data/`, `data_literature/`,
+The tokenizer is a sentencepiece BPE model (byte-level BPE for qwen2, as the real family) trained on the project's own text (`data/`, `data_literature/`,
 the prompt templates); the model is randomly initialised with `--seed` and optionally pre-trained for a few
 steps on the same text, so that fine-tuning starts from something that has seen Chinese. The folder loads
 offline with `AutoTokenizer.from_pretrained(DIR)` and `AutoModelForCausalLM.from_pretrained(DIR)`.
@@ -25,31 +25,41 @@ ARCHS = ("llama", "bloom", "qwen2")
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, MAX_POSITIONS = 128, 4, 4, 2, 344, 1024
 
 
-def corpus_lines(root: Path = REPO_ROOT) -> list[str]:
-    """The project's own text, in a fixed order, one sentence-ish line each."""
+def read_rows(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def corpus(root: Path = REPO_ROOT) -> tuple[list[str], list[str]]:
+    """The project's own text in a fixed order: (lines to train the tokenizer on, QA documents to pre-train on).
+
+    Every string in `data/` and `data_literature/` (knowledge-base lists included) and the prompt templates feed
+    the tokenizer; rows with an answer become `instruction\nanswer` documents for pre-training.
+    """
     lines: list[str] = []
+    documents: list[str] = []
     files = sorted((root / "data").glob("*.json*")) + sorted((root / "data_literature").glob("*.json*"))
     for path in files:
-        text = path.read_text(encoding="utf-8")
-        rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
-        for row in rows:
+        for row in read_rows(path):
             for value in row.values():
-                if isinstance(value, str) and value.strip():
-                    lines.append(value.strip())
-                elif isinstance(value, list):
-                    lines.extend(str(item) for item in value if str(item).strip())
+                items = value if isinstance(value, list) else [value]
+                lines.extend(str(item).strip() for item in items if isinstance(item, str) and item.strip())
+            if isinstance(row.get("instruction"), str) and isinstance(row.get("output"), str):
+                documents.append(f"{row['instruction'].strip()}\n{row['output'].strip()}")
     for path in sorted((root / "templates").glob("*.json")):
         lines.extend(v for v in json.loads(path.read_text(encoding="utf-8")).values() if isinstance(v, str) and v)
-    return lines
+    return lines, documents
 
 
 def train_tokenizer(lines: list[str], workdir: Path, vocab_size: int) -> Path:
     import sentencepiece as spm
 
-    corpus = workdir / "corpus.txt"
-    corpus.write_text("\n".join(line.replace("\n", " ") for line in lines), encoding="utf-8")
+    corpus_file = workdir / "corpus.txt"
+    corpus_file.write_text("\n".join(line.replace("\n", " ") for line in lines), encoding="utf-8")
     spm.SentencePieceTrainer.train(
-        input=str(corpus),
+        input=str(corpus_file),
         model_prefix=str(workdir / "tokenizer"),
         vocab_size=vocab_size,
         model_type="bpe",
@@ -67,19 +77,39 @@ def train_tokenizer(lines: list[str], workdir: Path, vocab_size: int) -> Path:
     return workdir / "tokenizer.model"
 
 
-def make_tokenizer(arch: str, sp_model_dir: Path):
+def train_byte_level_tokenizer(lines: list[str], vocab_size: int):
+    """Qwen2's kind of tokenizer: byte-level BPE, `<|endoftext|>` ends and pads, nothing prepended.
+
+    (transformers loads any qwen2 checkpoint's tokenizer as `Qwen2Tokenizer`, which rebuilds a byte-level
+    pipeline from the vocabulary and merges, so a sentencepiece vocabulary would not survive loading.)
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def make_tokenizer(arch: str, lines: list[str], workdir: Path, vocab_size: int):
     from transformers import LlamaTokenizer
 
-    tokenizer = LlamaTokenizer.from_pretrained(str(sp_model_dir))
+    if arch == "qwen2":
+        tokenizer = train_byte_level_tokenizer(lines, vocab_size)
+        tokenizer.padding_side = "right"
+        return tokenizer
+    train_tokenizer(lines, workdir, vocab_size)
+    tokenizer = LlamaTokenizer.from_pretrained(str(workdir))
     if arch == "llama":
         tokenizer.add_bos_token = True
     elif arch == "bloom":
         tokenizer.pad_token = "<pad>"
-        tokenizer.add_bos_token = False
-    elif arch == "qwen2":
-        tokenizer.bos_token = None
-        tokenizer.eos_token = "<|endoftext|>"
-        tokenizer.pad_token = "<|endoftext|>"
         tokenizer.add_bos_token = False
     tokenizer.padding_side = "right"
     return tokenizer
@@ -109,18 +139,18 @@ def make_config(arch: str, tokenizer):
     return BloomConfig(vocab_size=vocab, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS, **special)
 
 
-def pretrain(model, tokenizer, lines: list[str], steps: int, seed: int, max_len: int = 128) -> list[float]:
-    """A few steps of full-parameter language modelling on the corpus, so the base is not pure noise."""
-    if steps <= 0:
+def pretrain(model, tokenizer, documents: list[str], steps: int, seed: int, max_len: int = 128) -> list[float]:
+    """A few steps of full-parameter language modelling on the QA documents, so the base is not pure noise."""
+    if steps <= 0 or not documents:
         return []
     rng = random.Random(seed)
     eos = tokenizer.eos_token or ""
-    texts = [line + eos for line in lines]
+    texts = [document + eos for document in documents]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
     losses = []
     for _ in range(steps):
-        rows = [tokenizer(text, max_length=max_len, truncation=True)["input_ids"] for text in rng.sample(texts, k=min(16, len(texts)))]
+        rows = [tokenizer(text)["input_ids"][:max_len] for text in rng.sample(texts, k=min(16, len(texts)))]
         width = max(len(row) for row in rows)
         input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
         attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
@@ -139,7 +169,7 @@ def build(
     output_dir: str = "models/tiny-llama",
     seed: int = 42,
     vocab_size: int = 4000,
-    pretrain_steps: int = 60,
+    pretrain_steps: int = 120,
 ) -> str:
     """Build the tiny base model `arch` into `output_dir` and return the folder."""
     from transformers import AutoModelForCausalLM
@@ -148,15 +178,14 @@ def build(
         raise SystemExit(f"error: --arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     started = time.time()
     torch.manual_seed(seed)
-    lines = corpus_lines()
+    lines, documents = corpus()
     with tempfile.TemporaryDirectory() as workdir:
-        train_tokenizer(lines, Path(workdir), vocab_size)
-        tokenizer = make_tokenizer(arch, Path(workdir))
+        tokenizer = make_tokenizer(arch, lines, Path(workdir), vocab_size)
     model = AutoModelForCausalLM.from_config(make_config(arch, tokenizer))
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    losses = pretrain(model, tokenizer, lines, pretrain_steps, seed)
+    losses = pretrain(model, tokenizer, documents, pretrain_steps, seed)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
