@@ -4,7 +4,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ -z "${PYTHON:-}" ]; then
   if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
 fi
-TINY_BASE=models/tiny-llama
+TINY_BASE=${TINY_BASE:-models/tiny-llama}  # where the tiny default model is built
 
 # use_tiny_default: when BASE_MODEL is unset, build the tiny base once (offline, under a minute) and use it.
 use_tiny_default() {

@@ -20,7 +20,7 @@ PROMPT_TEMPLATE=${PROMPT_TEMPLATE:-med_template}
 if [ "$USING_TINY_DEFAULT" = 1 ]; then
   # A 1.7M-parameter model learns fast and cheaply: bigger steps, fewer epochs, frequent checks.
   RECIPE=(--num_epochs 2 --learning_rate 2e-3 --batch_size 32 --micro_batch_size 16 --cutoff_len 256
-          --val_set_size 200 --eval_steps 40 --save_steps 80 --logging_steps 10 --warmup_steps 10)
+          --eval_steps 40 --save_steps 80 --logging_steps 10 --warmup_steps 10)
 else
   RECIPE=(--num_epochs 10 --learning_rate 3e-4 --batch_size 128 --micro_batch_size 8 --cutoff_len 256
           --val_set_size 120 --group_by_length)

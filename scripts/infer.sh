@@ -13,6 +13,11 @@ LORA_WEIGHTS=${LORA_WEIGHTS:-lora-bentsao}
 INSTRUCT_DIR=${INSTRUCT_DIR:-data/infer.json}
 PROMPT_TEMPLATE=${PROMPT_TEMPLATE:-med_template}
 require_adapter "$LORA_WEIGHTS" "train one with: bash scripts/finetune.sh (or set LORA_WEIGHTS)"
+GENERATION=()
+if [ "$USING_TINY_DEFAULT" = 1 ]; then
+  # The tiny model repeats itself: short greedy answers with a repetition penalty keep the demo quick.
+  GENERATION=(--max_new_tokens 96 --num_beams 1 --repetition_penalty 1.3)
+fi
 
 "$PYTHON" infer.py \
   --base_model "$BASE_MODEL" \
@@ -20,4 +25,5 @@ require_adapter "$LORA_WEIGHTS" "train one with: bash scripts/finetune.sh (or se
   --use_lora True \
   --instruct_dir "$INSTRUCT_DIR" \
   --prompt_template "$PROMPT_TEMPLATE" \
+  "${GENERATION[@]}" \
   "$@"

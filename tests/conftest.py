@@ -26,13 +26,23 @@ def reference_file(name: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """Tiny llama / bloom / qwen2 bases, built once per test session with `utils.tiny_base`."""
-    from utils.tiny_base import build
+class TinyModels(dict):
+    """Tiny llama / bloom / qwen2 bases, each built with `utils.tiny_base` the first time a test asks for it."""
 
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: Path(build(arch=arch, output_dir=str(root / arch))) for arch in ("llama", "bloom", "qwen2")}
+    def __init__(self, root: Path) -> None:
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, arch: str) -> Path:
+        from utils.tiny_base import build
+
+        self[arch] = Path(build(arch=arch, output_dir=str(self.root / arch)))
+        return self[arch]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> TinyModels:
+    return TinyModels(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +64,7 @@ def train_file(tmp_path_factory) -> Path:
 
 def run_script(*args: str, stdin: str | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a repo script as a user would, from the repo root."""
-    full_env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
+    full_env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHON=sys.executable, **(env or {}))
     command = list(args) if args[0] == "bash" else [sys.executable, *args]
     return subprocess.run(command, cwd=REPO, input=stdin, capture_output=True, text=True, env=full_env, timeout=timeout)
 

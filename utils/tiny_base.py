@@ -200,6 +200,6 @@ def build(
 
 
 if __name__ == "__main__":
-    import fire
+    from utils.errors import run_cli
 
-    fire.Fire(build)
+    run_cli(build)

@@ -1,0 +1,222 @@
+"""evaluate.py: character-level BLEU-4 / ROUGE on hand-computed cases, the --compare table, and the LLM judge
+against a loopback chat-completions server (tests/fake_openai.py): a 500 and a malformed reply before good ones."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fake_openai import FakeOpenAI, Reply
+from utils.errors import UserError
+from utils.metrics import bleu, characters, lcs_length, rouge_l, rouge_n
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The worked example used below. Reference r = 多喝水多休息 (6 characters), candidate c = 多休息和多喝水 (7).
+REFERENCE = "多喝水多休息"
+CANDIDATE = "多休息和多喝水"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+# --- metrics -----------------------------------------------------------------------------------------------
+
+
+def test_identical_scores_full_and_disjoint_scores_zero():
+    text = "高血压患者应低盐饮食，规律服药，定期监测血压。"
+    for metric in (bleu, rouge_l, lambda c, r: rouge_n(c, r, 1), lambda c, r: rouge_n(c, r, 2)):
+        assert metric(text, text) == pytest.approx(1.0)
+        assert metric("多喝水", "少吃盐") == 0.0
+
+
+def test_whitespace_is_dropped_and_every_character_is_a_token():
+    assert characters(" 多 喝\n水\tA1 ") == ["多", "喝", "水", "A", "1"]
+    assert bleu("多 喝 水 多 休 息", REFERENCE) == pytest.approx(1.0)
+
+
+def test_lcs_and_rouge_l_by_hand():
+    # r = 多 喝 水 多 休 息, c = 多 休 息 和 多 喝 水. A common subsequence of 4 would need 4 characters in the
+    # same order in both; after c's 多休息 only r's end remains, and after c's second 多 comes 喝水, which in r
+    # precedes its second 多. So the LCS is 3 (多休息, or 多喝水): P = 3/7, R = 3/6, F1 = 2PR/(P+R) = 6/13.
+    assert lcs_length(characters(CANDIDATE), characters(REFERENCE)) == 3
+    assert rouge_l(CANDIDATE, REFERENCE) == pytest.approx(6 / 13)
+    # A textbook case: LCS(ABCBDAB, BDCABA) = 4 (e.g. BCBA).
+    assert lcs_length(list("ABCBDAB"), list("BDCABA")) == 4
+
+
+def test_rouge_n_by_hand():
+    # Unigrams: c has 多×2 休 息 和 喝 水 (7), r has 多×2 喝 水 休 息 (6); clipped overlap 6.
+    # P = 6/7, R = 1, F1 = 12/13.
+    assert rouge_n(CANDIDATE, REFERENCE, 1) == pytest.approx(12 / 13)
+    # Bigrams: c = 多休 休息 息和 和多 多喝 喝水 (6), r = 多喝 喝水 水多 多休 休息 (5); overlap 4
+    # (多休 休息 多喝 喝水). P = 4/6, R = 4/5, F1 = 8/11.
+    assert rouge_n(CANDIDATE, REFERENCE, 2) == pytest.approx(8 / 11)
+
+
+def test_bleu_by_hand():
+    # c (7) is longer than r (6): no brevity penalty.
+    # p1 = 6/7 (unsmoothed). p2 = (4+1)/(6+1) = 5/7 (add-one).
+    # 3-grams: c = 多休息 休息和 息和多 和多喝 多喝水 (5), r = 多喝水 喝水多 水多休 多休息; matches 2 -> p3 = 3/6.
+    # 4-grams: c has 4, none in r -> p4 = (0+1)/(4+1) = 1/5.
+    # BLEU = (6/7 · 5/7 · 1/2 · 1/5) ** (1/4) = (3/49) ** (1/4).
+    assert bleu(CANDIDATE, REFERENCE) == pytest.approx((3 / 49) ** 0.25)
+    # Brevity: c = 多喝水 (3) against r (6). Every n-gram of c is in r: p1 = 3/3, p2 = 3/3, p3 = 2/2, and the
+    # 4-gram order c lacks is (0+1)/(0+1). BP = exp(1 - 6/3) = e^-1.
+    assert bleu("多喝水", REFERENCE) == pytest.approx(math.exp(-1))
+
+
+def test_empty_texts():
+    assert bleu("", "") == rouge_l("", "") == 1.0
+    assert bleu("", REFERENCE) == rouge_l(REFERENCE, "") == rouge_n("  ", REFERENCE, 1) == 0.0
+
+
+# --- the command line --------------------------------------------------------------------------------------
+
+
+def run_evaluate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "evaluate.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_cli_averages_rows_on_a_0_to_100_scale(tmp_path):
+    predictions = write_jsonl(tmp_path / "pred.jsonl", [
+        {"instruction": "q1", "output": REFERENCE, "model_output": REFERENCE},
+        {"instruction": "q2", "output": REFERENCE, "model_output": CANDIDATE},
+    ])
+    metrics_file = tmp_path / "out" / "metrics.json"
+    result = run_evaluate("--predictions", str(predictions), "--output", str(metrics_file))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+    assert json.loads(result.stdout) == metrics
+    assert set(metrics) == {"bleu-4", "rouge-1", "rouge-2", "rouge-l", "rows"}
+    assert metrics["rows"] == 2
+    assert metrics["rouge-l"] == pytest.approx(100 * (1 + 6 / 13) / 2, abs=1e-4)
+    assert metrics["rouge-1"] == pytest.approx(100 * (1 + 12 / 13) / 2, abs=1e-4)
+    assert metrics["rouge-2"] == pytest.approx(100 * (1 + 8 / 11) / 2, abs=1e-4)
+    assert metrics["bleu-4"] == pytest.approx(100 * (1 + (3 / 49) ** 0.25) / 2, abs=1e-4)
+
+
+def test_cli_compare_prints_one_table_row_per_file(tmp_path):
+    good = write_jsonl(tmp_path / "med.jsonl", [{"instruction": "q", "output": REFERENCE, "model_output": REFERENCE}])
+    bad = write_jsonl(tmp_path / "base.jsonl", [{"instruction": "q", "output": REFERENCE, "model_output": "少吃盐"}])
+    result = run_evaluate("--compare", str(bad), str(good))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "| predictions | rows | bleu-4 | rouge-1 | rouge-2 | rouge-l |"
+    assert lines[2] == f"| {bad} | 1 | 0.00 | 0.00 | 0.00 | 0.00 |"
+    assert lines[3] == f"| {good} | 1 | 100.00 | 100.00 | 100.00 | 100.00 |"
+    assert len(lines) == 4
+
+
+def test_cli_rejects_rows_without_answers(tmp_path):
+    no_answer = write_jsonl(tmp_path / "questions.jsonl", [{"instruction": "q", "output": REFERENCE}])
+    result = run_evaluate("--predictions", str(no_answer))
+    assert result.returncode == 2
+    assert "line 1: missing field `model_output`" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- the LLM judge -----------------------------------------------------------------------------------------
+
+
+class Script:
+    """Replies in order, whatever is asked; a 500 once the script is used up. Reassign `replies` between runs."""
+
+    def __init__(self) -> None:
+        self.replies: list[Reply] = []
+
+    def __call__(self, body: dict) -> Reply:
+        return self.replies.pop(0) if self.replies else Reply(status=500)
+
+
+@pytest.fixture
+def chat_server() -> Iterator[tuple[FakeOpenAI, Script]]:
+    script = Script()
+    with FakeOpenAI(script) as server:
+        yield server, script
+
+
+def judge_args(server: FakeOpenAI, predictions: Path, output: Path, max_retries: int = 3) -> dict:
+    return {"predictions": str(predictions), "output": str(output), "judge": "openai", "api_base": server.url,
+            "model": "judge-model", "api_key_env": "BENTSAO_TEST_JUDGE_KEY", "max_retries": max_retries,
+            "retry_base_delay": 0.0, "timeout": 10.0}
+
+
+JUDGE_ROWS = [
+    {"instruction": "高血压患者需要注意什么？", "output": "低盐饮食，规律服药。", "model_output": "少吃盐，按时吃药。"},
+    {"instruction": "感冒发热怎么办？", "output": "多休息多喝水，高热不退要就医。", "model_output": "多喝水。"},
+]
+
+
+def test_judge_retries_500_and_malformed_replies_then_resumes_without_asking(tmp_path, chat_server, monkeypatch):
+    import evaluate
+
+    monkeypatch.setenv("BENTSAO_TEST_JUDGE_KEY", "sk-test")
+    server, script = chat_server
+    predictions = write_jsonl(tmp_path / "pred.jsonl", JUDGE_ROWS)
+    script.replies = [
+        Reply(status=500),  # retried by utils.llm
+        Reply("这个回答还可以。"),  # no JSON: asked again
+        Reply('{"completeness": 3, "depth": 2, "professionalism": 3}'),
+        Reply('评分如下：\n```json\n{"完整性": 1, "深刻性": 0, "专业性": 2}\n```'),
+    ]
+    evaluate.main(**judge_args(server, predictions, tmp_path / "m.json"))
+    metrics = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
+    assert len(server.requests) == 4
+    assert metrics["judge-completeness"] == pytest.approx(2.0)
+    assert metrics["judge-depth"] == pytest.approx(1.0)
+    assert metrics["judge-professionalism"] == pytest.approx(2.5)
+    assert metrics["judge-mean"] == pytest.approx((2.0 + 1.0 + 2.5) / 3, abs=1e-4)
+    assert metrics["rows"] == 2 and "rouge-l" in metrics
+    first = server.requests[0]
+    assert server.headers[0]["authorization"] == "Bearer sk-test"
+    assert first["model"] == "judge-model" and first["temperature"] == 0
+    prompt = first["messages"][-1]["content"]
+    assert "完整性" in prompt and "深刻性" in prompt and "专业性" in prompt
+    assert JUDGE_ROWS[0]["model_output"] in prompt and JUDGE_ROWS[0]["output"] in prompt
+
+    sidecar = Path(f"{predictions}.judge.jsonl")
+    assert len(sidecar.read_text(encoding="utf-8").splitlines()) == 2
+    evaluate.main(**judge_args(server, predictions, tmp_path / "again.json"))
+    assert len(server.requests) == 4  # nothing asked again
+    assert json.loads((tmp_path / "again.json").read_text(encoding="utf-8")) == metrics
+
+
+def test_judge_failure_keeps_graded_rows_and_a_rerun_asks_only_the_rest(tmp_path, chat_server, monkeypatch):
+    import evaluate
+
+    monkeypatch.setenv("BENTSAO_TEST_JUDGE_KEY", "sk-test")
+    server, script = chat_server
+    predictions = write_jsonl(tmp_path / "pred.jsonl", JUDGE_ROWS)
+    script.replies = [Reply('{"completeness": 2, "depth": 2, "professionalism": 2}'), Reply(status=503),
+                      Reply(status=503)]
+    with pytest.raises(UserError, match=r"row 2 .*1 of 2 rows are graded"):
+        evaluate.main(**judge_args(server, predictions, tmp_path / "m.json", max_retries=1))
+    assert len(server.requests) == 3
+
+    script.replies = [Reply('{"completeness": 0, "depth": 0, "professionalism": 1}')]
+    evaluate.main(**judge_args(server, predictions, tmp_path / "m.json"))
+    assert len(server.requests) == 4
+    metrics = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
+    assert metrics["judge-completeness"] == pytest.approx(1.0)
+    assert metrics["judge-professionalism"] == pytest.approx(1.5)
+
+
+def test_judge_needs_the_key_variable(tmp_path, chat_server, monkeypatch):
+    import evaluate
+
+    monkeypatch.delenv("BENTSAO_TEST_JUDGE_KEY", raising=False)
+    server, _ = chat_server
+    predictions = write_jsonl(tmp_path / "pred.jsonl", JUDGE_ROWS)
+    with pytest.raises(UserError, match="BENTSAO_TEST_JUDGE_KEY"):
+        evaluate.main(**judge_args(server, predictions, tmp_path / "m.json"))
+    assert server.requests == []

@@ -1,0 +1,177 @@
+"""generate.py: the gradio chat page, driven in headless Chromium (Playwright) on a tiny base model.
+
+The browser is Debian's `chromium` at /usr/bin/chromium (Playwright's own browser download does not work here);
+without it the browser test is skipped. Set BENTSAO_WEBUI_SCREENSHOT=docs/webui.png to keep the screenshot.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+QUESTION = "高血压患者日常生活中需要注意什么？"
+
+
+@pytest.fixture(scope="module")
+def webui_base(tiny_llama) -> Path:
+    """The session's tiny LLaMA base (tests/conftest.py builds it with utils.tiny_base); no adapter needed."""
+    return tiny_llama
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_page(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"generate.py exited with {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"generate.py did not serve {url} within {timeout} s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def webui(webui_base, tmp_path_factory) -> Iterator[dict]:
+    """generate.py in a subprocess with its default address. Greedy; --min_new_tokens keeps the tiny model, which
+    may well end its answer at once, from answering with nothing."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("webui-log") / "generate.log"
+    command = [sys.executable, "generate.py", "--base_model", str(webui_base), "--use_lora", "False",
+               "--prompt_template", "med_template", "--server_port", str(port), "--max_new_tokens", "32",
+               "--min_new_tokens", "8"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    env.pop("GRADIO_SERVER_NAME", None)
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for_page(f"http://127.0.0.1:{port}/", process, log)
+        yield {"process": process, "port": port, "url": f"http://127.0.0.1:{port}/", "log": log}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_listens_on_loopback_only_by_default(webui):
+    import psutil
+
+    listening = [conn for conn in psutil.Process(webui["process"].pid).net_connections(kind="inet")
+                 if conn.status == psutil.CONN_LISTEN]
+    assert any(conn.laddr.port == webui["port"] for conn in listening), listening
+    exposed = [conn.laddr for conn in listening if not ipaddress.ip_address(conn.laddr.ip).is_loopback]
+    assert exposed == [], f"generate.py listens on non-loopback addresses by default: {exposed}"
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: install Debian's chromium package "
+                    "(`apt-get install -y chromium`; .ci/run does) to run the browser test")
+def test_question_gets_a_streamed_answer_in_the_browser(webui, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from generate import NO_TEXT
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 820})
+            page.goto(webui["url"], wait_until="domcontentloaded", timeout=60_000)
+            page.locator("#question textarea").fill(QUESTION)
+            page.locator("#submit").click()
+            page.wait_for_function(
+                """() => {
+                    const answers = document.querySelectorAll('#chat [data-testid="bot"]');
+                    return answers.length > 0 && answers[answers.length - 1].innerText.trim().length > 0;
+                }""",
+                timeout=60_000,
+            )
+            asked = page.locator('#chat [data-testid="user"]').last.inner_text()
+            answer = page.locator('#chat [data-testid="bot"]').last.inner_text().strip()
+            assert QUESTION in asked
+            assert answer and answer != NO_TEXT
+            assert page.locator("#question textarea").input_value() == ""  # ready for the next question
+            page.get_by_text("生成参数 (generation settings)").click()
+            page.get_by_text("max new tokens").wait_for(timeout=10_000)
+            page.get_by_text("temperature").first.wait_for(timeout=10_000)
+            screenshot = tmp_path / "webui.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    keep = os.environ.get("BENTSAO_WEBUI_SCREENSHOT")
+    if keep:
+        Path(keep).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(screenshot, keep)
+
+
+# --- the pieces behind the page, without a browser ---------------------------------------------------------
+
+
+def test_literature_template_keeps_the_training_shape_and_drops_old_turns(webui_base):
+    from generate import ChatModel, is_multi_turn
+    from utils.model import load_tokenizer
+    from utils.prompter import Prompter
+
+    assert is_multi_turn("literature_template") and not is_multi_turn("med_template")
+    tokenizer = load_tokenizer(str(webui_base))
+    prompter = Prompter("literature_template")
+    chat = ChatModel(None, tokenizer, prompter, multi_turn=True, context_limit=1024)
+    history = [("肝癌有哪些危险因素？", "乙肝、丙肝病毒感染和肝硬化。"), ("怎么筛查？", "超声加甲胎蛋白。")]
+    prompt, kept = chat.build_prompt("多久查一次？", "", history, max_new_tokens=64)
+    expected = (" <user>: 肝癌有哪些危险因素？ <bot>: 乙肝、丙肝病毒感染和肝硬化。"
+                " <user>: 怎么筛查？ <bot>: 超声加甲胎蛋白。 <user>: 多久查一次？")
+    assert prompt == prompter.generate_prompt(expected)
+    assert kept == history
+
+    last_turn_only = prompter.generate_prompt(" <user>: 怎么筛查？ <bot>: 超声加甲胎蛋白。 <user>: 多久查一次？")
+    budget = len(tokenizer(last_turn_only)["input_ids"])
+    short = ChatModel(None, tokenizer, prompter, multi_turn=True, context_limit=budget + 64)
+    prompt, kept = short.build_prompt("多久查一次？", "", history, max_new_tokens=64)
+    assert kept == history[1:]
+    assert prompt.count("<user>") == 2
+
+
+def test_single_turn_template_answers_each_question_alone(webui_base):
+    from generate import ChatModel
+    from utils.model import load_tokenizer
+    from utils.prompter import Prompter
+
+    prompter = Prompter("med_template")
+    chat = ChatModel(None, load_tokenizer(str(webui_base)), prompter, multi_turn=False, context_limit=1024)
+    prompt, kept = chat.build_prompt(QUESTION, "男，65岁", [("之前的问题", "之前的回答")], max_new_tokens=64)
+    assert prompt == prompter.generate_prompt(QUESTION, "男，65岁")
+    assert kept == [] and "之前" not in prompt
+
+
+def test_auth_and_one_line_history():
+    from generate import one_line, parse_auth
+    from utils.errors import UserError
+
+    assert parse_auth("") is None
+    assert parse_auth("doctor:s3cret:x") == ("doctor", "s3cret:x")
+    with pytest.raises(UserError, match="user:password"):
+        parse_auth("doctor")
+    assert one_line(" 第一行\n第二行  第三行 ") == "第一行 第二行 第三行"
