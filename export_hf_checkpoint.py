@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from utils.errors import UserError, run_cli
-from utils.model import check_model_source, check_tokenizer_fits, load_adapter, load_tokenizer
+from utils.model import check_tokenizer_fits, load_adapter, load_tokenizer
+from utils.validate import check_adapter, check_base_model, check_tokenizer_fits_config
 
 PROBE_TEXT = "下面是一个问题，运用医学知识来正确回答提问.\n### 问题:\n高血压有哪些常见症状？\n### 回答:\n"
 
@@ -50,11 +51,15 @@ def main(
     dtypes = {"auto": "auto", "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if dtype not in dtypes:
         raise UserError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
-    check_model_source(base_model)
+    check_base_model(base_model, trust_remote_code)
     if Path(output_dir).resolve() in (Path(base_model).resolve(), Path(lora_weights).resolve()):
-        raise UserError(f"--output_dir {output_dir} would overwrite the base model or the adapter; choose another folder")
+        raise UserError(
+            f"--output_dir {output_dir} would overwrite the base model or the adapter; choose another folder"
+        )
+    check_adapter(lora_weights, base_model, trust_remote_code)  # present, safe to load, made for this base
 
     tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
+    check_tokenizer_fits_config(tokenizer, base_model)
     try:
         base = AutoModelForCausalLM.from_pretrained(
             base_model, dtype=dtypes[dtype], device_map={"": "cpu"}, trust_remote_code=trust_remote_code

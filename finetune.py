@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -20,17 +21,18 @@ from typing import Any
 import torch
 
 from utils.data import load_instruction_dataset, tokenize_dataset
+from utils.distributed import check_deepspeed_config, cpu_engine_note, gathered_state_dict, training_device_args
 from utils.errors import UserError, run_cli
 from utils.model import (
     TRAINING_METADATA,
     check_tokenizer_fits,
     load_base_model,
     load_tokenizer,
-    resolve_device,
     resolve_lora_targets,
-    resolve_precision,
 )
 from utils.prompter import Prompter
+from utils.validate import batch_size_problems, check_tokenizer_fits_config, preflight_model
+from utils.validate import resolve_val_size as _resolve_val_size
 
 
 def is_main_process() -> bool:
@@ -57,14 +59,7 @@ def validate_args(args: dict[str, Any]) -> None:
         if not isinstance(args[name], int) or args[name] < 1:
             problems.append(f"--{name} must be a positive integer, got {args[name]!r}")
     if not problems:
-        per_step = args["micro_batch_size"] * world_size()
-        if args["micro_batch_size"] > args["batch_size"]:
-            problems.append(f"--micro_batch_size {args['micro_batch_size']} is larger than --batch_size {args['batch_size']}")
-        elif args["batch_size"] % per_step:
-            problems.append(
-                f"--batch_size {args['batch_size']} is not divisible by --micro_batch_size {args['micro_batch_size']}"
-                f" x {world_size()} process(es)"
-            )
+        problems += batch_size_problems(args["batch_size"], args["micro_batch_size"], world_size())
     if not (isinstance(args["learning_rate"], (int, float)) and args["learning_rate"] > 0):
         problems.append(f"--learning_rate must be a positive number, got {args['learning_rate']!r}")
     if not (isinstance(args["num_epochs"], (int, float)) and args["num_epochs"] > 0):
@@ -83,16 +78,9 @@ def validate_args(args: dict[str, Any]) -> None:
         raise UserError("; ".join(problems))
 
 
-def resolve_val_size(val_set_size: int | float | None, rows: int) -> int:
-    """Rows held out for validation. None: 500, or a tenth of a file too small for that."""
-    if val_set_size is None:
-        return min(500, rows // 10)
-    if 0 < val_set_size < 1:
-        return max(1, int(rows * val_set_size))
-    size = int(val_set_size)
-    if size and size >= rows:
-        raise UserError(f"--val_set_size {size} leaves no training rows: the data has {rows} rows")
-    return size
+def resolve_val_size(val_set_size: float | None, rows: int) -> int:
+    """Rows held out for validation. None: 500, or a tenth of a file too small for that (see utils.validate)."""
+    return _resolve_val_size(val_set_size, rows)
 
 
 def setup_wandb(project: str, run_name: str, watch: str, log_model: str) -> list[str]:
@@ -110,7 +98,8 @@ def setup_wandb(project: str, run_name: str, watch: str, log_model: str) -> list
     if log_model:
         os.environ["WANDB_LOG_MODEL"] = log_model
     netrc = Path.home() / ".netrc"
-    logged_in = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "wandb" in netrc.read_text(errors="ignore"))
+    in_netrc = netrc.is_file() and "wandb" in netrc.read_text(errors="ignore")
+    logged_in = bool(os.environ.get("WANDB_API_KEY")) or in_netrc
     if not logged_in and os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
         log("wandb: no API key found (WANDB_API_KEY or `wandb login`), logging offline to ./wandb")
         os.environ["WANDB_MODE"] = "offline"
@@ -166,18 +155,21 @@ def split_dataset(dataset, val_size: int, seed: int):
     return split["train"], split["test"]
 
 
-def lora_b_is_zero(model) -> bool:
-    tensors = [p for name, p in model.named_parameters() if "lora_B" in name]
+def lora_b_is_zero(model, state_dict: dict | None = None) -> bool:
+    # state_dict: the gathered weights under ZeRO-3/FSDP; an empty ZeRO-3 placeholder (numel 0) says nothing
+    named = state_dict.items() if state_dict is not None else model.named_parameters()
+    tensors = [p for name, p in named if "lora_B" in name and p.numel() > 0]
     return bool(tensors) and all(torch.count_nonzero(p).item() == 0 for p in tensors)
 
 
 def write_training_metadata(output_dir: str, model, tokenizer, args: dict[str, Any], targets, summary: dict) -> None:
     base_config = model.get_base_model().config
+    embeddings = model.get_base_model().get_input_embeddings().weight
     metadata = {
         "base_model": args["base_model"],
         "model_type": getattr(base_config, "model_type", None),
         "hidden_size": getattr(base_config, "hidden_size", None),
-        "vocab_size": model.get_base_model().get_input_embeddings().weight.shape[0],
+        "vocab_size": getattr(embeddings, "ds_shape", embeddings.shape)[0],  # ds_shape: the full shape under ZeRO-3
         "tokenizer_length": len(tokenizer),
         "prompt_template_name": args["prompt_template_name"],
         "cutoff_len": args["cutoff_len"],
@@ -202,7 +194,7 @@ def main(
     num_epochs: float = 3,  # passes over the training rows
     learning_rate: float = 3e-4,  # peak learning rate (linear warm-up, then linear decay)
     cutoff_len: int = 256,  # tokens per row; longer rows are cut (and counted)
-    val_set_size: float | None = None,  # validation rows: a count, a fraction (<1) or 0; default 500 (a tenth of a small file)
+    val_set_size: float | None = None,  # validation rows: a count, a fraction (<1) or 0; default 500 (or a tenth)
     max_steps: int = -1,  # stop after this many optimizer steps (-1: run num_epochs)
     warmup_steps: int = 100,  # linear warm-up steps (capped at a tenth of the run)
     seed: int = 42,  # seeds the split, the sampling order, LoRA init and dropout
@@ -214,6 +206,7 @@ def main(
     gradient_checkpointing: bool = False,  # recompute activations: less memory, ~30% slower
     load_8bit: bool = False,  # load the frozen base in 8-bit (CUDA + bitsandbytes)
     load_4bit: bool = False,  # QLoRA: load the frozen base in 4-bit nf4 (CUDA + bitsandbytes)
+    deepspeed: str = "",  # DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json (launch with torchrun/accelerate)
     # lora hyperparams
     lora_r: int = 8,  # LoRA rank
     lora_alpha: int = 16,  # LoRA scaling numerator (scale = alpha / r)
@@ -235,9 +228,14 @@ def main(
 ) -> str:
     """Train a LoRA adapter; returns the folder it was written to."""
     args = dict(locals())
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
+
+    from utils.training import DivergenceGuard, GracefulStop, SafeTrainer, save_files_atomically
+    from utils.plotting import LossPlotCallback, run_title
 
     validate_args(args)
+    if deepspeed:  # the file, its batch sizes ("auto") and the machine, before anything heavy
+        check_deepspeed_config(deepspeed, batch_size, micro_batch_size, world_size())
     prompter = Prompter(prompt_template_name)
     checkpoint = find_checkpoint(resume_from_checkpoint, output_dir)
     if checkpoint is None and not overwrite and Path(output_dir, "adapter_config.json").is_file():
@@ -245,11 +243,14 @@ def main(
             f"{output_dir} already holds a finished adapter; continue it with --resume_from_checkpoint True, "
             "or replace it with --overwrite True"
         )
+    # the model side (paths, config, trust_remote_code, precision/quantisation, a resumed checkpoint's fit)
+    device, resolved_precision = preflight_model(
+        base_model, checkpoint, precision=precision, load_8bit=load_8bit, load_4bit=load_4bit,
+        trust_remote_code=trust_remote_code,
+    )
     dataset = load_instruction_dataset(data_path)
     val_size = resolve_val_size(val_set_size, len(dataset))
     gradient_accumulation_steps = batch_size // (micro_batch_size * world_size())
-    device = resolve_device()
-    resolved_precision = resolve_precision(precision, device)
     reporters = setup_wandb(wandb_project, wandb_run_name, wandb_watch, wandb_log_model)
     reporters += [name.strip() for name in str(report_to).split(",") if name.strip() and name.strip() != "none"]
 
@@ -257,9 +258,12 @@ def main(
                    world_size=world_size(), gradient_accumulation_steps=gradient_accumulation_steps,
                    resume_from_checkpoint=checkpoint, report_to=",".join(reporters) or "none")
     log("Training BenTsao LoRA with:\n" + "\n".join(f"{name}: {value}" for name, value in printed.items()) + "\n")
+    if cpu_engine_note(device):
+        log(cpu_engine_note(device))
 
     set_seed(seed)
     tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
+    check_tokenizer_fits_config(tokenizer, base_model)
     model = load_base_model(
         base_model, precision=resolved_precision, device=device, load_8bit=load_8bit, load_4bit=load_4bit,
         trust_remote_code=trust_remote_code,
@@ -269,13 +273,18 @@ def main(
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     model, targets = build_peft_model(model, args)
     if is_main_process():
+        log(f"LoRA targets: {targets}")
         model.print_trainable_parameters()
 
     train_rows, val_rows = split_dataset(dataset, val_size, seed)
-    train_data, train_report = tokenize_dataset(train_rows, prompter, tokenizer, cutoff_len, train_on_inputs, "training")
+    train_data, train_report = tokenize_dataset(
+        train_rows, prompter, tokenizer, cutoff_len, train_on_inputs, "training"
+    )
     val_data, val_report = (None, None)
     if val_rows is not None:
-        val_data, val_report = tokenize_dataset(val_rows, prompter, tokenizer, cutoff_len, train_on_inputs, "validation")
+        val_data, val_report = tokenize_dataset(
+            val_rows, prompter, tokenizer, cutoff_len, train_on_inputs, "validation"
+        )
         if not len(val_data):
             val_data = None
     log(
@@ -301,6 +310,7 @@ def main(
         logging_steps=logging_steps,
         eval_strategy="steps" if val_data is not None else "no",
         eval_steps=eval_steps,
+        eval_on_start=val_data is not None,  # the starting validation loss, so the curve shows the fall
         save_strategy="steps",
         save_steps=save_steps,
         save_total_limit=save_total_limit,
@@ -308,22 +318,41 @@ def main(
         data_seed=seed,
         train_sampling_strategy="group_by_length" if group_by_length else "random",
         ddp_find_unused_parameters=False if world_size() > 1 else None,
+        deepspeed=deepspeed or None,
+        **training_device_args(device, world_size()),  # CPU: use_cpu, and gloo when several processes run
         dataloader_pin_memory=device == "cuda",
         report_to=reporters or "none",
         run_name=wandb_run_name or None,
         disable_tqdm=not sys.stderr.isatty(),
         remove_unused_columns=False,
     )
-    trainer = Trainer(
+    stop, guard = GracefulStop(), DivergenceGuard()
+    trainer = SafeTrainer(
         model=model,
         args=training_args,
         train_dataset=train_data,
         eval_dataset=val_data,
         data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
         processing_class=tokenizer,
+        callbacks=[stop, LossPlotCallback(output_dir, run_title(args)), guard],  # the guard last: it withdraws a save that a signal or the schedule asked for
     )
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    except pickle.UnpicklingError as error:  # transformers loads checkpoint .pt/.pth files with weights_only=True
+        raise UserError(
+            f"refusing to resume from {checkpoint}: a file in it is a pickle that is not plain weights "
+            f"({str(error).strip().splitlines()[0][:200]}); resume only from checkpoints you wrote"
+        ) from None
+    finally:
+        stop.restore()  # the signal handlers, also when training raised
+    if guard.diverged_step is not None:
+        raise UserError(guard.message(output_dir, fp16=resolved_precision == "fp16"))
+    if stop.received is not None and trainer.state.global_step < trainer.state.max_steps:
+        saved = Path(output_dir, f"checkpoint-{trainer.state.global_step}")
+        log(f"stopped by {stop.signal_name} at step {trainer.state.global_step} of {trainer.state.max_steps}: "
+            f"checkpoint saved to {saved.resolve()}; continue with --resume_from_checkpoint True")
+        sys.exit(128 + stop.received)
     summary: dict[str, Any] = {
         "train_loss": round(result.training_loss, 4),
         "steps": trainer.state.global_step,
@@ -334,15 +363,19 @@ def main(
     if val_data is not None:
         summary["eval_loss"] = round(trainer.evaluate()["eval_loss"], 4)
 
-    if lora_b_is_zero(model):
+    state_dict = gathered_state_dict(trainer)  # ZeRO-3/FSDP: the sharded weights gathered (every rank joins in)
+    if lora_b_is_zero(model, state_dict):
         raise UserError(
             "training left every lora_B at zero, so the adapter would change nothing; "
             "check --learning_rate, --max_steps and that the data has answers"
         )
     if is_main_process():
-        model.save_pretrained(output_dir)
-        tokenizer.save_pretrained(output_dir)
-        write_training_metadata(output_dir, model, tokenizer, args, targets, summary)
+        def write_adapter(folder: Path) -> None:
+            model.save_pretrained(folder, state_dict=state_dict)
+            tokenizer.save_pretrained(folder)
+            write_training_metadata(str(folder), model, tokenizer, args, targets, summary)
+
+        save_files_atomically(output_dir, write_adapter)  # adapter_config.json lands last
     log(f"summary: {json.dumps(summary, ensure_ascii=False)}")
     log(f"adapter saved to {Path(output_dir).resolve()}")
     return output_dir

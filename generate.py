@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from utils.dialogue import fit_history, render_dialogue
+from utils.distributed import parse_device_map
 from utils.errors import UserError, run_cli
 from utils.generation import generation_config, model_device
 from utils.model import load_for_inference
@@ -245,6 +246,7 @@ def main(
     load_4bit: bool = False,  # load the base in 4-bit nf4 (CUDA + bitsandbytes)
     precision: str = "auto",  # auto | bf16 | fp16 | fp32 (fp32 on CPU)
     trust_remote_code: bool = False,  # allow a hub model's own Python code to run
+    device_map: str = "",  # auto: spread a large model over all GPUs (then CPU RAM); or a device, e.g. cuda:1
 ) -> None:
     """Serve the chat page until interrupted."""
     from transformers import set_seed
@@ -264,6 +266,7 @@ def main(
     model, tokenizer, device = load_for_inference(
         base_model, lora_weights if use_lora else None, precision=precision, load_8bit=load_8bit,
         load_4bit=load_4bit, trust_remote_code=trust_remote_code,
+        device_map=parse_device_map(device_map),
     )
     chat = ChatModel(model, tokenizer, prompter, multi_turn, context_length(model, tokenizer))
     adapter = f"adapter `{lora_weights}`" if use_lora else "no adapter"

@@ -10,13 +10,16 @@ the row has an `output`) / ###model output###. `--output_file` writes each input
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+from utils.distributed import parse_device_map
 from utils.errors import UserError, run_cli
 from utils.generation import generate_answers, generation_config
 from utils.model import load_for_inference
 from utils.prompter import Prompter
 from utils.records import check_string_fields, read_records
+from utils.validate import generation_problems, raise_problems
 
 BUILT_IN_QUESTIONS = [
     "我最近总是咳嗽、有痰，还有点发热，可能是什么原因？",
@@ -64,14 +67,15 @@ def main(
     output_file: str = "",  # write JSON Lines: each input row plus `model_output`
     precision: str = "auto",  # auto | bf16 | fp16 | fp32 (fp32 on CPU)
     trust_remote_code: bool = False,  # allow a hub model's own Python code to run
+    device_map: str = "",  # auto: spread a large model over all GPUs (then CPU RAM); or a device, e.g. cuda:1
 ) -> None:
     """Answer every row of --instruct_dir (or a few built-in questions) and print the original blocks."""
     from transformers import set_seed
 
     if use_lora and not lora_weights:
         raise UserError("--lora_weights is required with --use_lora True (or run the bare base with --use_lora False)")
-    if batch_size < 1 or max_new_tokens < 1 or num_beams < 1:
-        raise UserError("--batch_size, --max_new_tokens and --num_beams must be at least 1")
+    raise_problems(generation_problems(max_new_tokens, num_beams, batch_size, do_sample, temperature, top_p, top_k,
+                                       repetition_penalty))
     prompter = Prompter(prompt_template)
     rows = read_questions(instruct_dir) if instruct_dir else [{"instruction": q} for q in BUILT_IN_QUESTIONS]
     if output_file and Path(output_file).resolve() == Path(instruct_dir).resolve():
@@ -81,6 +85,7 @@ def main(
     model, tokenizer, _ = load_for_inference(
         base_model, lora_weights if use_lora else None, precision=precision, load_8bit=load_8bit,
         load_4bit=load_4bit, trust_remote_code=trust_remote_code,
+        device_map=parse_device_map(device_map),
     )
     config = generation_config(
         tokenizer, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
@@ -101,9 +106,10 @@ def main(
     answers = generate_answers(model, tokenizer, prompts, config, batch_size=batch_size, on_answer=print_in_order)
     if output_file:
         Path(output_file).parent.mkdir(parents=True, exist_ok=True)
-        with open(output_file, "w", encoding="utf-8") as handle:
-            for row, answer in zip(rows, answers):
-                handle.write(json.dumps({**row, "model_output": answer}, ensure_ascii=False) + "\n")
+        partial = Path(f"{output_file}.tmp")  # written whole, then renamed: never a half-written answers file
+        partial.write_text("".join(json.dumps({**row, "model_output": answer}, ensure_ascii=False) + "\n"
+                                   for row, answer in zip(rows, answers, strict=True)), encoding="utf-8")
+        os.replace(partial, output_file)
         print(f"wrote {len(rows)} answers to {output_file}")
 
 

@@ -16,6 +16,7 @@ from utils.errors import UserError, run_cli
 from utils.generation import generate_answers, generation_config
 from utils.model import load_for_inference
 from utils.prompter import Prompter
+from utils.validate import generation_problems, raise_problems
 
 BUILT_IN_QUESTIONS = [
     "肝癌有哪些常见的危险因素？",
@@ -60,6 +61,11 @@ def main(
         raise UserError(f"--single_or_multi must be single or multi, got {single_or_multi!r}")
     if use_lora and not lora_weights:
         raise UserError("--lora_weights is required with --use_lora True (or run the bare base with --use_lora False)")
+    problems = generation_problems(max_new_tokens, num_beams, batch_size, do_sample, temperature, top_p, top_k,
+                                   repetition_penalty)
+    if isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 0:
+        problems.append(f"--max_turns must be an integer >= 0, got {max_turns!r}")
+    raise_problems(problems)
     prompter = Prompter(prompt_template)
     set_seed(seed)
     model, tokenizer, _ = load_for_inference(
@@ -74,7 +80,7 @@ def main(
     if single_or_multi == "single":
         prompts = [prompter.generate_prompt(render_dialogue([], question)) for question in BUILT_IN_QUESTIONS]
         answers = generate_answers(model, tokenizer, prompts, config, batch_size=batch_size)
-        for question, answer in zip(BUILT_IN_QUESTIONS, answers):
+        for question, answer in zip(BUILT_IN_QUESTIONS, answers, strict=True):
             print("Instruction:", question)
             print("Response:", answer)
             print(flush=True)

@@ -66,7 +66,7 @@ def run_script(*args: str, stdin: str | None = None, env: dict | None = None, ti
     """Run a repo script as a user would, from the repo root."""
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHON=sys.executable, **(env or {}))
     command = list(args) if args[0] == "bash" else [sys.executable, *args]
-    return subprocess.run(command, cwd=REPO, input=stdin, capture_output=True, text=True, env=full_env, timeout=timeout)
+    return subprocess.run(command, check=False, cwd=REPO, input=stdin, capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
 def train_adapter(base: Path, data: Path, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -34,7 +34,8 @@ def test_llama_adapter_is_saved_and_not_empty(tiny_llama, train_file, tmp_path):
     assert params["report_to"] == "none" and params["val_set_size"] == "2"  # a tenth of a 26-row file
     assert result.stdout.count("Training BenTsao LoRA with:") == 1
     assert f"adapter saved to {out.resolve()}" in result.stdout
-    assert "0 cut at --cutoff_len 128" in result.stdout
+    assert f"{metadata['summary']['truncated_rows']} cut at --cutoff_len 128" in result.stdout
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the loss picture, with validation
     assert not (tmp_path / "wandb").exists()
 
 

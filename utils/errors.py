@@ -15,6 +15,22 @@ class UserError(Exception):
     """A problem with what the user gave us (a file, a flag, a model path), not a bug in the code."""
 
 
+_SECRETS: set[str] = set()
+
+
+def register_secret(value: str) -> None:
+    """Remember a secret (an API key) so that `redact` hides it in anything printed or written."""
+    if value and len(value) >= 4:
+        _SECRETS.add(value)
+
+
+def redact(text: str) -> str:
+    """`text` with every registered secret replaced by `***` (servers like to echo a rejected key back)."""
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 def debug_requested(argv: list[str] | None = None) -> bool:
     argv = sys.argv if argv is None else argv
     return "--debug" in argv or any(a.startswith("--debug=") and a != "--debug=False" for a in argv) or (
@@ -38,7 +54,7 @@ def run_cli(component: Callable[..., Any] | object) -> None:
     except UserError as error:
         if debug:
             raise
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        print(f"error: {redact(str(error))}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)

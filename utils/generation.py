@@ -37,7 +37,23 @@ def generation_config(
 
 
 def model_device(model) -> torch.device:
-    return next(model.parameters()).device
+    """Where the inputs go: the device the input embeddings run on.
+
+    With `device_map="auto"` accelerate spreads the layers over the GPUs (embeddings on the first) and its hooks
+    move activations from layer to layer; a layer offloaded to CPU or disk keeps its weights on "meta" and runs on
+    its hook's execution device, which is then the answer.
+    """
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hook = getattr(embeddings, "_hf_hook", None)
+    for part in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # a SequentialHook or one
+        execution = getattr(part, "execution_device", None)
+        if execution is not None:
+            return torch.device("cuda", execution) if isinstance(execution, int) else torch.device(execution)
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+        return weight.device
+    placed = [p.device for p in model.parameters() if p.device.type != "meta"]
+    return placed[0] if placed else torch.device("cpu")
 
 
 @torch.inference_mode()
@@ -69,7 +85,8 @@ def generate_answers(
     bar = tqdm(total=len(prompts), desc="answering", unit="row", disable=not progress)
     for start in range(0, len(order), max(1, batch_size)):
         indices = order[start : start + max(1, batch_size)]
-        for index, answer in zip(indices, generate_batch(model, tokenizer, [prompts[i] for i in indices], config)):
+        batch_answers = generate_batch(model, tokenizer, [prompts[i] for i in indices], config)
+        for index, answer in zip(indices, batch_answers, strict=True):
             answers[index] = answer
             if on_answer is not None:
                 on_answer(index, answer)

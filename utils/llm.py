@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from utils.errors import UserError
+from utils.errors import UserError, redact, register_secret
 
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 PROGRESS_SUFFIX = ".progress.jsonl"
@@ -52,6 +52,7 @@ def read_api_key(env_name: str) -> str:
             f"the environment variable {env_name} (named by --api_key_env) is not set; export it with your API key "
             f"(a local server that checks no key accepts any value, e.g. `export {env_name}=EMPTY`)"
         )
+    register_secret(key.strip())  # never shown: error messages pass through `redact`
     return key.strip()
 
 
@@ -105,7 +106,7 @@ def describe_error(error: Exception) -> str:
     text = str(getattr(error, "message", None) or error)
     message = text.splitlines()[0][:200] if text.strip() else ""
     prefix = f"HTTP {status}" if status else type(error).__name__
-    return f"{prefix}: {message}" if message else prefix
+    return redact(f"{prefix}: {message}" if message else prefix)
 
 
 def chat_completion(
@@ -130,7 +131,9 @@ def chat_completion(
         except openai.OpenAIError as error:
             kind = classify_error(error)
             if kind == "fatal":
-                raise UserError(f"{config.api_base or 'the OpenAI API'} refused the request ({describe_error(error)})")
+                raise UserError(
+                    f"{config.api_base or 'the OpenAI API'} refused the request ({describe_error(error)})"
+                ) from None
             if kind == "skip":
                 raise ChatError(describe_error(error)) from None
             if attempt == config.max_retries:

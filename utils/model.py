@@ -74,7 +74,8 @@ def check_model_source(base_model: str, flag: str = "--base_model") -> None:
         if not (path / "config.json").is_file():
             raise UserError(f"{flag} {base_model}: the folder has no config.json, so it is not a Hugging Face model")
         return
-    looks_local = base_model.startswith((".", "/", "~")) or base_model.count("/") > 1 or os.sep == "\\" and "\\" in base_model
+    windows_path = os.sep == "\\" and "\\" in base_model
+    looks_local = base_model.startswith((".", "/", "~")) or base_model.count("/") > 1 or windows_path
     if looks_local or not HUB_ID.match(base_model):
         raise UserError(f"{flag} {base_model}: no such folder, and it is not a Hugging Face hub id")
 
@@ -82,7 +83,9 @@ def check_model_source(base_model: str, flag: str = "--base_model") -> None:
 def _hub_error(base_model: str, error: Exception) -> UserError:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if "trust_remote_code" in str(error):
-        return UserError(f"{base_model} ships its own modelling code; rerun with --trust_remote_code True if you trust it")
+        return UserError(
+            f"{base_model} ships its own modelling code; rerun with --trust_remote_code True if you trust it"
+        )
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     hint = " (HF_HUB_OFFLINE is set, so only the local cache is searched)" if offline else ""
     return UserError(f"could not load {base_model}{hint}: {message}")
@@ -110,7 +113,9 @@ def quantization_config(load_8bit: bool, load_4bit: bool, compute_dtype: torch.d
     if not (load_8bit or load_4bit):
         return None
     if not torch.cuda.is_available():
-        raise UserError("8-bit/4-bit loading needs a CUDA GPU and bitsandbytes; drop --load_8bit/--load_4bit on this machine")
+        raise UserError(
+            "8-bit/4-bit loading needs a CUDA GPU and bitsandbytes; drop --load_8bit/--load_4bit on this machine"
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -120,7 +125,8 @@ def quantization_config(load_8bit: bool, load_4bit: bool, compute_dtype: torch.d
     if load_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
     )
 
 
@@ -211,17 +217,21 @@ def read_training_metadata(lora_weights: str) -> dict[str, Any]:
 
 def load_adapter(model, lora_weights: str, is_trainable: bool = False):
     """Wrap `model` with the LoRA adapter in `lora_weights` (a folder, or a hub id)."""
+    import pickle
+
     from peft import PeftModel
 
-    path = Path(lora_weights).expanduser()
-    if not path.is_dir():
-        looks_local = lora_weights.startswith((".", "/", "~")) or lora_weights.count("/") > 1
-        if looks_local or not HUB_ID.match(lora_weights):
-            raise UserError(f"--lora_weights {lora_weights}: no such folder, and it is not a Hugging Face hub id")
-    elif not (path / "adapter_config.json").is_file():
-        raise UserError(f"--lora_weights {lora_weights}: the folder has no adapter_config.json, so it is not a LoRA adapter")
+    from utils.validate import check_adapter
+
+    # exists, has a config and safetensors or weights-only-loadable .bin weights, and fits this model's layers
+    check_adapter(lora_weights, getattr(model, "name_or_path", None) or None, model=model)
     try:
         return PeftModel.from_pretrained(model, lora_weights, is_trainable=is_trainable)
+    except pickle.UnpicklingError as error:  # peft loads .bin with weights_only=True; a hub .bin lands here
+        raise UserError(
+            f"refusing to load the adapter {lora_weights}: its weights are a pickle that is not plain tensors "
+            f"({str(error).strip().splitlines()[0][:200]})"
+        ) from None
     except (OSError, ValueError) as error:
         raise UserError(f"could not load the adapter {lora_weights}: {str(error).strip().splitlines()[0]}") from None
     except RuntimeError as error:  # size mismatch: an adapter made for another base
@@ -239,9 +249,18 @@ def load_for_inference(
     trust_remote_code: bool = False,
     device_map: Any = None,
 ):
-    """(model, tokenizer, device) ready for `generate`: base + optional adapter, eval mode, left padding."""
-    device = resolve_device()
+    """(model, tokenizer, device) ready for `generate`: base + optional adapter, eval mode, left padding.
+
+    Everything that can be checked without the weights (paths, configs, flags, the adapter's fit) is checked first.
+    """
+    from utils.validate import check_tokenizer_fits_config, preflight_model
+
+    device, precision = preflight_model(
+        base_model, lora_weights, precision=precision, load_8bit=load_8bit, load_4bit=load_4bit,
+        trust_remote_code=trust_remote_code,
+    )
     tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code, padding_side="left")
+    check_tokenizer_fits_config(tokenizer, base_model)
     model = load_base_model(
         base_model, precision=precision, device=device, load_8bit=load_8bit, load_4bit=load_4bit,
         trust_remote_code=trust_remote_code, device_map=device_map,
