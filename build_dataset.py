@@ -809,7 +809,7 @@ def dialogue_turns(instruction: str) -> list[tuple[str, str]] | None:
     if not instruction.startswith(" <user>: "):
         return None
     pieces = _TURN.split(instruction)[1:]
-    turns = list(zip(pieces[0::2], pieces[1::2]))
+    turns = list(zip(pieces[0::2], pieces[1::2], strict=False))
     roles = [role for role, _ in turns]
     expected = ["user" if index % 2 == 0 else "bot" for index in range(len(turns))]
     if roles != expected or roles[-1] != "user" or not all(text.strip() for _, text in turns):
@@ -826,7 +826,9 @@ def check_literature_rows(path: Path) -> list[dict[str, Any]]:
     rows = check_instruction_rows(path)
     for index, row in enumerate(rows, start=1):
         if dialogue_turns(row["instruction"]) is None:
-            raise UserError(f"{path} row {index}: instruction is not in the shape ` <user>: ... <bot>: ... <user>: ...`")
+            raise UserError(
+                f"{path} row {index}: instruction is not in the shape ` <user>: ... <bot>: ... <user>: ...`"
+            )
     return rows
 
 

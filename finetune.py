@@ -230,8 +230,8 @@ def main(
     args = dict(locals())
     from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
 
-    from utils.training import DivergenceGuard, GracefulStop, SafeTrainer, save_files_atomically
     from utils.plotting import LossPlotCallback, run_title
+    from utils.training import DivergenceGuard, GracefulStop, SafeTrainer, save_files_atomically
 
     validate_args(args)
     if deepspeed:  # the file, its batch sizes ("auto") and the machine, before anything heavy
@@ -334,7 +334,8 @@ def main(
         eval_dataset=val_data,
         data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
         processing_class=tokenizer,
-        callbacks=[stop, LossPlotCallback(output_dir, run_title(args)), guard],  # the guard last: it withdraws a save that a signal or the schedule asked for
+        # the guard last: it withdraws a save that a signal or the schedule asked for
+        callbacks=[stop, LossPlotCallback(output_dir, run_title(args)), guard],
     )
     started = time.time()
     try:

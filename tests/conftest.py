@@ -52,7 +52,9 @@ def tiny_llama(tiny_models) -> Path:
 
 def project_rows() -> list[dict]:
     """The project's own QA rows (data/infer.json), a small realistic training set."""
-    return [json.loads(line) for line in (REPO / "data" / "infer.json").read_text(encoding="utf-8").splitlines() if line]
+    return [
+        json.loads(line) for line in (REPO / "data" / "infer.json").read_text(encoding="utf-8").splitlines() if line
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -62,19 +64,44 @@ def train_file(tmp_path_factory) -> Path:
     return path
 
 
-def run_script(*args: str, stdin: str | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_script(
+    *args: str, stdin: str | None = None, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run a repo script as a user would, from the repo root."""
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PYTHON=sys.executable, **(env or {}))
     command = list(args) if args[0] == "bash" else [sys.executable, *args]
-    return subprocess.run(command, check=False, cwd=REPO, input=stdin, capture_output=True, text=True, env=full_env, timeout=timeout)
+    return subprocess.run(
+        command, check=False, cwd=REPO, input=stdin, capture_output=True, text=True, env=full_env, timeout=timeout
+    )
 
 
 def train_adapter(base: Path, data: Path, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     """A quick finetune.py run (a few steps) that must succeed."""
     result = run_script(
-        "finetune.py", "--base_model", str(base), "--data_path", str(data), "--output_dir", str(output_dir),
-        "--batch_size", "8", "--micro_batch_size", "4", "--max_steps", "4", "--learning_rate", "3e-3",
-        "--cutoff_len", "128", "--save_steps", "2", "--eval_steps", "2", "--logging_steps", "1", *extra,
+        "finetune.py",
+        "--base_model",
+        str(base),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(output_dir),
+        "--batch_size",
+        "8",
+        "--micro_batch_size",
+        "4",
+        "--max_steps",
+        "4",
+        "--learning_rate",
+        "3e-3",
+        "--cutoff_len",
+        "128",
+        "--save_steps",
+        "2",
+        "--eval_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        *extra,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

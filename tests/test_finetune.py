@@ -53,8 +53,17 @@ def test_all_linear_and_bad_target_names(tiny_models, train_file, tmp_path):
     targets = set(json.loads((out / "adapter_config.json").read_text())["target_modules"])
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= targets
 
-    bad = run_script("finetune.py", "--base_model", str(tiny_models["llama"]), "--data_path", str(train_file),
-                     "--output_dir", str(tmp_path / "bad"), "--lora_target_modules", "[q_proj,query_key_value]")
+    bad = run_script(
+        "finetune.py",
+        "--base_model",
+        str(tiny_models["llama"]),
+        "--data_path",
+        str(train_file),
+        "--output_dir",
+        str(tmp_path / "bad"),
+        "--lora_target_modules",
+        "[q_proj,query_key_value]",
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "query_key_value not in this model; valid names: down_proj, gate_proj, k_proj, o_proj" in bad.stderr
 
@@ -75,7 +84,11 @@ def test_resume_continues_optimizer_schedule_and_step(tiny_llama, train_file, tm
         torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=0)
     # the learning rate of step 3 continues the decay rather than restarting the warm-up
     lrs = [e["learning_rate"] for e in state["log_history"] if "learning_rate" in e]
-    whole_lrs = [e["learning_rate"] for e in json.loads((whole / "checkpoint-4" / "trainer_state.json").read_text())["log_history"] if "learning_rate" in e]
+    whole_lrs = [
+        e["learning_rate"]
+        for e in json.loads((whole / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+        if "learning_rate" in e
+    ]
     assert lrs == whole_lrs
 
 
@@ -83,31 +96,65 @@ def test_finished_adapter_is_not_overwritten(tiny_llama, train_file, tmp_path):
     out = tmp_path / "done"
     train_adapter(tiny_llama, train_file, out)
     before = (out / "adapter_model.safetensors").read_bytes()
-    again = run_script("finetune.py", "--base_model", str(tiny_llama), "--data_path", str(train_file),
-                       "--output_dir", str(out), "--max_steps", "1")
+    again = run_script(
+        "finetune.py",
+        "--base_model",
+        str(tiny_llama),
+        "--data_path",
+        str(train_file),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "1",
+    )
     assert again.returncode == 2 and "--resume_from_checkpoint" in again.stderr and "--overwrite True" in again.stderr
     assert (out / "adapter_model.safetensors").read_bytes() == before
 
 
 def test_published_recipe_flags_on_a_small_file(tiny_llama, tmp_path):
     """The original scripts/finetune.sh command line, unchanged but for the model and data paths."""
-    rows = [json.loads(line) for line in reference_file("llama_data.json").read_text(encoding="utf-8").splitlines()[:160]]
+    rows = [
+        json.loads(line) for line in reference_file("llama_data.json").read_text(encoding="utf-8").splitlines()[:160]
+    ]
     data = tmp_path / "llama_data.json"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     result = run_script(
-        "finetune.py", "--base_model", str(tiny_llama), "--data_path", str(data),
-        "--output_dir", str(tmp_path / "lora-llama-med-e1"), "--prompt_template_name", "med_template",
-        "--micro_batch_size", "128", "--batch_size", "128", "--wandb_run_name", "e1",
+        "finetune.py",
+        "--base_model",
+        str(tiny_llama),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "lora-llama-med-e1"),
+        "--prompt_template_name",
+        "med_template",
+        "--micro_batch_size",
+        "128",
+        "--batch_size",
+        "128",
+        "--wandb_run_name",
+        "e1",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "lora-llama-med-e1" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("name, template", [("llama_data.json", "med_template"), ("liver_cancer.json", "literature_template")])
+@pytest.mark.parametrize(
+    "name, template", [("llama_data.json", "med_template"), ("liver_cancer.json", "literature_template")]
+)
 def test_published_files_train_as_they_are(tiny_llama, tmp_path, name, template):
     out = tmp_path / "published"
-    result = train_adapter(tiny_llama, reference_file(name), out, "--prompt_template_name", template,
-                           "--max_steps", "2", "--val_set_size", "0")
+    result = train_adapter(
+        tiny_llama,
+        reference_file(name),
+        out,
+        "--prompt_template_name",
+        template,
+        "--max_steps",
+        "2",
+        "--val_set_size",
+        "0",
+    )
     assert (out / "adapter_model.safetensors").is_file()
     assert "training rows" in result.stdout
 
@@ -115,6 +162,18 @@ def test_published_files_train_as_they_are(tiny_llama, tmp_path, name, template)
 def test_validation_size_choices(tiny_llama, train_file, tmp_path):
     result = train_adapter(tiny_llama, train_file, tmp_path / "frac", "--val_set_size", "0.25", "--max_steps", "1")
     assert printed_params(result.stdout)["val_set_size"] == "6"
-    too_many = run_script("finetune.py", "--base_model", str(tiny_llama), "--data_path", str(train_file),
-                          "--output_dir", str(tmp_path / "x"), "--val_set_size", "500")
-    assert too_many.returncode == 2 and "--val_set_size 500 leaves no training rows: the data has 26 rows" in too_many.stderr
+    too_many = run_script(
+        "finetune.py",
+        "--base_model",
+        str(tiny_llama),
+        "--data_path",
+        str(train_file),
+        "--output_dir",
+        str(tmp_path / "x"),
+        "--val_set_size",
+        "500",
+    )
+    assert (
+        too_many.returncode == 2
+        and "--val_set_size 500 leaves no training rows: the data has 26 rows" in too_many.stderr
+    )

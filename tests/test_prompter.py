@@ -29,7 +29,9 @@ def test_prompt_strings_are_the_published_ones(name):
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_renders_published_data_byte_for_byte(name):
     published = json.loads(reference_file(f"templates/{name}.json").read_text(encoding="utf-8"))
-    rows = [json.loads(line) for line in reference_file("llama_data.json").read_text(encoding="utf-8").splitlines()[:50]]
+    rows = [
+        json.loads(line) for line in reference_file("llama_data.json").read_text(encoding="utf-8").splitlines()[:50]
+    ]
     rows += json.loads(reference_file("liver_cancer.json").read_text(encoding="utf-8"))[:50]
     prompter = Prompter(name)
     for row in rows:
@@ -57,7 +59,9 @@ def test_ori_template_is_the_bare_instruction():
 
 
 def test_every_shipped_template_loads():
-    assert {"med_template", "bloom_deploy", "literature_template", "alpaca", "ori_template"} <= set(available_templates())
+    assert {"med_template", "bloom_deploy", "literature_template", "alpaca", "ori_template"} <= set(
+        available_templates()
+    )
     for name in available_templates():
         prompt = Prompter(name).generate_prompt("问题", None, "回答")
         assert "问题" in prompt and prompt.endswith("回答")

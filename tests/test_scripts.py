@@ -9,23 +9,40 @@ def test_default_scripts_build_the_tiny_model_train_and_answer(train_file, tmp_p
     """With no BASE_MODEL, finetune.sh builds the tiny default once and infer.sh answers with its adapter."""
     env = {"TINY_BASE": str(tmp_path / "tiny"), "DATA_PATH": str(train_file), "OUTPUT_DIR": str(tmp_path / "lora")}
     env.pop("BASE_MODEL", None)
-    trained = run_script("bash", "scripts/finetune.sh", "--max_steps", "3", "--eval_steps", "3", "--save_steps", "3",
-                         env=env)
+    trained = run_script(
+        "bash", "scripts/finetune.sh", "--max_steps", "3", "--eval_steps", "3", "--save_steps", "3", env=env
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "building the tiny embedded default model" in trained.stderr
     assert (tmp_path / "tiny" / "config.json").is_file() and (tmp_path / "lora" / "adapter_model.safetensors").is_file()
 
     questions = tmp_path / "q.json"
-    questions.write_text(json.dumps([{"instruction": "高血压有哪些症状？", "output": "头痛、头晕。"}] * 3, ensure_ascii=False))
-    answered = run_script("bash", "scripts/infer.sh", "--max_new_tokens", "8",
-                          env={**env, "LORA_WEIGHTS": str(tmp_path / "lora"), "INSTRUCT_DIR": str(questions)})
+    questions.write_text(
+        json.dumps([{"instruction": "高血压有哪些症状？", "output": "头痛、头晕。"}] * 3, ensure_ascii=False)
+    )
+    answered = run_script(
+        "bash",
+        "scripts/infer.sh",
+        "--max_new_tokens",
+        "8",
+        env={**env, "LORA_WEIGHTS": str(tmp_path / "lora"), "INSTRUCT_DIR": str(questions)},
+    )
     assert answered.returncode == 0, answered.stderr[-3000:]
     assert answered.stdout.count("###model output###") == 3
     assert "building the tiny" not in answered.stderr  # built once
 
-    compared = run_script("bash", "scripts/test.sh", "--max_new_tokens", "8",
-                          env={**env, "LORA_WEIGHTS": str(tmp_path / "lora"), "INSTRUCT_DIR": str(questions),
-                               "OUT_DIR": str(tmp_path / "cmp")})
+    compared = run_script(
+        "bash",
+        "scripts/test.sh",
+        "--max_new_tokens",
+        "8",
+        env={
+            **env,
+            "LORA_WEIGHTS": str(tmp_path / "lora"),
+            "INSTRUCT_DIR": str(questions),
+            "OUT_DIR": str(tmp_path / "cmp"),
+        },
+    )
     assert compared.returncode == 0, compared.stderr[-3000:]
     table = [line for line in compared.stdout.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| predictions | rows | bleu-4") and len(table) == 3  # header, base, med
@@ -33,20 +50,42 @@ def test_default_scripts_build_the_tiny_model_train_and_answer(train_file, tmp_p
 
 
 def test_literature_scripts(tiny_llama, tmp_path):
-    env = {"BASE_MODEL": str(tiny_llama), "OUTPUT_DIR": str(tmp_path / "lit"), "PROMPT_TEMPLATE": "literature_template",
-           "DATA_PATH": "data_literature/liver_cancer.json"}
-    trained = run_script("bash", "scripts/finetune.sh", "--max_steps", "2", "--micro_batch_size", "8",
-                         "--batch_size", "8", "--val_set_size", "0", env=env)
+    env = {
+        "BASE_MODEL": str(tiny_llama),
+        "OUTPUT_DIR": str(tmp_path / "lit"),
+        "PROMPT_TEMPLATE": "literature_template",
+        "DATA_PATH": "data_literature/liver_cancer.json",
+    }
+    trained = run_script(
+        "bash",
+        "scripts/finetune.sh",
+        "--max_steps",
+        "2",
+        "--micro_batch_size",
+        "8",
+        "--batch_size",
+        "8",
+        "--val_set_size",
+        "0",
+        env=env,
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     env["LORA_WEIGHTS"] = str(tmp_path / "lit")
     single = run_script("bash", "scripts/infer-literature-single.sh", "--max_new_tokens", "8", env=env)
     assert single.returncode == 0 and single.stdout.count("Response:") == 5, single.stderr[-3000:]
-    multi = run_script("bash", "scripts/infer-literature-multi.sh", "--max_new_tokens", "8", env=env,
-                       stdin="肝癌有哪些危险因素？\n怎么筛查？\n")
+    multi = run_script(
+        "bash",
+        "scripts/infer-literature-multi.sh",
+        "--max_new_tokens",
+        "8",
+        env=env,
+        stdin="肝癌有哪些危险因素？\n怎么筛查？\n",
+    )
     assert multi.returncode == 0 and multi.stdout.count("Response:") == 2, multi.stderr[-3000:]
 
 
 def test_missing_adapter_is_a_clear_message(tiny_llama, tmp_path):
-    result = run_script("bash", "scripts/infer.sh",
-                        env={"BASE_MODEL": str(tiny_llama), "LORA_WEIGHTS": str(tmp_path / "none")})
+    result = run_script(
+        "bash", "scripts/infer.sh", env={"BASE_MODEL": str(tiny_llama), "LORA_WEIGHTS": str(tmp_path / "none")}
+    )
     assert result.returncode == 2 and "no adapter in" in result.stderr and "scripts/finetune.sh" in result.stderr

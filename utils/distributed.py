@@ -8,7 +8,9 @@ FSDP through accelerate); this module holds the few decisions around it:
 - `check_deepspeed_config`: a `--deepspeed` file exists, parses, leaves the batch sizes to the CLI ("auto") and can
   run here, all checked before any weights load;
 - `gathered_state_dict`: under ZeRO-3 or FSDP every rank holds only a shard of each weight, so the final adapter
-  is gathered (a collective: every rank calls it) before rank 0 writes it.
+  is gathered (a collective: every rank calls it) before rank 0 writes it;
+- `cpu_engine_note`: an FSDP/DeepSpeed accelerate config started without GPUs runs as plain DDP, and says so;
+- `parse_device_map`: infer.py / generate.py `--device_map` (`auto` spreads one model over several GPUs).
 """
 
 from __future__ import annotations
@@ -25,13 +27,6 @@ from utils.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED_CONFIGS = REPO_ROOT / "configs" / "deepspeed"
-# DeepSpeed's batch-size keys: each must be "auto" (filled from --batch_size/--micro_batch_size) or agree with them
-DEEPSPEED_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-
-
-def rank() -> int:
-    """This process's global rank (0 when not launched by torchrun / accelerate / deepspeed)."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
@@ -48,7 +43,6 @@ def training_device_args(device: str, processes: int | None = None) -> dict[str,
     return {"use_cpu": True, "ddp_backend": "gloo" if processes > 1 else None}
 
 
-
 def cpu_engine_note(device: str) -> str | None:
     """A line for an FSDP / DeepSpeed accelerate config launched on CPU: accelerate then runs plain DDP (gloo)."""
     if device != "cpu":
@@ -57,7 +51,8 @@ def cpu_engine_note(device: str) -> str | None:
                if os.environ.get(flag, "false").lower() == "true"]
     if not engines:
         return None
-    return f"note: {' and '.join(engines)} need GPUs; on this CPU machine the processes train as plain DDP (gloo)"
+    verb = "need" if len(engines) > 1 else "needs"
+    return f"note: {' and '.join(engines)} {verb} GPUs; on this CPU machine the processes train as plain DDP (gloo)"
 
 def _shipped_configs() -> str:
     names = sorted(path.name for path in DEEPSPEED_CONFIGS.glob("*.json"))
@@ -149,10 +144,10 @@ def parse_device_map(device_map: Any) -> str | dict[str, Any] | None:
     """`--device_map` for `from_pretrained`: None (the whole model on the one device picked automatically),
     a strategy that spreads the layers over every GPU (`auto`, `balanced`, `balanced_low_0`, `sequential`;
     what does not fit goes to CPU RAM), or one device (`cpu`, `mps`, `cuda`, `cuda:1`, or a GPU index)."""
+    if isinstance(device_map, int) and not isinstance(device_map, bool):  # before the test below: 0 == False
+        device_map = f"cuda:{device_map}"
     if device_map in (None, "", False, "none", "None"):
         return None
-    if isinstance(device_map, int) and not isinstance(device_map, bool):
-        device_map = f"cuda:{device_map}"
     if not isinstance(device_map, str):
         choices = ", ".join(DEVICE_MAP_STRATEGIES)
         raise UserError(f"--device_map must be one of {choices} or a device, got {device_map!r}")

@@ -56,10 +56,15 @@ def plot_loss(log_history: Iterable[Mapping[str, Any]], path: str | Path, title:
     figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
     try:
         if train:
-            axes.plot(*zip(*train), label="training loss", color="tab:blue", linewidth=1.2,
-                      marker="." if len(train) < 50 else None)
+            axes.plot(
+                *zip(*train, strict=False),
+                label="training loss",
+                color="tab:blue",
+                linewidth=1.2,
+                marker="." if len(train) < 50 else None,
+            )
         if val:
-            axes.plot(*zip(*val), label="validation loss", color="tab:orange", linewidth=1.8, marker="o")
+            axes.plot(*zip(*val, strict=False), label="validation loss", color="tab:orange", linewidth=1.8, marker="o")
         axes.set_xlabel("optimizer step")
         axes.set_ylabel("loss")
         axes.grid(True, alpha=0.3)
@@ -75,9 +80,18 @@ def plot_loss(log_history: Iterable[Mapping[str, Any]], path: str | Path, title:
 
 def run_title(args: Mapping[str, Any]) -> str:
     """A plot title from a run's key parameters (the names finetune.py uses; absent ones are left out)."""
-    names = [("base_model", "base"), ("data_path", "data"), ("prompt_template_name", "template"),
-             ("learning_rate", "lr"), ("batch_size", "batch"), ("micro_batch_size", "micro"),
-             ("num_epochs", "epochs"), ("lora_r", "r"), ("lora_alpha", "alpha"), ("cutoff_len", "cutoff")]
+    names = [
+        ("base_model", "base"),
+        ("data_path", "data"),
+        ("prompt_template_name", "template"),
+        ("learning_rate", "lr"),
+        ("batch_size", "batch"),
+        ("micro_batch_size", "micro"),
+        ("num_epochs", "epochs"),
+        ("lora_r", "r"),
+        ("lora_alpha", "alpha"),
+        ("cutoff_len", "cutoff"),
+    ]
     parts = []
     for key, short in names:
         value = args.get(key)

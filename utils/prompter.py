@@ -33,7 +33,9 @@ def resolve_template_path(template: str) -> Path:
     if candidate.suffix == ".json" or candidate.parent != Path("."):
         if candidate.is_file():
             return candidate
-        raise UserError(f"template file {template} does not exist (available templates: {', '.join(available_templates())})")
+        raise UserError(
+            f"template file {template} does not exist (available templates: {', '.join(available_templates())})"
+        )
     path = TEMPLATES_DIR / f"{template}.json"
     if not path.is_file():
         raise UserError(f"unknown template `{template}`; available templates: {', '.join(available_templates())}")

@@ -2,9 +2,9 @@
 
     python -m utils.tiny_base --arch llama --output_dir models/tiny-llama
 
-The tokenizer is a sentencepiece BPE model (byte-level BPE for qwen2, as the real family) trained on the project's own text (`data/`, `data_literature/`,
-the prompt templates); the model is randomly initialised with `--seed` and optionally pre-trained for a few
-steps on the same text, so that fine-tuning starts from something that has seen Chinese. The folder loads
+The tokenizer is a sentencepiece BPE model (byte-level BPE for qwen2, as the real family) trained on the
+project's own text (`data/`, `data_literature/`, the prompt templates); the model is randomly initialised with
+`--seed` and pre-trained for `--pretrain_steps` steps on the same text, so that fine-tuning starts from something that has seen Chinese. The folder loads
 offline with `AutoTokenizer.from_pretrained(DIR)` and `AutoModelForCausalLM.from_pretrained(DIR)`.
 Special tokens follow each real family: LLaMA (`<s>` prepended, no pad token), Bloom (`<pad>`, no `<s>`
 prepended), Qwen2 (`<|endoftext|>` as end and pad, no `<s>`), so scripts must read them from the tokenizer.
@@ -90,7 +90,9 @@ def train_byte_level_tokenizer(lines: list[str], vocab_size: int):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(lines, trainer)
@@ -126,15 +128,27 @@ def make_config(arch: str, tokenizer):
     vocab = len(tokenizer)
     if arch == "llama":
         return LlamaConfig(
-            vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POSITIONS,
-            tie_word_embeddings=False, **special,
+            vocab_size=vocab,
+            hidden_size=HIDDEN,
+            intermediate_size=INTERMEDIATE,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=KV_HEADS,
+            max_position_embeddings=MAX_POSITIONS,
+            tie_word_embeddings=False,
+            **special,
         )
     if arch == "qwen2":
         return Qwen2Config(
-            vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=MAX_POSITIONS,
-            tie_word_embeddings=True, **special,
+            vocab_size=vocab,
+            hidden_size=HIDDEN,
+            intermediate_size=INTERMEDIATE,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_key_value_heads=KV_HEADS,
+            max_position_embeddings=MAX_POSITIONS,
+            tie_word_embeddings=True,
+            **special,
         )
     return BloomConfig(vocab_size=vocab, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS, **special)
 
