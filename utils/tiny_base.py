@@ -2,12 +2,13 @@
 
     python -m utils.tiny_base --arch llama --output_dir models/tiny-llama
 
-The tokenizer is a sentencepiece BPE model (byte-level BPE for qwen2, as the real family) trained on the
-project's own text (`data/`, `data_literature/`, the prompt templates); the model is randomly initialised with
-`--seed` and pre-trained for `--pretrain_steps` steps on the same text, so that fine-tuning starts from something that has seen Chinese. The folder loads
-offline with `AutoTokenizer.from_pretrained(DIR)` and `AutoModelForCausalLM.from_pretrained(DIR)`.
-Special tokens follow each real family: LLaMA (`<s>` prepended, no pad token), Bloom (`<pad>`, no `<s>`
-prepended), Qwen2 (`<|endoftext|>` as end and pad, no `<s>`), so scripts must read them from the tokenizer.
+The tokenizer is a sentencepiece BPE model (byte-level BPE for qwen2, as the real family) trained on the project's
+own text (`data/`, `data_literature/`, the prompt templates); the model is randomly initialised with `--seed` and
+pre-trained for `--pretrain_steps` steps on the same text, so that fine-tuning starts from something that has seen
+Chinese. The folder loads offline with `AutoTokenizer.from_pretrained(DIR)` and
+`AutoModelForCausalLM.from_pretrained(DIR)`. Special tokens follow each real family: LLaMA (`<s>` prepended, no pad
+token), Bloom (`<pad>`, no `<s>` prepended), Qwen2 (`<|endoftext|>` as end and pad, no `<s>`), so scripts must read
+them from the tokenizer.
 """
 
 from __future__ import annotations
