@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from utils.batching import check_batching_args, plan_batching
 from utils.data import load_instruction_dataset, tokenize_dataset
 from utils.distributed import check_deepspeed_config, cpu_engine_note, gathered_state_dict, training_device_args
 from utils.errors import UserError, run_cli
@@ -214,7 +215,10 @@ def main(
     lora_target_modules: str | list[str] | None = None,  # e.g. q_proj,v_proj or all-linear; default by architecture
     # llm hyperparams
     train_on_inputs: bool = False,  # also learn the prompt tokens (default: only the answer counts in the loss)
-    group_by_length: bool = False,  # batch rows of similar length: less padding, faster
+    group_by_length: bool = False,  # with --packing False: batch rows of similar length (less padding)
+    packing: bool = True,  # same rows per step, packed (Bloom: length buckets); False: the original padded batches
+    pack_len: int = 0,  # tokens per packed row (0: --cutoff_len)
+    micro_batch_tokens: int = 0,  # with packing: split a step into more micro-batches above this many tokens (0: never)
     # wandb params
     wandb_project: str = "",  # report to this wandb project (or set WANDB_PROJECT); off by default
     wandb_run_name: str = "",  # run name shown in wandb
@@ -234,6 +238,7 @@ def main(
     from utils.training import DivergenceGuard, GracefulStop, SafeTrainer, save_files_atomically
 
     validate_args(args)
+    check_batching_args(pack_len, cutoff_len, micro_batch_tokens)
     if deepspeed:  # the file, its batch sizes ("auto") and the machine, before anything heavy
         check_deepspeed_config(deepspeed, batch_size, micro_batch_size, world_size())
     prompter = Prompter(prompt_template_name)
@@ -293,13 +298,19 @@ def main(
         f"{len(val_data) if val_data is not None else 0} validation rows"
     )
 
+    plan = plan_batching(
+        model, [len(ids) for ids in train_data["input_ids"]], tokenizer.pad_token_id, batch_size, micro_batch_size,
+        cutoff_len, world_size(), packing=packing, pack_len=pack_len, micro_batch_tokens=micro_batch_tokens, seed=seed,
+        padded_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
+    )
+    log(plan.describe())
     steps_per_epoch = max(1, math.ceil(len(train_data) / batch_size))
     total_steps = max_steps if max_steps > 0 else math.ceil(steps_per_epoch * num_epochs)
     training_args = TrainingArguments(
         output_dir=output_dir,
-        per_device_train_batch_size=micro_batch_size,
+        per_device_train_batch_size=max(1, batch_size // (plan.micro_batches_per_step * world_size())),
         per_device_eval_batch_size=micro_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
+        gradient_accumulation_steps=plan.micro_batches_per_step,
         num_train_epochs=num_epochs,
         max_steps=max_steps,
         learning_rate=learning_rate,
@@ -316,7 +327,7 @@ def main(
         save_total_limit=save_total_limit,
         seed=seed,
         data_seed=seed,
-        train_sampling_strategy="group_by_length" if group_by_length else "random",
+        train_sampling_strategy="group_by_length" if group_by_length and not packing else "random",
         ddp_find_unused_parameters=False if world_size() > 1 else None,
         deepspeed=deepspeed or None,
         **training_device_args(device, world_size()),  # CPU: use_cpu, and gloo when several processes run
@@ -334,6 +345,7 @@ def main(
         eval_dataset=val_data,
         data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
         processing_class=tokenizer,
+        batching=plan,  # training batches (utils/batching.py); evaluation keeps data_collator
         # the guard last: it withdraws a save that a signal or the schedule asked for
         callbacks=[stop, LossPlotCallback(output_dir, run_title(args)), guard],
     )
@@ -360,6 +372,10 @@ def main(
         "train_runtime_s": round(time.time() - started, 1),
         "train_rows": train_report["rows"],
         "truncated_rows": train_report["truncated"],
+        "batching": plan.mode,
+        "pad_fraction": round(plan.stats.pad_fraction, 4),  # padding share of the training tensors (this process)
+        "tokens_per_s": round(plan.stats.real_tokens / max(result.metrics["train_runtime"], 1e-9), 1),
+        "train_loop_s": round(result.metrics["train_runtime"], 1),  # trainer.train's own runtime
     }
     if val_data is not None:
         summary["eval_loss"] = round(trainer.evaluate()["eval_loss"], 4)

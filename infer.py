@@ -15,7 +15,7 @@ from pathlib import Path
 
 from utils.distributed import parse_device_map
 from utils.errors import UserError, run_cli
-from utils.generation import generate_answers, generation_config
+from utils.generation import default_batch_size, generate_answers, generation_config
 from utils.model import load_for_inference
 from utils.prompter import Prompter
 from utils.records import check_string_fields, read_records
@@ -63,7 +63,7 @@ def main(
     top_k: int = 40,
     repetition_penalty: float = 1.0,  # >1 discourages repeating tokens
     seed: int = 42,  # seeds sampling
-    batch_size: int = 8,  # questions answered together (left-padded, sorted by length)
+    batch_size: int = 0,  # questions answered together (0: 32 // num_beams); left-padded, sorted by length
     output_file: str = "",  # write JSON Lines: each input row plus `model_output`
     precision: str = "auto",  # auto | bf16 | fp16 | fp32 (fp32 on CPU)
     trust_remote_code: bool = False,  # allow a hub model's own Python code to run
@@ -74,6 +74,7 @@ def main(
 
     if use_lora and not lora_weights:
         raise UserError("--lora_weights is required with --use_lora True (or run the bare base with --use_lora False)")
+    batch_size = default_batch_size(num_beams) if batch_size == 0 else batch_size
     raise_problems(generation_problems(max_new_tokens, num_beams, batch_size, do_sample, temperature, top_p, top_k,
                                        repetition_penalty))
     prompter = Prompter(prompt_template)

@@ -13,7 +13,7 @@ import sys
 
 from utils.dialogue import fit_history, render_dialogue
 from utils.errors import UserError, run_cli
-from utils.generation import generate_answers, generation_config
+from utils.generation import default_batch_size, generate_answers, generation_config
 from utils.model import load_for_inference
 from utils.prompter import Prompter
 from utils.validate import generation_problems, raise_problems
@@ -49,7 +49,7 @@ def main(
     top_k: int = 40,
     repetition_penalty: float = 1.0,
     seed: int = 42,
-    batch_size: int = 8,  # single mode: questions answered together
+    batch_size: int = 0,  # single mode: questions answered together (0: 32 // num_beams)
     max_turns: int = 0,  # multi mode: stop after this many turns (0: until EOF or `exit`)
     precision: str = "auto",
     trust_remote_code: bool = False,
@@ -61,6 +61,7 @@ def main(
         raise UserError(f"--single_or_multi must be single or multi, got {single_or_multi!r}")
     if use_lora and not lora_weights:
         raise UserError("--lora_weights is required with --use_lora True (or run the bare base with --use_lora False)")
+    batch_size = default_batch_size(num_beams) if batch_size == 0 else batch_size
     problems = generation_problems(max_new_tokens, num_beams, batch_size, do_sample, temperature, top_p, top_k,
                                    repetition_penalty)
     if isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 0:

@@ -36,6 +36,16 @@ def generation_config(
     return GenerationConfig(**kwargs)
 
 
+SEQUENCES_PER_BATCH = 32  # rows x beams decoded together by default: ~6.5 GB of KV cache for LLaMA-7B at 400 tokens
+
+
+def default_batch_size(num_beams: Any, sequences: int = SEQUENCES_PER_BATCH) -> int:
+    """Questions per batch when --batch_size is 0: `sequences // num_beams` (32 greedy, 8 with 4 beams), so the
+    memory of a batch does not grow with the beam width."""
+    beams = num_beams if isinstance(num_beams, int) and not isinstance(num_beams, bool) and num_beams > 0 else 1
+    return max(1, sequences // beams)
+
+
 def model_device(model) -> torch.device:
     """Where the inputs go: the device the input embeddings run on.
 

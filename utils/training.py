@@ -27,6 +27,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from utils.batching import BatchingMixin
+
 CHECKPOINT_STAGING = ".tmp-checkpoint"
 ADAPTER_STAGING = ".tmp-adapter"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -104,7 +106,7 @@ def save_files_atomically(
 # --- the trainer -------------------------------------------------------------------------------------------------
 
 
-class SafeTrainer(Trainer):
+class SafeTrainer(BatchingMixin, Trainer):
     """A `Trainer` whose checkpoints appear only when complete, and which shows each loss to a `DivergenceGuard`."""
 
     _staging = False
