@@ -1,0 +1,440 @@
+"""Fast training batches: packing (or length buckets), same rows per optimizer step as the original recipe.
+
+The original recipe pads random micro-batches to their longest row; on the published data about half of every
+batch is padding. Here each optimizer step takes the very same rows (the same seeded permutation as the
+Trainer's own random sampler, `--batch_size` rows per step, the same number of steps) and lays them out densely:
+
+- **packing** (LLaMA, Qwen2 and the other architectures in `PACKING_MODEL_TYPES`): a micro-batch's rows are packed
+  first-fit-decreasing into bins of at most `pack_len` tokens, one bin per batch row. `position_ids` restart at 0
+  for every packed sequence and no `attention_mask` is passed: transformers' `masking_utils.create_causal_mask`
+  then finds the restarts (`find_packed_sequence_indices`) and builds a block-diagonal causal mask, so a token only
+  sees earlier tokens of its own sequence (FlashAttention-2 turns the same position_ids into varlen attention). The
+  first label of every packed sequence is -100, so no sequence is trained to predict the next one's first token.
+- **length buckets** (Bloom: ALiBi takes its positions from the attention mask, not position_ids, so packing would
+  let sequences see each other; and any architecture not verified for packing): a step's rows sorted by length,
+  cut into contiguous micro-batches balanced by padded cost (transformers' `BatchRebalanceSampler` algorithm),
+  each padded to its own longest row with an attention mask.
+- **logits only where there is a label**: the prompt (and padding) positions need no logits, so the collator
+  passes a boolean `logits_to_keep` (transformers' `slice_logits_to_keep`) and the matching `shift_labels`: the LM
+  head and the cross-entropy run on the answer tokens only (on the published data 39% of the real tokens).
+
+The loss is unchanged: transformers passes `num_items_in_batch` (the step's label tokens, counted over
+`shift_labels`) to the model, so the loss of an optimizer step is the sum of its token losses divided by its
+label-token count, however the rows are laid out (tests/test_batching.py checks this against rows run one by one).
+"""
+
+from __future__ import annotations
+
+import heapq
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+from utils.data import IGNORE_INDEX
+from utils.errors import UserError
+
+# Architectures whose causal mask comes from masking_utils with position_ids (packed sequences detected) and whose
+# positions come from position_ids: each is checked by tests/test_batching.py::test_packed_forward_equals_separate.
+# Not here (checked to mix packed sequences): bloom (ALiBi from the attention mask), falcon, opt.
+PACKING_MODEL_TYPES = frozenset({
+    "llama", "mistral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt_neox", "stablelm",
+    "olmo", "starcoder2", "cohere",
+})
+PAD_TO_MULTIPLE_OF = 8
+MODES = ("pack", "bucket", "padded")
+
+
+# --- which speed-ups a model supports ---------------------------------------------------------------------------
+
+
+def _unwrap(model: Any) -> Any:
+    """The transformers model under peft / DDP wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def packing_supported(model: Any) -> bool:
+    """True when `model` keeps packed sequences apart given restarting position_ids and no attention mask."""
+    base = _unwrap(model)
+    config = base.config
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    return config.model_type in PACKING_MODEL_TYPES and implementation in (
+        "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention",
+    )
+
+
+def label_positions_supported(model: Any) -> bool:
+    """True when the model's forward takes a boolean 2D `logits_to_keep` and its loss takes `shift_labels`.
+
+    That is every transformers causal LM whose forward slices with `slice_logits_to_keep` and whose loss is the
+    standard `ForCausalLMLoss`; a hub model with its own code may index differently, so it is left alone.
+    """
+    base = _unwrap(model)
+    forward = type(base).forward
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return False
+    if "logits_to_keep" not in inspect.signature(forward).parameters or "slice_logits_to_keep(" not in source:
+        return False
+    loss_function = getattr(base, "loss_function", None)
+    return getattr(loss_function, "__name__", "") == "ForCausalLMLoss"
+
+
+# --- packing ------------------------------------------------------------------------------------------------------
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins of indices into `lengths`, each bin's total at most `capacity` (a longer item gets a bin of its own).
+
+    Items are placed longest first, each into the first bin it fits; ties keep their order, so the result is
+    deterministic.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for index in order:
+        size = lengths[index]
+        for b, load in enumerate(loads):
+            if load + size <= capacity:
+                bins[b].append(index)
+                loads[b] += size
+                break
+        else:
+            bins.append([index])
+            loads.append(size)
+    return bins
+
+
+def balance(weights: Sequence[int], parts: int) -> list[list[int]]:
+    """Split indices into `parts` non-empty groups of about equal total weight (largest first, to the lightest)."""
+    order = sorted(range(len(weights)), key=lambda i: -weights[i])
+    heap = [(0, part) for part in range(parts)]
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    for index in order:
+        load, part = heapq.heappop(heap)
+        groups[part].append(index)
+        heapq.heappush(heap, (load + weights[index], part))
+    return groups
+
+
+def pack_step(lengths: Sequence[int], parts: int, pack_len: int) -> list[list[int]]:
+    """Split one optimizer step's rows (their lengths) into `parts` micro-batches that pack well into `pack_len` bins.
+
+    The rows are packed into bins first; with at least `parts` bins, whole bins are shared out by token count
+    (so each micro-batch packs into full bins); with fewer bins, the rows themselves are shared out. Needs
+    `len(lengths) >= parts`; every group is non-empty.
+    """
+    if len(lengths) < parts:
+        raise ValueError(f"{len(lengths)} rows cannot fill {parts} micro-batches")
+    bins = first_fit_decreasing(lengths, pack_len)
+    if len(bins) >= parts:
+        shares = balance([sum(lengths[i] for i in b) for b in bins], parts)
+        return [[i for b in share for i in bins[b]] for share in shares]
+    return balance(lengths, parts)
+
+
+@dataclass
+class BatchStats:
+    """Tokens the collator saw: real ones and the padded tensor size (batch rows x width)."""
+
+    real_tokens: int = 0
+    batch_tokens: int = 0
+    micro_batches: int = 0
+
+    def add(self, real: int, total: int) -> None:
+        self.real_tokens += real
+        self.batch_tokens += total
+        self.micro_batches += 1
+
+    @property
+    def pad_fraction(self) -> float:
+        return 1 - self.real_tokens / self.batch_tokens if self.batch_tokens else 0.0
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _shifted(labels: torch.Tensor) -> torch.Tensor:
+    """labels[t + 1] at position t (what position t is trained to predict), -100 after the last position."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def _label_outputs(labels: torch.Tensor, label_positions_only: bool) -> dict[str, torch.Tensor]:
+    """`labels` (the model shifts them itself), or with `label_positions_only` the boolean `logits_to_keep` of the
+    positions that predict a label and those labels, flattened (`shift_labels`, as `slice_logits_to_keep` flattens)."""
+    if not label_positions_only:
+        return {"labels": labels}
+    shift_labels = _shifted(labels)
+    keep = shift_labels != IGNORE_INDEX
+    return {"labels": labels, "shift_labels": shift_labels[keep], "logits_to_keep": keep}
+
+
+class PackingCollator:
+    """Packs a micro-batch's rows into bins of at most `pack_len` tokens: input_ids, position_ids, labels.
+
+    Every packed sequence gets position_ids 0, 1, ...; the padding after a bin's last sequence continues that
+    sequence's positions (so a batch whose bins hold one sequence each keeps the plain causal fast path) and is
+    never a target. No attention mask: the restarting positions are the mask.
+    """
+
+    def __init__(self, pad_token_id: int, pack_len: int, label_positions_only: bool = False,
+                 pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> None:
+        self.pad_token_id = pad_token_id
+        self.pack_len = pack_len
+        self.label_positions_only = label_positions_only
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.stats = BatchStats()
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        lengths = [len(feature["input_ids"]) for feature in features]
+        bins = first_fit_decreasing(lengths, self.pack_len)
+        width = _round_up(max(sum(lengths[i] for i in b) for b in bins), self.pad_to_multiple_of)
+        input_ids = torch.full((len(bins), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(bins), width), dtype=torch.long)
+        for row, members in enumerate(bins):
+            start = 0
+            for index in members:
+                n = lengths[index]
+                input_ids[row, start:start + n] = torch.as_tensor(features[index]["input_ids"])
+                labels[row, start:start + n] = torch.as_tensor(features[index]["labels"])
+                labels[row, start] = IGNORE_INDEX  # the first token of a sequence is predicted by nothing in it
+                position_ids[row, start:start + n] = torch.arange(n)
+                start += n
+            last = lengths[members[-1]]
+            position_ids[row, start:] = torch.arange(last, last + width - start)
+        self.stats.add(sum(lengths), input_ids.numel())
+        return {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False,
+                **_label_outputs(labels, self.label_positions_only)}
+
+
+class PaddingCollator:
+    """Right-pads a micro-batch to its longest row (a multiple of 8) with an attention mask, and counts padding.
+
+    With `label_positions_only`, also the boolean `logits_to_keep` and the matching `shift_labels`.
+    """
+
+    def __init__(self, pad_token_id: int, label_positions_only: bool = False,
+                 pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> None:
+        self.pad_token_id = pad_token_id
+        self.label_positions_only = label_positions_only
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.stats = BatchStats()
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        lengths = [len(feature["input_ids"]) for feature in features]
+        width = _round_up(max(lengths), self.pad_to_multiple_of)
+        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+        for row, (feature, n) in enumerate(zip(features, lengths, strict=True)):
+            input_ids[row, :n] = torch.as_tensor(feature["input_ids"])
+            labels[row, :n] = torch.as_tensor(feature["labels"])
+            attention_mask[row, :n] = 1
+        self.stats.add(sum(lengths), input_ids.numel())
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                **_label_outputs(labels, self.label_positions_only)}
+
+
+class CountingCollator:
+    """Wraps another collator (the original recipe's `DataCollatorForSeq2Seq`) and counts real vs padded tokens."""
+
+    def __init__(self, collator: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> None:
+        self.collator = collator
+        self.stats = BatchStats()
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(features)
+        self.stats.add(sum(len(feature["input_ids"]) for feature in features), batch["input_ids"].numel())
+        return batch
+
+
+# --- which rows go into which micro-batch -----------------------------------------------------------------------
+
+
+class StepBatchSampler(BatchRebalanceSampler):
+    """Yields this process's micro-batches (lists of row indices), `micro_batches_per_step` per optimizer step.
+
+    Row order: `torch.randperm(n)` seeded with `seed + epoch`, the permutation of the Trainer's own random sampler
+    (accelerate's `SeedableRandomSampler` with `data_seed`), so step k holds the same rows as under the original
+    recipe. Each step's `rows_per_step` rows (over all processes) are split into `micro_batches_per_step x
+    world_size` micro-batches: packed groups (`pack_len` given) or contiguous length buckets (transformers'
+    `BatchRebalanceSampler._assign`), dealt so that each process gets one of the same cost rank per slot.
+
+    A last step with fewer rows than micro-batches: one row per micro-batch on a single process; under several
+    processes, rows from the start of the epoch are repeated to fill it (as `DistributedSampler` does).
+    Being a `BatchRebalanceSampler`, the Trainer passes it as the DataLoader's `batch_sampler` and keeps
+    accelerate from sharding it a second time.
+    """
+
+    def __init__(self, lengths: Sequence[int], rows_per_step: int, micro_batches_per_step: int, world_size: int = 1,
+                 rank: int = 0, seed: int = 42, pack_len: int | None = None) -> None:
+        super().__init__(
+            lengths=list(lengths), effective_batch_size=rows_per_step, dp_size=world_size,
+            grad_accum=micro_batches_per_step, shuffle=True, seed=seed, rank=rank, drop_last=False,
+        )
+        self.pack_len = pack_len
+
+    def _step_micro_batches(self, rows: list[int], order: list[int]) -> list[list[int]]:
+        """This process's micro-batches for one optimizer step's rows."""
+        parts = self.dp_size * self.grad_accum
+        if len(rows) < parts:
+            if self.dp_size == 1:
+                return [[row] for row in rows]
+            rows = rows + (order * math.ceil(parts / len(order)))[: parts - len(rows)]
+        if self.pack_len is None:
+            return self._assign(rows, [self.lengths[i] for i in rows])[self.rank]
+        groups = pack_step([self.lengths[i] for i in rows], parts, self.pack_len)
+        groups.sort(key=lambda g: -sum(self.lengths[rows[i]] for i in g))
+        mine = groups[self.rank::self.dp_size]  # slot k: the k-th most expensive group of every process
+        return [[rows[i] for i in group] for group in mine]
+
+    def __iter__(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        for start in range(0, len(order), self.effective_batch_size):
+            yield from self._step_micro_batches(order[start:start + self.effective_batch_size], order)
+
+    def __len__(self) -> int:
+        full, tail = divmod(len(self.lengths), self.effective_batch_size)
+        if not tail:
+            return full * self.grad_accum
+        return full * self.grad_accum + (min(self.grad_accum, tail) if self.dp_size == 1 else self.grad_accum)
+
+
+# --- the plan finetune.py follows -------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchingPlan:
+    """How training batches are built: the mode, its collator and (except `padded`) its sampler's settings."""
+
+    mode: str  # pack | bucket | padded
+    collator: Any
+    micro_batches_per_step: int  # per process: the Trainer's gradient_accumulation_steps
+    rows_per_step: int
+    pack_len: int | None = None
+    label_positions_only: bool = False
+    seed: int = 42
+    reason: str = ""  # why this mode (e.g. why not packing)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def stats(self) -> BatchStats:
+        return self.collator.stats
+
+    def sampler(self, lengths: Sequence[int], world_size: int = 1, rank: int = 0) -> StepBatchSampler | None:
+        """The batch sampler for `pack` and `bucket`; None (the Trainer's random sampler) for `padded`."""
+        if self.mode == "padded":
+            return None
+        return StepBatchSampler(
+            lengths, rows_per_step=self.rows_per_step, micro_batches_per_step=self.micro_batches_per_step,
+            world_size=world_size, rank=rank, seed=self.seed, pack_len=self.pack_len if self.mode == "pack" else None,
+        )
+
+    def describe(self) -> str:
+        if self.mode == "padded":
+            return "batching: random micro-batches padded to their longest row (the original recipe, --packing False)"
+        layout = (f"packed into rows of at most {self.pack_len} tokens (position_ids restart per sequence)"
+                  if self.mode == "pack" else "length-bucketed micro-batches padded to their own longest row")
+        head = ", logits and loss on label positions only" if self.label_positions_only else ""
+        why = f" ({self.reason})" if self.reason else ""
+        return (f"batching: {self.rows_per_step} rows per optimizer step, {layout}, "
+                f"{self.micro_batches_per_step} micro-batches per step per process{head}{why}")
+
+
+def check_batching_args(pack_len: int, cutoff_len: int, micro_batch_tokens: int) -> None:
+    """--pack_len: 0 (= cutoff_len) or at least cutoff_len (a row must fit in a bin); --micro_batch_tokens >= 0."""
+    problems = []
+    if isinstance(pack_len, bool) or not isinstance(pack_len, int) or pack_len < 0:
+        problems.append(f"--pack_len must be 0 (= --cutoff_len) or a positive integer, got {pack_len!r}")
+    elif 0 < pack_len < cutoff_len:
+        problems.append(f"--pack_len {pack_len} is shorter than --cutoff_len {cutoff_len}: a row must fit in one")
+    if isinstance(micro_batch_tokens, bool) or not isinstance(micro_batch_tokens, int) or micro_batch_tokens < 0:
+        problems.append(f"--micro_batch_tokens must be 0 (no limit) or a positive integer, got {micro_batch_tokens!r}")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def plan_batching(
+    model: Any,
+    lengths: Sequence[int],
+    pad_token_id: int,
+    batch_size: int,
+    micro_batch_size: int,
+    cutoff_len: int,
+    world_size: int = 1,
+    packing: bool = True,
+    pack_len: int = 0,
+    micro_batch_tokens: int = 0,
+    seed: int = 42,
+    padded_collator: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
+) -> BatchingPlan:
+    """Choose how to batch the training rows (`lengths`: tokens per row) for `model`.
+
+    `packing=False`: the original recipe (random micro-batches of `micro_batch_size` rows, padded;
+    `padded_collator`, default right padding to a multiple of 8). Otherwise packing where the architecture supports
+    it, else length buckets. Micro-batches per step: the original recipe's `batch_size / (micro_batch_size x
+    world_size)`, or more when a step holds more than `micro_batch_tokens` tokens per micro-batch (0: no limit
+    beyond the original's).
+    """
+    check_batching_args(pack_len, cutoff_len, micro_batch_tokens)
+    accumulation = max(1, batch_size // (micro_batch_size * world_size))
+    if not packing:
+        collator = CountingCollator(padded_collator or PaddingCollator(pad_token_id))
+        return BatchingPlan("padded", collator, accumulation, batch_size, seed=seed)
+    pack_len = pack_len or cutoff_len
+    per_step = max(1, batch_size // world_size)
+    if micro_batch_tokens and lengths:
+        expected = per_step * sum(lengths) / len(lengths)
+        accumulation = max(accumulation, math.ceil(expected / micro_batch_tokens))
+    accumulation = min(accumulation, per_step)
+    label_only = label_positions_supported(model)
+    if packing_supported(model):
+        collator = PackingCollator(pad_token_id, pack_len, label_only)
+        return BatchingPlan("pack", collator, accumulation, batch_size, pack_len, label_only, seed)
+    base = _unwrap(model)
+    reason = (f"{base.config.model_type} takes positions from the attention mask (ALiBi), so packed rows would see "
+              "each other" if base.config.model_type == "bloom" else
+              f"packing is not verified for {base.config.model_type}")
+    collator = PaddingCollator(pad_token_id, label_only)
+    return BatchingPlan("bucket", collator, accumulation, batch_size, None, label_only, seed, reason)
+
+
+# --- the Trainer side ---------------------------------------------------------------------------------------------
+
+
+class BatchingMixin:
+    """Trainer mixin: train on a `BatchingPlan` (its sampler and collator); evaluation keeps `data_collator`.
+
+    `Trainer(..., batching=plan)`; without a plan the Trainer is unchanged.
+    """
+
+    def __init__(self, *args: Any, batching: BatchingPlan | None = None, **kwargs: Any) -> None:
+        self.batching = batching
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        if self.batching is None or self.batching.mode == "padded":
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        world = max(1, self.args.world_size)
+        return self.batching.sampler(lengths, world, self.args.process_index if world > 1 else 0)
+
+    def get_train_dataloader(self) -> Any:
+        if self.batching is None:
+            return super().get_train_dataloader()
+        evaluation_collator, self.data_collator = self.data_collator, self.batching.collator
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = evaluation_collator
