@@ -26,6 +26,7 @@ from utils.distributed import check_deepspeed_config, cpu_engine_note, gathered_
 from utils.errors import UserError, run_cli
 from utils.model import (
     TRAINING_METADATA,
+    check_attention,
     check_tokenizer_fits,
     load_base_model,
     load_tokenizer,
@@ -205,6 +206,7 @@ def main(
     save_total_limit: int = 3,  # keep at most this many checkpoint-N folders
     precision: str = "auto",  # auto | bf16 | fp16 | fp32 (auto: bf16 where the GPU has it, else fp16; fp32 on CPU)
     gradient_checkpointing: bool = False,  # recompute activations: less memory, ~30% slower
+    attn_implementation: str = "",  # sdpa | eager | flash_attention_2 (packed rows run as varlen) | ...; "": default
     load_8bit: bool = False,  # load the frozen base in 8-bit (CUDA + bitsandbytes)
     load_4bit: bool = False,  # QLoRA: load the frozen base in 4-bit nf4 (CUDA + bitsandbytes)
     deepspeed: str = "",  # DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json (launch with torchrun/accelerate)
@@ -253,6 +255,7 @@ def main(
         base_model, checkpoint, precision=precision, load_8bit=load_8bit, load_4bit=load_4bit,
         trust_remote_code=trust_remote_code,
     )
+    check_attention(attn_implementation, device)
     dataset = load_instruction_dataset(data_path)
     val_size = resolve_val_size(val_set_size, len(dataset))
     gradient_accumulation_steps = batch_size // (micro_batch_size * world_size())
@@ -271,7 +274,7 @@ def main(
     check_tokenizer_fits_config(tokenizer, base_model)
     model = load_base_model(
         base_model, precision=resolved_precision, device=device, load_8bit=load_8bit, load_4bit=load_4bit,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
         device_map={"": int(os.environ.get("LOCAL_RANK", "0"))} if world_size() > 1 and device == "cuda" else None,
     )
     check_tokenizer_fits(tokenizer, model, base_model)

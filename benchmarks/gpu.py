@@ -101,7 +101,8 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build_model(shape: str, device: str, dtype: torch.dtype, gradient_checkpointing: bool):
+def build_model(shape: str, device: str, dtype: torch.dtype, gradient_checkpointing: bool,
+                attn_implementation: str = "sdpa"):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -110,7 +111,7 @@ def build_model(shape: str, device: str, dtype: torch.dtype, gradient_checkpoint
     config.use_cache = False
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     n_params = sum(p.numel() for p in model.parameters())
     if gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
@@ -127,7 +128,7 @@ def build_model(shape: str, device: str, dtype: torch.dtype, gradient_checkpoint
 def benchmark(shape: str, layout: str, args: argparse.Namespace, device: str, dtype: torch.dtype,
               peak_flops: float) -> dict[str, Any]:
     """Train `args.steps` micro-batches (one optimizer step each) after `args.warmup`; time, memory, utilization."""
-    model, n_params = build_model(shape, device, dtype, args.gradient_checkpointing)
+    model, n_params = build_model(shape, device, dtype, args.gradient_checkpointing, args.attn_implementation)
     batches = micro_batches(synthetic_rows(args.rows, SHAPES[shape]["vocab_size"]), layout, args.micro_batch_tokens)
     steps = min(args.steps, len(batches) - args.warmup)
     if steps < 1:
@@ -157,6 +158,7 @@ def benchmark(shape: str, layout: str, args: argparse.Namespace, device: str, dt
         "name": f"{shape}/{layout}", "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
         "params": n_params, "lora": "r=8 all-linear",
         "gradient_checkpointing": args.gradient_checkpointing,
+        "attention": args.attn_implementation,
         "micro_batch_tokens": round(padded / steps), "pad_fraction": round(1 - real / padded, 4),
         "tokens_per_s": round(tokens_per_s, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
@@ -188,6 +190,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=10, help="timed micro-batches (one optimizer step each)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false")
+    parser.add_argument("--attn_implementation", default="sdpa",
+                        help="sdpa (a block-diagonal mask for packed rows) or flash_attention_2 (varlen)")
     args = parser.parse_args(argv)
     if args.tiny:
         device, dtype = "cpu", torch.float32

@@ -23,7 +23,7 @@ if [ "$USING_TINY_DEFAULT" = 1 ]; then
           --eval_steps 40 --save_steps 80 --logging_steps 10 --warmup_steps 10)
 else
   RECIPE=(--num_epochs 10 --learning_rate 3e-4 --batch_size 128 --micro_batch_size 8 --cutoff_len 256
-          --val_set_size 120 --group_by_length)
+          --val_set_size 120)
 fi
 
 "$PYTHON" finetune.py \

@@ -215,6 +215,18 @@ def test_packed_resume_in_a_later_epoch_continues_the_run(tiny_llama, train_file
         torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=0)
 
 
+def test_attn_implementation_reaches_the_model_and_packing_stays(tiny_llama, train_file, tmp_path):
+    out = tmp_path / "eager"
+    result = train_adapter(tiny_llama, train_file, out, "--attn_implementation", "eager", "--max_steps", "2",
+                           "--val_set_size", "0")
+    assert "attn_implementation: eager" in result.stdout
+    assert summary_of(result.stdout)["batching"] == "pack"  # eager attention keeps packed rows apart too
+    from utils.model import load_base_model
+
+    model = load_base_model(str(tiny_llama), device="cpu", attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+
+
 def test_bloom_trains_on_length_buckets(tiny_models, train_file, tmp_path):
     result = train_adapter(tiny_models["bloom"], train_file, tmp_path / "bloom", "--max_steps", "2")
     assert "length-bucketed micro-batches" in result.stdout and "ALiBi" in result.stdout

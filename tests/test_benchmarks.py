@@ -34,4 +34,5 @@ def test_gpu_benchmark_tiny_mode_on_cpu():
     for line in (cutoff, packed):
         assert line["tokens_per_s"] > 0 and 0 < line["utilization"] and line["projection"]["hours"] > 0
         assert line["lora"] == "r=8 all-linear" and line["gradient_checkpointing"] is True
+        assert line["attention"] == "sdpa"
     assert packed["pad_fraction"] < cutoff["pad_fraction"]

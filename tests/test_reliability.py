@@ -221,6 +221,11 @@ CASES = [
      ["--precision fp16 needs a GPU"]),
     ("finetune", lambda tmp, base, data, ad, odd: train_args(tmp, base, data, precision="fp8"),
      ["--precision must be one of auto, bf16, fp16, fp32"]),
+    ("finetune", lambda tmp, base, data, ad, odd: train_args(tmp, base, data, attn_implementation="flash"),
+     ["--attn_implementation 'flash' is not one of: eager, sdpa, flash_attention_2"]),
+    ("finetune", lambda tmp, base, data, ad, odd: train_args(tmp, base, data,
+                                                            attn_implementation="flash_attention_2"),
+     ["--attn_implementation flash_attention_2 needs a CUDA GPU"]),
     ("finetune", lambda tmp, base, data, ad, odd: train_args(
         tmp, base, data, output_dir=write(tmp / "adapter_config.json", "{}").parent),
      ["already holds a finished adapter", "--resume_from_checkpoint True", "--overwrite True"]),
@@ -322,6 +327,19 @@ def test_bf16_on_a_device_without_it(tiny_llama, train_file, adapters, tmp_path,
     code, _, err = cli(infer.main, *infer_args(tiny_llama, adapters["llama"]), "--precision", "bf16",
                        monkeypatch=monkeypatch, capsys=capsys)
     assert code == 2 and "--precision bf16 is not supported" in err
+
+
+def test_flash_attention_without_its_package(tiny_llama, train_file, tmp_path, monkeypatch, capsys):
+    """A CUDA GPU without flash-attn installed, simulated: refused in one line before anything loads."""
+    import transformers.utils
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda *a, **k: False)
+    code, _, err = cli(finetune.main, *train_args(tmp_path, tiny_llama, train_file,
+                                                  attn_implementation="flash_attention_2"),
+                       monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and "needs the flash-attn package on this GPU (pip install flash-attn" in err
 
 
 def test_debug_shows_the_traceback(tiny_llama, train_file, tmp_path, monkeypatch, capsys):

@@ -31,6 +31,8 @@ DEFAULT_LORA_TARGETS = {
     "baichuan": ["W_pack"],
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+# --attn_implementation values; "" leaves the choice to transformers (sdpa where the model supports it)
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def resolve_device() -> str:
@@ -130,6 +132,27 @@ def quantization_config(load_8bit: bool, load_4bit: bool, compute_dtype: torch.d
     )
 
 
+def check_attention(attn_implementation: str, device: str) -> None:
+    """`--attn_implementation`: "" or a known kernel that this machine can run (FlashAttention needs CUDA and its
+    package; transformers' own availability checks decide)."""
+    if not attn_implementation:
+        return
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise UserError(f"--attn_implementation {attn_implementation!r} is not one of: "
+                        f"{', '.join(ATTENTION_IMPLEMENTATIONS)} (or leave it empty for transformers' default)")
+    if attn_implementation.startswith("flash_attention"):
+        from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+        if device != "cuda":
+            raise UserError(f"--attn_implementation {attn_implementation} needs a CUDA GPU; this machine runs on "
+                            f"{device} (leave it empty to use sdpa)")
+        version_2 = attn_implementation == "flash_attention_2"
+        if not (is_flash_attn_2_available() if version_2 else is_flash_attn_3_available()):
+            package = "flash-attn" if version_2 else "flash-attn-3"
+            raise UserError(f"--attn_implementation {attn_implementation} needs the {package} package on this GPU "
+                            f"(pip install {package} --no-build-isolation), or leave it empty to use sdpa")
+
+
 def load_base_model(
     base_model: str,
     precision: str = "auto",
@@ -138,14 +161,18 @@ def load_base_model(
     load_4bit: bool = False,
     trust_remote_code: bool = False,
     device_map: Any = None,
+    attn_implementation: str = "",
 ):
-    """`AutoModelForCausalLM` in the resolved precision on `device` (or spread by `device_map`)."""
+    """`AutoModelForCausalLM` in the resolved precision on `device` (or spread by `device_map`), with
+    `attn_implementation` when one is given."""
     from transformers import AutoModelForCausalLM
 
     check_model_source(base_model)
     device = device or resolve_device()
     dtype = torch_dtype(resolve_precision(precision, device))
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     quant = quantization_config(load_8bit, load_4bit, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
