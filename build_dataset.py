@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from utils import llm
 from utils.errors import UserError, run_cli
-from utils.records import check_string_fields, read_records
+from utils.records import check_string_fields, read_records, string_values
 
 DEFAULT_SEED = 42
 DEFAULT_PER_ENTITY = 16
@@ -946,17 +946,7 @@ def grounded_in_facts(answer: str, facts: Iterable[str]) -> bool:
 
 def existing_instructions(path: Path) -> set[str]:
     """Instructions already in a JSON Lines output; a line torn by a crash is ignored (its entity is redone)."""
-    seen: set[str] = set()
-    if not path.exists():
-        return seen
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("instruction"), str):
-            seen.add(row["instruction"])
-    return seen
+    return string_values(path, "instruction")
 
 
 def drop_torn_tail(path: Path) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.errors import UserError, redact, register_secret
+from utils.records import string_values
 
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 PROGRESS_SUFFIX = ".progress.jsonl"
@@ -210,17 +211,7 @@ class Progress:
         return self.done()
 
     def done(self) -> set[str]:
-        if not self.path.exists():
-            return set()
-        keys: set[str] = set()
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("key"), str):
-                keys.add(record["key"])
-        return keys
+        return string_values(self.path, "key")
 
     def mark(self, key: str, **info: Any) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -78,3 +78,22 @@ def check_string_fields(
                 raise UserError(
                     f"{path} {where}: field `{field}` must be a string, got {type(value).__name__}"
                 )
+
+
+def string_values(path: str | Path, field: str) -> set[str]:
+    """Every string `field` of the JSON object lines of an append-only JSON Lines file (none when it is absent).
+
+    A line torn by a crash mid-write is skipped, not an error: the file's writer redoes that item.
+    """
+    path = Path(path)
+    if not path.exists():
+        return set()
+    values: set[str] = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get(field), str):
+            values.add(row[field])
+    return values
