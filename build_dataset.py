@@ -32,8 +32,9 @@ from typing import Any
 from tqdm import tqdm
 
 from utils import llm
-from utils.errors import UserError, run_cli
-from utils.records import check_string_fields, read_records, string_values
+from utils.core.cli import run_cli
+from utils.core.errors import UserError
+from utils.core.io import check_string_fields, read_jsonl_tolerant, read_records
 
 DEFAULT_SEED = 42
 DEFAULT_PER_ENTITY = 16
@@ -946,7 +947,7 @@ def grounded_in_facts(answer: str, facts: Iterable[str]) -> bool:
 
 def existing_instructions(path: Path) -> set[str]:
     """Instructions already in a JSON Lines output; a line torn by a crash is ignored (its entity is redone)."""
-    return string_values(path, "instruction")
+    return {row["instruction"] for row in read_jsonl_tolerant(path) if isinstance(row.get("instruction"), str)}
 
 
 def drop_torn_tail(path: Path) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import UserError, run_cli
+from utils.core.cli import run_cli
+from utils.core.errors import UserError
 from utils.model import check_tokenizer_fits, load_adapter, load_tokenizer
 from utils.validate import check_adapter, check_base_model, check_tokenizer_fits_config
 

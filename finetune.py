@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from utils.batching import check_batching_args, plan_batching
+from utils.core.cli import run_cli
+from utils.core.errors import UserError
 from utils.data import load_instruction_dataset, tokenize_dataset
 from utils.distributed import check_deepspeed_config, cpu_engine_note, gathered_state_dict, training_device_args
-from utils.errors import UserError, run_cli
 from utils.model import (
     TRAINING_METADATA,
     check_attention,

@@ -24,9 +24,10 @@ import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from utils.core.cli import run_cli
+from utils.core.errors import UserError
 from utils.dialogue import fit_history, render_dialogue
 from utils.distributed import parse_device_map
-from utils.errors import UserError, run_cli
 from utils.generation import generation_config, model_device
 from utils.model import load_for_inference
 from utils.prompter import Prompter

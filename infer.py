@@ -13,12 +13,13 @@ import json
 import os
 from pathlib import Path
 
+from utils.core.cli import run_cli
+from utils.core.errors import UserError
+from utils.core.io import check_string_fields, read_records
 from utils.distributed import parse_device_map
-from utils.errors import UserError, run_cli
 from utils.generation import default_batch_size, generate_answers, generation_config
 from utils.model import load_for_inference
 from utils.prompter import Prompter
-from utils.records import check_string_fields, read_records
 from utils.validate import generation_problems, raise_problems
 
 BUILT_IN_QUESTIONS = [

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import sys
 
+from utils.core.cli import run_cli
+from utils.core.errors import UserError
 from utils.dialogue import fit_history, render_dialogue
-from utils.errors import UserError, run_cli
 from utils.generation import default_batch_size, generate_answers, generation_config
 from utils.model import load_for_inference
 from utils.prompter import Prompter

@@ -14,7 +14,7 @@ import pytest
 import build_dataset as bd  # the repository root is on sys.path (tests/conftest.py)
 from tests.fake_openai import FakeOpenAI, Reply, scripted
 from utils import llm
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 KB = ROOT / "data" / "knowledge_base.jsonl"

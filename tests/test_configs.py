@@ -12,8 +12,8 @@ import torch
 import yaml
 from conftest import REPO, run_script
 
+from utils.core.errors import UserError
 from utils.distributed import check_deepspeed_config, deepspeed_batch_problems
-from utils.errors import UserError
 
 DEEPSPEED = REPO / "configs" / "deepspeed"
 ACCELERATE = REPO / "configs" / "accelerate"

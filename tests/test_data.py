@@ -3,8 +3,8 @@ import json
 import pytest
 from conftest import reference_file
 
+from utils.core.errors import UserError
 from utils.data import IGNORE_INDEX, load_instruction_dataset, read_instruction_rows, tokenize_dataset, tokenize_row
-from utils.errors import UserError
 from utils.model import load_tokenizer
 from utils.prompter import Prompter
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import run_script
 
+from utils.core.errors import UserError
 from utils.distributed import parse_device_map
-from utils.errors import UserError
 
 
 def test_parse_device_map():

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.fake_openai import FakeOpenAI, Reply
-from utils.errors import UserError
+from utils.core.errors import UserError
 from utils.metrics import bleu, characters, lcs_length, rouge_l, rouge_n
 
 REPO = Path(__file__).resolve().parent.parent

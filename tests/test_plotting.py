@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 from utils.plotting import LOSS_PNG, LossPlotCallback, loss_series, main, plot_loss, run_title
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, reference_file
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 from utils.prompter import Prompter, available_templates
 
 PUBLISHED = ("med_template", "bloom_deploy", "literature_template", "alpaca")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import REPO, run_script
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 from utils.model import quantization_config
 
 NO_CUDA = "error: 8-bit/4-bit loading needs a CUDA GPU and bitsandbytes; drop --load_8bit/--load_4bit on this machine"

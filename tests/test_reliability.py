@@ -29,7 +29,8 @@ import finetune
 import infer
 import infer_literature
 from tests.fake_openai import FakeOpenAI, Reply
-from utils.errors import UserError, run_cli
+from utils.core.cli import run_cli
+from utils.core.errors import UserError
 
 # --------------------------------------------------------------------------------------------------------------
 # helpers

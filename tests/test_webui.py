@@ -168,7 +168,7 @@ def test_single_turn_template_answers_each_question_alone(webui_base):
 
 def test_auth_and_one_line_history():
     from generate import one_line, parse_auth
-    from utils.errors import UserError
+    from utils.core.errors import UserError
 
     assert parse_auth("") is None
     assert parse_auth("doctor:s3cret:x") == ("doctor", "s3cret:x")

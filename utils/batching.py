@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
+from utils.core.errors import UserError
 from utils.data import IGNORE_INDEX
-from utils.errors import UserError
 
 # Architectures whose causal mask comes from masking_utils with position_ids (packed sequences detected) and whose
 # positions come from position_ids: each is checked by tests/test_batching.py::test_packed_forward_equals_separate.

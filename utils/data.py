@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from utils.errors import UserError
+from utils.core.errors import UserError
+from utils.core.io import check_string_fields, read_records
 from utils.prompter import Prompter
-from utils.records import check_string_fields, read_records
 
 IGNORE_INDEX = -100  # label value the loss skips
 

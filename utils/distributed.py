@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED_CONFIGS = REPO_ROOT / "configs" / "deepspeed"

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from utils.errors import UserError, redact, register_secret
-from utils.records import string_values
+from utils.core.errors import UserError, redact, register_secret
+from utils.core.io import read_jsonl_tolerant
 
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 PROGRESS_SUFFIX = ".progress.jsonl"
@@ -211,7 +211,7 @@ class Progress:
         return self.done()
 
     def done(self) -> set[str]:
-        return string_values(self.path, "key")
+        return {row["key"] for row in read_jsonl_tolerant(self.path) if isinstance(row.get("key"), str)}
 
     def mark(self, key: str, **info: Any) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 TRAINING_METADATA = "bentsao_training.json"

@@ -126,7 +126,7 @@ class LossPlotCallback(TrainerCallback):
 
 def main(trainer_state: str, output: str = "", title: str = "") -> None:
     """Draw `loss.png` from a checkpoint's trainer_state.json (default: next to it)."""
-    from utils.errors import UserError
+    from utils.core.errors import UserError
 
     source = Path(trainer_state)
     if source.is_dir():
@@ -142,6 +142,6 @@ def main(trainer_state: str, output: str = "", title: str = "") -> None:
 
 
 if __name__ == "__main__":
-    from utils.errors import run_cli
+    from utils.core.cli import run_cli
 
     run_cli(main)

@@ -11,7 +11,7 @@ import json
 import string
 from pathlib import Path
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 REQUIRED_KEYS = ("prompt_no_input", "response_split")

@@ -215,6 +215,6 @@ def build(
 
 
 if __name__ == "__main__":
-    from utils.errors import run_cli
+    from utils.core.cli import run_cli
 
     run_cli(build)

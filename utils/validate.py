@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 from utils.model import (
     TRAINING_METADATA,
     check_model_source,

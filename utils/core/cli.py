@@ -1,0 +1,366 @@
+"""The command line of every script: `fire.Fire(main)`, made strict before any work starts.
+
+`run_cli(main)` reads the flags first, against `main`'s signature:
+
+- an unknown flag (`--num_epoch`) or a stray positional argument is refused with "did you mean --num_epochs?";
+- every value is checked against the parameter's type hint (`int`, `float`, `bool`, `str`, optional ones) and
+  the ranges a script declares with `@option_checks(...)`; `str` flags keep the text exactly as typed (fire would
+  turn `--wandb_run_name 1e-3` into 0.001);
+- `--help` lists every flag with its type, default and the comment written beside it in the signature;
+- all problems together are one `error: ...` line, exit code 2, before fire calls `main`.
+
+Then fire calls `main` as usual. A `UserError` raised inside is printed the same way; `--debug` (or
+`LOGLEVEL=DEBUG`) re-raises it with the traceback, for developers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+import math
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from utils.core.errors import EXIT_USER_ERROR, UserError, redact
+
+_FLAG = re.compile(r"^--[A-Za-z_][\w-]*(=.*)?$")
+_VALUE_LIKE_FLAG = re.compile(r"^-[a-zA-Z]")  # fire takes `-x...` as a flag, `-1` as a value
+
+
+# --- ranges a script declares -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """A numeric range (`low`/`high`, each inclusive unless `*_open`) or a set of `choices`."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[Any, ...] = ()
+
+    def problem(self, flag: str, value: Any) -> str | None:
+        if value is None or isinstance(value, bool):
+            return None
+        if self.choices:
+            return None if value in self.choices else (
+                f"{flag} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+        if not isinstance(value, (int, float)):
+            return None
+        if isinstance(value, float) and math.isnan(value):
+            return f"{flag} must be a number, got nan"
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if too_low or too_high:
+            return f"{flag} must be {self.describe()}, got {value!r}"
+        return None
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"{'<' if self.high_open else '<='} {self.high:g}"
+
+
+POSITIVE = Check(low=0, low_open=True)  # > 0
+AT_LEAST_ONE = Check(low=1)
+NON_NEGATIVE = Check(low=0)
+FRACTION = Check(low=0, high=1)  # [0, 1]
+DROPOUT = Check(low=0, high=1, high_open=True)  # [0, 1)
+PROBABILITY = Check(low=0, high=1, low_open=True)  # (0, 1]
+PORT = Check(low=1, high=65535)
+SEED = Check(low=0, high=2**32 - 1)
+
+
+def choices(*values: Any) -> Check:
+    return Check(choices=tuple(values))
+
+
+def option_checks(**checks: Check) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare the ranges of a script's flags: `@option_checks(lora_r=AT_LEAST_ONE, lora_dropout=DROPOUT)`."""
+
+    def attach(function: Callable[..., Any]) -> Callable[..., Any]:
+        function.__option_checks__ = {**getattr(function, "__option_checks__", {}), **checks}  # type: ignore[attr-defined]
+        return function
+
+    return attach
+
+
+# --- reading argv ---------------------------------------------------------------------------------------------------
+
+
+def scan_flags(argv: list[str]) -> tuple[dict[str, str | bool], list[str], list[str]]:
+    """(flags as typed, positional arguments, bare `--noNAME` flags) with fire's grammar: `--name value`,
+    `--name=value`, `--name` alone (True); words after a `--` separator are fire's own flags and are left alone."""
+    flags: dict[str, str | bool] = {}
+    positional: list[str] = []
+    negated: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token == "--":
+            break
+        if _FLAG.match(token):
+            body = token[2:]
+            if "=" in body:
+                name, value = body.split("=", 1)
+                flags[name.replace("-", "_")] = value
+            else:
+                name = body.replace("-", "_")
+                following = argv[index + 1] if index + 1 < len(argv) else None
+                if following is None or following.startswith("--") or _VALUE_LIKE_FLAG.match(following):
+                    flags[name] = True
+                    negated.append(name)
+                else:
+                    flags[name] = following
+                    index += 1
+        elif _VALUE_LIKE_FLAG.match(token):
+            flags[token.lstrip("-").replace("-", "_")] = True  # a one-letter flag: reported as unknown below
+        else:
+            positional.append(token)
+        index += 1
+    return flags, positional, negated
+
+
+# --- types -----------------------------------------------------------------------------------------------------------
+
+
+def _hint_types(hint: Any) -> tuple[type, ...] | None:
+    """The plain types a hint allows (`float | None` -> (float, NoneType)); None when it is anything richer."""
+    if hint in (int, float, bool, str):
+        return (hint,)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        members = typing.get_args(hint)
+        if all(member in (int, float, bool, str, type(None)) for member in members):
+            return tuple(members)
+    return None
+
+
+_TRUE, _FALSE = {"true", "yes", "1", "on"}, {"false", "no", "0", "off"}
+
+
+def coerce(flag: str, value: Any, raw: str | bool | None, hint: Any) -> tuple[Any, str | None]:
+    """(the value for `main`, or a problem): `value` is what fire parsed, `raw` the text typed on the command line."""
+    allowed = _hint_types(hint)
+    if allowed is None:
+        return value, None
+    if value is None and type(None) in allowed:
+        return None, None
+    if str in allowed and isinstance(raw, str) and not (type(None) in allowed and raw in ("None", "none")):
+        return raw, None  # exactly as typed
+    if raw is True and bool not in allowed:
+        return value, f"{flag} needs a value"
+    if bool in allowed:
+        if isinstance(value, bool):
+            return value, None
+        text = str(value).strip().lower()
+        if text in _TRUE | _FALSE:
+            return text in _TRUE, None
+        if len(allowed) == 1 or (len(allowed) == 2 and type(None) in allowed):
+            return value, f"{flag} must be True or False, got {raw if isinstance(raw, str) else value!r}"
+    if int in allowed and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value, None
+        if isinstance(value, float) and value.is_integer() and float not in allowed:
+            return int(value), None
+    if float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value), None
+    if str in allowed and isinstance(value, (str, int, float, bool)):
+        return str(value), None
+    names = " or ".join("an integer" if t is int else "a number" if t is float else t.__name__
+                        for t in allowed if t is not type(None))
+    shown = raw if isinstance(raw, str) else value
+    return value, f"{flag} must be {names}, got {shown!r}"
+
+
+# --- help -------------------------------------------------------------------------------------------------------------
+
+_PARAMETER = re.compile(r"^\s*\**(\w+)\s*(?::\s*([^=#]+?))?\s*(?:=\s*(.+?))?\s*,?\s*(?:#\s*(.*))?$")
+_SECTION = re.compile(r"^\s*#\s*(.+?)\s*$")
+
+
+def flag_comments(function: Callable[..., Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """({parameter: the comment written beside it}, {parameter: the section comment above it}) from the source."""
+    comments: dict[str, str] = {}
+    sections: dict[str, str] = {}
+    sources = [inspect.unwrap(function), *getattr(function, "__flag_sources__", ())]
+    for source in sources:
+        try:
+            lines = inspect.getsource(source).splitlines()
+        except (OSError, TypeError):
+            continue
+        section = ""
+        for line in lines:
+            section_match = _SECTION.match(line)
+            if section_match:
+                section = section_match.group(1)
+                continue
+            match = _PARAMETER.match(line)
+            if match and match.group(4) and match.group(1) not in comments:
+                comments[match.group(1)] = match.group(4).strip()
+                if section:
+                    sections[match.group(1)] = section
+    return comments, sections
+
+
+def render_help(name: str, function: Callable[..., Any]) -> str:
+    signature = inspect.signature(function)
+    comments, sections = flag_comments(function)
+    doc = (inspect.getdoc(function) or "").split("\n\n")[0]
+    lines = [f"usage: python {name} --FLAG VALUE ...", ""] + ([doc, ""] if doc else [])
+    current = None
+    for parameter in signature.parameters.values():
+        if parameter.kind is parameter.VAR_POSITIONAL:
+            lines.append(f"  {parameter.name} ...  {comments.get(parameter.name, 'positional arguments')}")
+            continue
+        if parameter.kind is parameter.VAR_KEYWORD:
+            continue
+        section = sections.get(parameter.name)
+        if section and section != current:
+            lines += ["", f"{section}:"]
+            current = section
+        hint = parameter.annotation
+        kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+        default = "" if parameter.default is parameter.empty else f" [{parameter.default!r}]"
+        lines.append(f"  --{parameter.name} ({kind}){default}")
+        if comments.get(parameter.name):
+            lines.append(f"      {comments[parameter.name]}")
+    lines += ["", "Booleans take True/False; --debug shows a traceback with any error."]
+    return "\n".join(lines)
+
+
+# --- checking the whole command line ----------------------------------------------------------------------------------
+
+
+def command_line_problems(function: Callable[..., Any], argv: list[str]) -> list[str]:
+    """Every problem with `argv` for `function`: unknown flags (with a suggestion), stray arguments, values of the
+    wrong type or out of their declared range."""
+    signature = inspect.signature(function)
+    parameters = signature.parameters
+    names = [name for name, p in parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    takes_positional = any(p.kind is p.VAR_POSITIONAL for p in parameters.values())
+    flags, positional, negated = scan_flags(argv)
+    problems = []
+    for flag in flags:
+        if flag in parameters:
+            continue
+        if flag in negated and flag.startswith("no") and flag[2:] in parameters:  # fire's --noNAME: NAME False
+            continue
+        close = difflib.get_close_matches(flag, names, n=1, cutoff=0.6)
+        suggestion = f" (did you mean --{close[0]}?)" if close else ""
+        problems.append(f"unknown flag --{flag}{suggestion}")
+    if positional and not takes_positional:
+        problems.append(f"unexpected argument {positional[0]!r}: flags are written --name value")
+    return problems
+
+
+def checked_call(function: Callable[..., Any], argv: list[str]) -> Callable[..., Any]:
+    """A stand-in for `function` that fire calls: it binds what fire parsed, replaces `str` flags by their raw text,
+    checks types and declared ranges, and only then calls `function`."""
+    import functools
+
+    signature = inspect.signature(function)
+    hints = typing.get_type_hints(inspect.unwrap(function)) if _has_hints(function) else {}
+    checks: Mapping[str, Check] = getattr(function, "__option_checks__", {})
+    raw_flags, _, _ = scan_flags(argv)
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        problems = []
+        for name, value in list(bound.arguments.items()):
+            parameter = signature.parameters[name]
+            if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                continue
+            flag = f"--{name}"
+            if name in raw_flags:
+                value, problem = coerce(flag, value, raw_flags[name], hints.get(name, parameter.annotation))
+                if problem:
+                    problems.append(problem)
+                    continue
+                bound.arguments[name] = value
+            if name in checks:
+                problem = checks[name].problem(flag, value)
+                if problem:
+                    problems.append(problem)
+        if problems:
+            raise UserError("; ".join(problems))
+        return function(*bound.args, **bound.kwargs)
+
+    return call
+
+
+def _has_hints(function: Callable[..., Any]) -> bool:
+    try:
+        typing.get_type_hints(inspect.unwrap(function))
+    except (NameError, TypeError, AttributeError):  # a hint that does not resolve: use the raw annotations
+        return False
+    return True
+
+
+def debug_requested(argv: list[str] | None = None) -> bool:
+    argv = sys.argv if argv is None else argv
+    return "--debug" in argv or any(a.startswith("--debug=") and a != "--debug=False" for a in argv) or (
+        os.environ.get("LOGLEVEL", "").upper() == "DEBUG"
+    )
+
+
+def _select(component: Callable[..., Any] | Mapping[str, Callable[..., Any]], argv: list[str], program: str,
+            ) -> tuple[Callable[..., Any], list[str], str]:
+    """(the function to call, its argv, its name) for a function or a {command: function} mapping."""
+    if not isinstance(component, Mapping):
+        return component, argv, program
+    commands = ", ".join(component)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: python {program} COMMAND --FLAG VALUE ...\n\ncommands: {commands}\n"
+              f"`python {program} COMMAND --help` lists a command's flags.")
+        raise SystemExit(0)
+    if argv[0] not in component:
+        close = difflib.get_close_matches(argv[0], list(component), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"unknown command {argv[0]!r}{hint}; commands: {commands}")
+    return component[argv[0]], argv[1:], f"{program} {argv[0]}"
+
+
+def run_cli(component: Callable[..., Any] | Mapping[str, Callable[..., Any]], argv: list[str] | None = None) -> None:
+    """`fire.Fire(component)` behind the strict checks above; a `UserError` becomes `error: ...` and exit code 2."""
+    import fire
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [a for a in argv if not (a == "--debug" or a.startswith("--debug="))]
+    if debug:
+        logging.basicConfig(level=logging.DEBUG)
+    program = os.path.basename(sys.argv[0]) or "script.py"
+    try:
+        function, rest, name = _select(component, argv, program)
+        if any(token in ("-h", "--help") for token in rest[: rest.index("--") if "--" in rest else None]):
+            print(render_help(name, function))
+            raise SystemExit(0)
+        problems = command_line_problems(function, rest)
+        if problems:
+            raise UserError("; ".join(problems) + f" (`python {name} --help` lists the flags)")
+        call = checked_call(function, rest)
+        target: Any = {key: value for key, value in component.items()} if isinstance(component, Mapping) else call
+        if isinstance(component, Mapping):
+            target[argv[0]] = call
+        fire.Fire(target, command=argv if isinstance(component, Mapping) else rest, name=program,
+                  serialize=lambda result: None)  # scripts print what they mean to
+    except UserError as error:
+        if debug:
+            raise
+        print(f"error: {redact(str(error))}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
