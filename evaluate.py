@@ -36,7 +36,7 @@ from utils import llm
 from utils.core.cli import run_cli
 from utils.core.errors import UserError
 from utils.core.io import read_records
-from utils.metrics import METRIC_NAMES, corpus_scores
+from utils.evaluation.metrics import METRIC_NAMES, corpus_scores
 
 JUDGE_CRITERIA = {"completeness": "完整性", "depth": "深刻性", "professionalism": "专业性"}
 JUDGE_SYSTEM = "你是一名严谨的临床医生，负责评审医疗问答助手的回答。只输出 JSON，不要输出其他内容。"

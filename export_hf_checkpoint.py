@@ -3,86 +3,169 @@
     python export_hf_checkpoint.py --base_model models/tiny-llama --lora_weights lora-bentsao --output_dir hf_ckpt
     BASE_MODEL=/path/to/llama-7b-hf python export_hf_checkpoint.py --lora_weights lora-bentsao
 
-Works for any causal LM peft can merge. Before saving, it checks that the merged model's logits equal the
-base + adapter's on a probe input.
+Works for any causal LM peft can merge. The recipe: validate_args -> load -> merge_checked -> save_checked. Before
+saving it checks that the merged model's logits equal base + adapter's on a probe input, within the rounding of the
+model's precision, and that the adapter's effect survived the merge; the checkpoint is written into a staging folder
+and renamed into place only once it reads back.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from utils.core.cli import run_cli
-from utils.core.errors import UserError
-from utils.model import check_tokenizer_fits, load_adapter, load_tokenizer
-from utils.validate import check_adapter, check_base_model, check_tokenizer_fits_config
+from utils.core.errors import UserError, raise_problems
+from utils.core.io import check_output_dir, replace_folder, same_path
+from utils.model.checks import check_adapter, check_base_model
+from utils.model.loading import load_adapter, load_checked
 
 PROBE_TEXT = "下面是一个问题，运用医学知识来正确回答提问.\n### 问题:\n高血压有哪些常见症状？\n### 回答:\n"
+DTYPES = {"auto": "auto", "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$", re.IGNORECASE)
+UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+# Merging rounds W + s·BA once per weight; in half precision every layer's output then moves by a few units of the
+# format's rounding, which grows with the logits' magnitude. The limit is relative to that magnitude.
+ROUNDING_UNITS = 32
+
+
+def shard_size_bytes(max_shard_size: Any) -> int:
+    """`--max_shard_size` (5GB, 500MB, 2GiB or a byte count) in bytes, or one clear error."""
+    match = SIZE.match(str(max_shard_size))
+    if not match or float(match.group(1)) <= 0:
+        raise UserError(f"--max_shard_size must be a size such as 5GB, 500MB or 2GiB, got {max_shard_size!r}")
+    return int(float(match.group(1)) * UNITS[(match.group(2) or "B").upper()])
+
+
+def holds_model(folder: Path) -> bool:
+    return (folder / "config.json").is_file() or any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+
+
+def validate_args(base_model: str, lora_weights: str, output_dir: str, max_shard_size: Any, dtype: str,
+                  overwrite: bool, trust_remote_code: bool) -> None:
+    """Every problem with the options, before anything loads: no existing model is replaced without --overwrite."""
+    problems = []
+    if not base_model:
+        problems.append("--base_model (or the BASE_MODEL environment variable) is required")
+    if not lora_weights:
+        problems.append("--lora_weights is required: the adapter folder to merge")
+    if dtype not in DTYPES:
+        problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    output = Path(output_dir).expanduser()
+    if output.is_file():
+        problems.append(f"--output_dir {output_dir}: is a file, expected a folder")
+    elif any(same_path(output, source) for source in (base_model, lora_weights) if source):
+        problems.append(f"--output_dir {output_dir} would overwrite the base model or the adapter; choose another "
+                        "folder")
+    elif output.is_dir() and holds_model(output) and not overwrite:
+        problems.append(f"--output_dir {output_dir} already holds a model; replace it with --overwrite True, or "
+                        "choose another folder")
+    for check in (lambda: shard_size_bytes(max_shard_size),
+                  lambda: base_model and check_base_model(base_model, trust_remote_code),
+                  lambda: output.is_file() or check_output_dir(output.parent if output.parent != Path("") else ".",
+                                                               "--output_dir")):
+        try:
+            check()
+        except UserError as error:
+            problems.append(str(error))
+    raise_problems(problems)
+    check_adapter(lora_weights, base_model, trust_remote_code)  # present, safe, finite, made for this base
 
 
 @torch.inference_mode()
-def probe_logits(model, tokenizer) -> torch.Tensor:
+def probe_logits(model: Any, tokenizer: Any) -> torch.Tensor:
     encoded = tokenizer(PROBE_TEXT, return_tensors="pt")
     return model(**encoded).logits.float()
 
 
-def tolerance(dtype: torch.dtype) -> float:
-    """Merging rounds W + BA once; in half precision that moves logits by about the format's resolution."""
-    return 1e-4 if dtype == torch.float32 else 5e-2
+def merge_limit(dtype: torch.dtype, scale: float) -> float:
+    """The largest logit difference rounding explains: 1e-4 in fp32; ROUNDING_UNITS of the format's unit roundoff
+    times the logits' magnitude in half precision."""
+    if dtype == torch.float32:
+        return 1e-4
+    return max(1e-3, ROUNDING_UNITS * torch.finfo(dtype).eps / 2 * scale)
+
+
+def merge_checked(model: Any, tokenizer: Any) -> Any:
+    """peft's `merge_and_unload`, accepted only when the merged logits are finite, equal base + adapter within the
+    rounding of the dtype, and keep the adapter's effect (closer to base + adapter than the bare base is)."""
+    expected = probe_logits(model, tokenizer)
+    with model.disable_adapter():
+        bare = probe_logits(model, tokenizer)
+    merged = model.merge_and_unload()
+    actual = probe_logits(merged, tokenizer)
+    if not torch.isfinite(actual).all() or not torch.isfinite(expected).all():
+        raise UserError("the merged model computes NaN/inf logits; the base or the adapter is broken (nothing saved)")
+    difference = (expected - actual).abs().max().item()
+    effect = (expected - bare).abs().max().item()
+    limit = merge_limit(merged.dtype, expected.abs().max().item())
+    if not difference <= limit:
+        raise UserError(f"the merged model's logits differ from base + adapter by {difference:.2e} (> {limit:.1e}, "
+                        f"what {str(merged.dtype).removeprefix('torch.')} rounding explains); nothing saved")
+    if effect > limit and not difference <= effect / 2:
+        raise UserError(f"the merge lost the adapter's effect (merged vs base + adapter {difference:.2e}, adapter "
+                        f"effect {effect:.2e}); nothing saved")
+    print(f"merge check: max |logit difference| = {difference:.2e} on the probe (limit {limit:.1e}; the adapter "
+          f"moves the logits by {effect:.2e})")
+    return merged
+
+
+def save_checked(merged: Any, tokenizer: Any, output_dir: str, max_shard_size: int) -> Path:
+    """Write the checkpoint into a staging folder beside `output_dir`, read it back, then rename it into place."""
+    from safetensors import safe_open
+
+    target = Path(output_dir).expanduser()
+    staging = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        merged.save_pretrained(staging, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(staging)
+        shards = sorted(staging.glob("*.safetensors"))
+        if not (staging / "config.json").is_file() or not shards:
+            raise UserError(f"the checkpoint written to {staging} is incomplete (no config.json or weights)")
+        names = set()
+        for shard in shards:
+            with safe_open(str(shard), framework="pt") as handle:
+                names.update(handle.keys())
+        expected = set(merged.state_dict())
+        missing = {name for name in expected - names if not name.endswith("lm_head.weight")}  # tied heads
+        if missing:
+            raise UserError(f"the saved checkpoint lacks {len(missing)} tensors (e.g. {min(missing)})")
+        replace_folder(staging, target)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"cannot write {output_dir}: {error.strerror or error} (nothing was replaced)") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
 
 
 def main(
     base_model: str = "",  # base model folder or hub id (default: the BASE_MODEL environment variable)
     lora_weights: str = "",  # adapter folder written by finetune.py
     output_dir: str = "./hf_ckpt",  # where the merged checkpoint goes
-    max_shard_size: str = "5GB",  # largest safetensors file
+    max_shard_size: str = "5GB",  # largest safetensors file (5GB, 500MB, 2GiB, ...)
     dtype: str = "auto",  # auto (as stored in the base checkpoint) | fp32 | fp16 | bf16
+    overwrite: bool = False,  # replace a model already in --output_dir
     trust_remote_code: bool = False,  # allow a hub model's own Python code to run
 ) -> None:
     """Merge --lora_weights into --base_model with peft's merge_and_unload and save to --output_dir."""
-    from transformers import AutoModelForCausalLM
-
     base_model = base_model or os.environ.get("BASE_MODEL", "")
-    if not base_model:
-        raise UserError("--base_model (or the BASE_MODEL environment variable) is required")
-    if not lora_weights:
-        raise UserError("--lora_weights is required: the adapter folder to merge")
-    dtypes = {"auto": "auto", "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if dtype not in dtypes:
-        raise UserError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
-    check_base_model(base_model, trust_remote_code)
-    if Path(output_dir).resolve() in (Path(base_model).resolve(), Path(lora_weights).resolve()):
-        raise UserError(
-            f"--output_dir {output_dir} would overwrite the base model or the adapter; choose another folder"
-        )
-    check_adapter(lora_weights, base_model, trust_remote_code)  # present, safe to load, made for this base
-
-    tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
-    check_tokenizer_fits_config(tokenizer, base_model)
-    try:
-        base = AutoModelForCausalLM.from_pretrained(
-            base_model, dtype=dtypes[dtype], device_map={"": "cpu"}, trust_remote_code=trust_remote_code
-        )
-    except (OSError, ValueError) as error:
-        raise UserError(f"could not load {base_model}: {str(error).strip().splitlines()[0]}") from None
-    check_tokenizer_fits(tokenizer, base, base_model)
+    validate_args(base_model, lora_weights, output_dir, max_shard_size, dtype, overwrite, trust_remote_code)
+    base, tokenizer = load_checked(base_model, precision="fp32", device="cpu", trust_remote_code=trust_remote_code,
+                                   device_map={"": "cpu"}, dtype=DTYPES[dtype])
     model = load_adapter(base, lora_weights)
     model.eval()
-    expected = probe_logits(model, tokenizer)
-
-    merged = model.merge_and_unload()
-    actual = probe_logits(merged, tokenizer)
-    difference = (expected - actual).abs().max().item()
-    limit = tolerance(merged.dtype)
-    if difference > limit:
-        raise UserError(f"the merged model's logits differ from base + adapter by {difference:.2e} (> {limit:.0e})")
-    print(f"merge check: max |logit difference| = {difference:.2e} on the probe (limit {limit:.0e})")
-
-    merged.save_pretrained(output_dir, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(output_dir)
-    print(f"merged checkpoint saved to {Path(output_dir).resolve()}")
+    merged = merge_checked(model, tokenizer)
+    saved = save_checked(merged, tokenizer, output_dir, shard_size_bytes(max_shard_size))
+    print(f"merged checkpoint saved to {saved.resolve()}")
 
 
 if __name__ == "__main__":

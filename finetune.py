@@ -5,343 +5,261 @@
 The data is JSON Lines or a JSON array of {instruction, input, output}; the prompt comes from
 `templates/<prompt_template_name>.json`. The adapter (adapter_config.json + adapter_model.safetensors), the
 tokenizer and bentsao_training.json (what it was trained with) land in --output_dir.
+
+The recipe, top to bottom: validate_args -> resolve -> prepare_data -> load_model -> plan -> build_trainer -> train
+-> finish. Every check that needs no weights runs before any weights load.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
-import os
 import pickle
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from utils.batching import check_batching_args, plan_batching
-from utils.core.cli import run_cli
-from utils.core.errors import UserError
+from utils.core.cli import AT_LEAST_ONE, DROPOUT, NON_NEGATIVE, POSITIVE, SEED, Check, dataclass_flags, run_cli
+from utils.core.errors import UserError, raise_problems
+from utils.core.io import RunLock, check_output_dir, publish_files
 from utils.data import load_instruction_dataset, tokenize_dataset
-from utils.distributed import check_deepspeed_config, cpu_engine_note, gathered_state_dict, training_device_args
-from utils.model import (
-    TRAINING_METADATA,
-    check_attention,
-    check_tokenizer_fits,
-    load_base_model,
-    load_tokenizer,
-    resolve_lora_targets,
-)
+from utils.model.checks import check_attention, preflight_model
+from utils.model.loading import load_checked, resolve_lora_targets
 from utils.prompter import Prompter
-from utils.validate import batch_size_problems, check_tokenizer_fits_config, preflight_model
-from utils.validate import resolve_val_size as _resolve_val_size
+from utils.runtime import is_main_process, local_rank, log, world_size
+from utils.training import checkpoints, setup
+from utils.training.batching import BatchingPlan, check_batching_args, plan_batching
+from utils.training.engines import check_deepspeed_config, cpu_engine_note, gathered_state_dict, training_device_args
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+@dataclass(frozen=True)
+class FinetuneArgs:
+    """The flags of finetune.py (the original BenTsao / alpaca-lora names); `--help` shows each comment."""
+
+    # model/data params
+    base_model: str = ""  # local folder or Hugging Face hub id (org/name) of the base model (required)
+    data_path: str = "data/llama_data.json"  # JSON Lines or JSON array of {instruction, input, output}
+    output_dir: str = "./lora-bentsao"  # where checkpoints and the final adapter go
+    # training hyperparams
+    batch_size: int = 128  # rows per optimizer step (the effective batch, over all processes)
+    micro_batch_size: int = 4  # rows per forward pass on one device; batch_size / this = accumulation
+    num_epochs: float = 3  # passes over the training rows
+    learning_rate: float = 3e-4  # peak learning rate (linear warm-up, then linear decay)
+    cutoff_len: int = 256  # tokens per row; longer rows are cut (and counted)
+    val_set_size: float | None = None  # validation rows: a count, a fraction (<1) or 0; default 500 (or a tenth)
+    max_steps: int = -1  # stop after this many optimizer steps (-1: run num_epochs)
+    warmup_steps: int = 100  # linear warm-up steps (capped at a tenth of the run)
+    seed: int = 42  # seeds the split, the sampling order, LoRA init and dropout
+    save_steps: int = 200  # checkpoint every N optimizer steps
+    eval_steps: int = 200  # validation every N optimizer steps
+    logging_steps: int = 10  # log the training loss (and a progress line) every N optimizer steps
+    save_total_limit: int = 3  # keep at most this many checkpoint-N folders
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: native bf16 on the GPU, else fp16; fp32 on CPU)
+    gradient_checkpointing: bool = False  # recompute activations: less memory, ~30% slower
+    attn_implementation: str = ""  # sdpa | eager | flash_attention_2 (packed rows run as varlen) | ...; "": default
+    load_8bit: bool = False  # load the frozen base in 8-bit (CUDA + bitsandbytes)
+    load_4bit: bool = False  # QLoRA: load the frozen base in 4-bit nf4 (CUDA + bitsandbytes)
+    deepspeed: str = ""  # DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json (launch with torchrun/accelerate)
+    # lora hyperparams
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: float = 16  # LoRA scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.05  # dropout on the LoRA input, in [0, 1)
+    lora_target_modules: str | list[str] | None = None  # e.g. q_proj,v_proj or all-linear; default by architecture
+    # llm hyperparams
+    train_on_inputs: bool = False  # also learn the prompt tokens (default: only the answer counts in the loss)
+    group_by_length: bool = False  # with --packing False: batch rows of similar length (less padding)
+    packing: bool = True  # same rows per step, packed (Bloom: length buckets); False: the original padded batches
+    pack_len: int = 0  # tokens per packed row (0: --cutoff_len)
+    micro_batch_tokens: int = 0  # with packing: split a step into more micro-batches above this many tokens (0: never)
+    # wandb params
+    wandb_project: str = ""  # report to this wandb project (or set WANDB_PROJECT); off by default
+    wandb_run_name: str = ""  # run name shown in wandb
+    wandb_watch: str = ""  # false | gradients | all
+    wandb_log_model: str = ""  # false | true: upload checkpoints to wandb
+    report_to: str = ""  # extra loggers, e.g. tensorboard
+    # runs
+    resume_from_checkpoint: str | bool | None = None  # a checkpoint-N folder, or True for the newest in output_dir
+    resume_weights_only: bool = False  # resume a checkpoint that lacks its optimizer/scheduler/RNG state anyway
+    prompt_template_name: str = "med_template"  # a name in templates/ or a path to a template JSON
+    trust_remote_code: bool = False  # allow a hub model's own Python code to run
+    overwrite: bool = False  # replace an earlier run's adapter and checkpoints in output_dir
+
+    __option_checks__: ClassVar[dict[str, Check]] = {
+        "batch_size": AT_LEAST_ONE, "micro_batch_size": AT_LEAST_ONE, "num_epochs": POSITIVE,
+        "learning_rate": POSITIVE, "cutoff_len": AT_LEAST_ONE, "val_set_size": NON_NEGATIVE,
+        "max_steps": Check(low=-1), "warmup_steps": NON_NEGATIVE, "seed": SEED, "save_steps": AT_LEAST_ONE,
+        "eval_steps": AT_LEAST_ONE, "logging_steps": AT_LEAST_ONE, "save_total_limit": NON_NEGATIVE,
+        "lora_r": AT_LEAST_ONE, "lora_alpha": POSITIVE, "lora_dropout": DROPOUT, "pack_len": NON_NEGATIVE,
+        "micro_batch_tokens": NON_NEGATIVE,
+    }
 
 
-def log(message: str) -> None:
-    if is_main_process():
-        print(message, flush=True)
+DEFAULTS = FinetuneArgs()
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+@dataclass
+class Run:
+    """What the flags resolve to on this machine."""
+
+    device: str
+    precision: str
+    processes: int
+    prompter: Prompter
+    checkpoint: Path | None
+    reporters: list[str]
+    notes: list[str] = field(default_factory=list)
 
 
-def validate_args(args: dict[str, Any]) -> None:
+def validate_args(args: FinetuneArgs) -> None:
     """Collect every problem with the options into one error, before anything heavy runs."""
     problems = []
-    if not args["base_model"]:
+    if not args.base_model:
         problems.append("--base_model is required (e.g. `python -m utils.tiny_base --output_dir models/tiny-llama`)")
-    if not args["data_path"]:
+    if not args.data_path:
         problems.append("--data_path is required")
-    for name in ("batch_size", "micro_batch_size", "cutoff_len", "lora_r"):
-        if not isinstance(args[name], int) or args[name] < 1:
-            problems.append(f"--{name} must be a positive integer, got {args[name]!r}")
-    if not problems:
-        problems += batch_size_problems(args["batch_size"], args["micro_batch_size"], world_size())
-    if not (isinstance(args["learning_rate"], (int, float)) and args["learning_rate"] > 0):
-        problems.append(f"--learning_rate must be a positive number, got {args['learning_rate']!r}")
-    if not (isinstance(args["num_epochs"], (int, float)) and args["num_epochs"] > 0):
-        problems.append(f"--num_epochs must be positive, got {args['num_epochs']!r}")
-    if not (0 <= args["lora_dropout"] < 1):
-        problems.append(f"--lora_dropout must be in [0, 1), got {args['lora_dropout']!r}")
-    size = args["val_set_size"]
-    if size is not None and (isinstance(size, bool) or not isinstance(size, (int, float)) or size < 0):
-        problems.append(f"--val_set_size must be a row count, a fraction below 1, or 0; got {size!r}")
-    if args["load_8bit"] and args["load_4bit"]:
+    problems += setup.batch_size_problems(args.batch_size, args.micro_batch_size, world_size())
+    if args.load_8bit and args.load_4bit:
         problems.append("--load_8bit and --load_4bit exclude each other: choose one")
-    for name in ("save_steps", "eval_steps", "logging_steps"):
-        if not isinstance(args[name], int) or args[name] < 1:
-            problems.append(f"--{name} must be a positive integer, got {args[name]!r}")
-    if problems:
-        raise UserError("; ".join(problems))
+    for check in (
+        lambda: check_batching_args(args.pack_len, args.cutoff_len, args.micro_batch_tokens),
+        lambda: check_output_dir(args.output_dir, "--output_dir", protected={"the base model": args.base_model}),
+        lambda: setup.check_restart(args.output_dir, args.resume_from_checkpoint not in (None, False, ""),
+                                    args.overwrite),
+        lambda: args.deepspeed and check_deepspeed_config(args.deepspeed, args.batch_size, args.micro_batch_size),
+    ):
+        try:
+            check()
+        except UserError as error:
+            problems.append(str(error))
+    raise_problems(problems)
 
 
-def resolve_val_size(val_set_size: float | None, rows: int) -> int:
-    """Rows held out for validation. None: 500, or a tenth of a file too small for that (see utils.validate)."""
-    return _resolve_val_size(val_set_size, rows)
+def resolve(args: FinetuneArgs) -> Run:
+    """The device, precision, template, checkpoint and loggers: every model-side check that needs no weights."""
+    prompter = Prompter(args.prompt_template_name)
+    checkpoint = checkpoints.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    notes = []
+    if checkpoint is not None:
+        note = checkpoints.check_resumable(checkpoint, world_size(), args.resume_weights_only)
+        notes += [note] if note else []
+    device, precision = preflight_model(args.base_model, str(checkpoint) if checkpoint else None,
+                                        precision=args.precision, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
+                                        trust_remote_code=args.trust_remote_code)
+    check_attention(args.attn_implementation, device)
+    loggers = setup.reporters(args.wandb_project, args.wandb_watch, args.wandb_log_model, args.report_to)
+    notes += [cpu_engine_note(device)] if cpu_engine_note(device) else []
+    return Run(device, precision, world_size(), prompter, checkpoint, loggers, notes)
 
 
-def setup_wandb(project: str, run_name: str, watch: str, log_model: str) -> list[str]:
-    """Report to wandb only when a project is named; never block on a login prompt."""
-    project = project or os.environ.get("WANDB_PROJECT", "")
-    if not project:
-        return []
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        raise UserError("--wandb_project needs the wandb package: pip install wandb") from None
-    os.environ["WANDB_PROJECT"] = project
-    if watch:
-        os.environ["WANDB_WATCH"] = watch
-    if log_model:
-        os.environ["WANDB_LOG_MODEL"] = log_model
-    netrc = Path.home() / ".netrc"
-    in_netrc = netrc.is_file() and "wandb" in netrc.read_text(errors="ignore")
-    logged_in = bool(os.environ.get("WANDB_API_KEY")) or in_netrc
-    if not logged_in and os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
-        log("wandb: no API key found (WANDB_API_KEY or `wandb login`), logging offline to ./wandb")
-        os.environ["WANDB_MODE"] = "offline"
-    return ["wandb"]
+def read_data(args: FinetuneArgs) -> tuple[Any, int]:
+    """The rows (every problem in the file reported before any weights load) and the validation size."""
+    dataset = load_instruction_dataset(args.data_path)
+    return dataset, setup.resolve_val_size(args.val_set_size, len(dataset))
 
 
-def find_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str) -> str | None:
-    """`True`: the latest checkpoint-N in output_dir; a folder: that checkpoint."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if resume_from_checkpoint in (None, False, "", "False"):
-        return None
-    if resume_from_checkpoint is True or resume_from_checkpoint == "True":
-        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if last is None:
-            raise UserError(f"--resume_from_checkpoint True: no checkpoint-N folder in {output_dir}")
-        return last
-    path = Path(str(resume_from_checkpoint))
-    if not (path / "trainer_state.json").is_file():
-        raise UserError(
-            f"--resume_from_checkpoint {path}: not a checkpoint folder (no trainer_state.json); "
-            f"pass a checkpoint-N folder or True for the latest in --output_dir"
-        )
-    return str(path)
-
-
-def build_peft_model(model, args: dict[str, Any]):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    targets = resolve_lora_targets(model, args["lora_target_modules"])
-    if args["load_8bit"] or args["load_4bit"]:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args["gradient_checkpointing"])
-    elif args["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    config = LoraConfig(
-        r=args["lora_r"],
-        lora_alpha=args["lora_alpha"],
-        target_modules=targets,
-        lora_dropout=args["lora_dropout"],
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, config)
-    model.config.use_cache = False
-    return model, targets
-
-
-def split_dataset(dataset, val_size: int, seed: int):
-    if val_size <= 0:
-        return dataset, None
-    split = dataset.train_test_split(test_size=val_size, shuffle=True, seed=seed)
-    return split["train"], split["test"]
-
-
-def lora_b_is_zero(model, state_dict: dict | None = None) -> bool:
-    # state_dict: the gathered weights under ZeRO-3/FSDP; an empty ZeRO-3 placeholder (numel 0) says nothing
-    named = state_dict.items() if state_dict is not None else model.named_parameters()
-    tensors = [p for name, p in named if "lora_B" in name and p.numel() > 0]
-    return bool(tensors) and all(torch.count_nonzero(p).item() == 0 for p in tensors)
-
-
-def write_training_metadata(output_dir: str, model, tokenizer, args: dict[str, Any], targets, summary: dict) -> None:
-    base_config = model.get_base_model().config
-    embeddings = model.get_base_model().get_input_embeddings().weight
-    metadata = {
-        "base_model": args["base_model"],
-        "model_type": getattr(base_config, "model_type", None),
-        "hidden_size": getattr(base_config, "hidden_size", None),
-        "vocab_size": getattr(embeddings, "ds_shape", embeddings.shape)[0],  # ds_shape: the full shape under ZeRO-3
-        "tokenizer_length": len(tokenizer),
-        "prompt_template_name": args["prompt_template_name"],
-        "cutoff_len": args["cutoff_len"],
-        "train_on_inputs": args["train_on_inputs"],
-        "lora_target_modules": targets,
-        "lora_r": args["lora_r"],
-        "lora_alpha": args["lora_alpha"],
-        "data_path": args["data_path"],
-        "summary": summary,
-    }
-    Path(output_dir, TRAINING_METADATA).write_text(json.dumps(metadata, ensure_ascii=False, indent=2), encoding="utf-8")
-
-
-def main(
-    # model/data params
-    base_model: str = "",  # local folder or Hugging Face hub id of the base model (required)
-    data_path: str = "data/llama_data.json",  # JSON Lines or JSON array of {instruction, input, output}
-    output_dir: str = "./lora-bentsao",  # where checkpoints and the final adapter go
-    # training hyperparams
-    batch_size: int = 128,  # rows per optimizer step (the effective batch, over all processes)
-    micro_batch_size: int = 4,  # rows per forward pass on one device; batch_size / this = accumulation
-    num_epochs: float = 3,  # passes over the training rows
-    learning_rate: float = 3e-4,  # peak learning rate (linear warm-up, then linear decay)
-    cutoff_len: int = 256,  # tokens per row; longer rows are cut (and counted)
-    val_set_size: float | None = None,  # validation rows: a count, a fraction (<1) or 0; default 500 (or a tenth)
-    max_steps: int = -1,  # stop after this many optimizer steps (-1: run num_epochs)
-    warmup_steps: int = 100,  # linear warm-up steps (capped at a tenth of the run)
-    seed: int = 42,  # seeds the split, the sampling order, LoRA init and dropout
-    save_steps: int = 200,  # checkpoint every N optimizer steps
-    eval_steps: int = 200,  # validation every N optimizer steps
-    logging_steps: int = 10,  # log the training loss every N optimizer steps
-    save_total_limit: int = 3,  # keep at most this many checkpoint-N folders
-    precision: str = "auto",  # auto | bf16 | fp16 | fp32 (auto: bf16 where the GPU has it, else fp16; fp32 on CPU)
-    gradient_checkpointing: bool = False,  # recompute activations: less memory, ~30% slower
-    attn_implementation: str = "",  # sdpa | eager | flash_attention_2 (packed rows run as varlen) | ...; "": default
-    load_8bit: bool = False,  # load the frozen base in 8-bit (CUDA + bitsandbytes)
-    load_4bit: bool = False,  # QLoRA: load the frozen base in 4-bit nf4 (CUDA + bitsandbytes)
-    deepspeed: str = "",  # DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json (launch with torchrun/accelerate)
-    # lora hyperparams
-    lora_r: int = 8,  # LoRA rank
-    lora_alpha: int = 16,  # LoRA scaling numerator (scale = alpha / r)
-    lora_dropout: float = 0.05,  # dropout on the LoRA input
-    lora_target_modules: str | list[str] | None = None,  # e.g. q_proj,v_proj or all-linear; default by architecture
-    # llm hyperparams
-    train_on_inputs: bool = False,  # also learn the prompt tokens (default: only the answer counts in the loss)
-    group_by_length: bool = False,  # with --packing False: batch rows of similar length (less padding)
-    packing: bool = True,  # same rows per step, packed (Bloom: length buckets); False: the original padded batches
-    pack_len: int = 0,  # tokens per packed row (0: --cutoff_len)
-    micro_batch_tokens: int = 0,  # with packing: split a step into more micro-batches above this many tokens (0: never)
-    # wandb params
-    wandb_project: str = "",  # report to this wandb project (or set WANDB_PROJECT); off by default
-    wandb_run_name: str = "",  # run name shown in wandb
-    wandb_watch: str = "",  # false | gradients | all
-    wandb_log_model: str = "",  # false | true: upload checkpoints to wandb
-    report_to: str = "",  # extra loggers, e.g. tensorboard
-    resume_from_checkpoint: str | bool | None = None,  # a checkpoint-N folder, or True for the latest in output_dir
-    prompt_template_name: str = "med_template",  # a name in templates/ or a path to a template JSON
-    trust_remote_code: bool = False,  # allow a hub model's own Python code to run
-    overwrite: bool = False,  # allow replacing a finished adapter in output_dir
-) -> str:
-    """Train a LoRA adapter; returns the folder it was written to."""
-    args = dict(locals())
-    from transformers import DataCollatorForSeq2Seq, TrainingArguments, set_seed
-
-    from utils.plotting import LossPlotCallback, run_title
-    from utils.training import DivergenceGuard, GracefulStop, SafeTrainer, save_files_atomically
-
-    validate_args(args)
-    check_batching_args(pack_len, cutoff_len, micro_batch_tokens)
-    if deepspeed:  # the file, its batch sizes ("auto") and the machine, before anything heavy
-        check_deepspeed_config(deepspeed, batch_size, micro_batch_size, world_size())
-    prompter = Prompter(prompt_template_name)
-    checkpoint = find_checkpoint(resume_from_checkpoint, output_dir)
-    if checkpoint is None and not overwrite and Path(output_dir, "adapter_config.json").is_file():
-        raise UserError(
-            f"{output_dir} already holds a finished adapter; continue it with --resume_from_checkpoint True, "
-            "or replace it with --overwrite True"
-        )
-    # the model side (paths, config, trust_remote_code, precision/quantisation, a resumed checkpoint's fit)
-    device, resolved_precision = preflight_model(
-        base_model, checkpoint, precision=precision, load_8bit=load_8bit, load_4bit=load_4bit,
-        trust_remote_code=trust_remote_code,
-    )
-    check_attention(attn_implementation, device)
-    dataset = load_instruction_dataset(data_path)
-    val_size = resolve_val_size(val_set_size, len(dataset))
-    gradient_accumulation_steps = batch_size // (micro_batch_size * world_size())
-    reporters = setup_wandb(wandb_project, wandb_run_name, wandb_watch, wandb_log_model)
-    reporters += [name.strip() for name in str(report_to).split(",") if name.strip() and name.strip() != "none"]
-
-    printed = dict(args, val_set_size=val_size, precision=resolved_precision, device=device,
-                   world_size=world_size(), gradient_accumulation_steps=gradient_accumulation_steps,
-                   resume_from_checkpoint=checkpoint, report_to=",".join(reporters) or "none")
-    log("Training BenTsao LoRA with:\n" + "\n".join(f"{name}: {value}" for name, value in printed.items()) + "\n")
-    if cpu_engine_note(device):
-        log(cpu_engine_note(device))
-
-    set_seed(seed)
-    tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code)
-    check_tokenizer_fits_config(tokenizer, base_model)
-    model = load_base_model(
-        base_model, precision=resolved_precision, device=device, load_8bit=load_8bit, load_4bit=load_4bit,
-        trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
-        device_map={"": int(os.environ.get("LOCAL_RANK", "0"))} if world_size() > 1 and device == "cuda" else None,
-    )
-    check_tokenizer_fits(tokenizer, model, base_model)
-    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model, targets = build_peft_model(model, args)
-    if is_main_process():
-        log(f"LoRA targets: {targets}")
-        model.print_trainable_parameters()
-
-    train_rows, val_rows = split_dataset(dataset, val_size, seed)
-    train_data, train_report = tokenize_dataset(
-        train_rows, prompter, tokenizer, cutoff_len, train_on_inputs, "training"
-    )
-    val_data, val_report = (None, None)
+def prepare_data(args: FinetuneArgs, run: Run, dataset: Any, val_size: int, tokenizer: Any,
+                 ) -> tuple[Any, Any, dict[str, Any]]:
+    """Split and tokenise the rows: (training set, validation set or None, report)."""
+    if val_size:
+        split = dataset.train_test_split(test_size=val_size, shuffle=True, seed=args.seed)
+        train_rows, val_rows = split["train"], split["test"]
+    else:
+        train_rows, val_rows = dataset, None
+    train_data, report = tokenize_dataset(train_rows, run.prompter, tokenizer, args.cutoff_len, args.train_on_inputs,
+                                          "training")
+    val_data = None
     if val_rows is not None:
-        val_data, val_report = tokenize_dataset(
-            val_rows, prompter, tokenizer, cutoff_len, train_on_inputs, "validation"
-        )
-        if not len(val_data):
-            val_data = None
-    log(
-        f"data: {train_report['rows']} training rows ({train_report['truncated']} cut at --cutoff_len {cutoff_len}, "
-        f"{train_report['dropped_no_target']} dropped: prompt fills cutoff_len), "
-        f"{len(val_data) if val_data is not None else 0} validation rows"
-    )
+        val_data, _ = tokenize_dataset(val_rows, run.prompter, tokenizer, args.cutoff_len, args.train_on_inputs,
+                                       "validation")
+        val_data = val_data if len(val_data) else None
+    report["validation_rows"] = len(val_data) if val_data is not None else 0
+    empty = f", {report['empty_outputs']} with an empty output" if report["empty_outputs"] else ""
+    log(f"data: {report['rows']} training rows ({report['truncated']} cut at --cutoff_len {args.cutoff_len}, "
+        f"{report['dropped_no_target']} dropped: prompt fills cutoff_len{empty}), "
+        f"{report['validation_rows']} validation rows")
+    return train_data, val_data, report
 
-    plan = plan_batching(
-        model, [len(ids) for ids in train_data["input_ids"]], tokenizer.pad_token_id, batch_size, micro_batch_size,
-        cutoff_len, world_size(), packing=packing, pack_len=pack_len, micro_batch_tokens=micro_batch_tokens, seed=seed,
+
+def load_model(args: FinetuneArgs, run: Run) -> tuple[Any, Any, Any]:
+    """(the LoRA-wrapped model, its tokenizer, the LoRA targets)."""
+    per_rank = run.processes > 1 and run.device == "cuda" and not args.deepspeed
+    model, tokenizer = load_checked(
+        args.base_model, precision=run.precision, device=run.device, load_8bit=args.load_8bit,
+        load_4bit=args.load_4bit, trust_remote_code=args.trust_remote_code,
+        attn_implementation=args.attn_implementation,
+        device_map={"": local_rank()} if per_rank else None,
+    )
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    targets = resolve_lora_targets(model, args.lora_target_modules)
+    if run.checkpoint is not None:
+        checkpoints.check_same_lora(run.checkpoint, args.lora_r, args.lora_alpha, targets)
+    model = setup.build_peft_model(model, targets, args)
+    log(f"LoRA targets: {targets}")
+    if is_main_process():
+        model.print_trainable_parameters()
+    return model, tokenizer, targets
+
+
+def plan(args: FinetuneArgs, run: Run, model: Any, tokenizer: Any, train_data: Any, val_data: Any,
+         ) -> tuple[BatchingPlan, Any]:
+    """How batches are laid out, and the Trainer's arguments: steps, schedule, precision, saving, logging."""
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+    batching = plan_batching(
+        model, [len(ids) for ids in train_data["input_ids"]], tokenizer.pad_token_id, args.batch_size,
+        args.micro_batch_size, args.cutoff_len, run.processes, packing=args.packing, pack_len=args.pack_len,
+        micro_batch_tokens=args.micro_batch_tokens, seed=args.seed,
         padded_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
     )
-    log(plan.describe())
-    steps_per_epoch = max(1, math.ceil(len(train_data) / batch_size))
-    total_steps = max_steps if max_steps > 0 else math.ceil(steps_per_epoch * num_epochs)
+    steps = setup.total_steps(len(train_data), args.batch_size, args.num_epochs, args.max_steps)
+    if run.checkpoint is not None:
+        setup.check_not_complete(run.checkpoint, steps)
     training_args = TrainingArguments(
-        output_dir=output_dir,
-        per_device_train_batch_size=max(1, batch_size // (plan.micro_batches_per_step * world_size())),
-        per_device_eval_batch_size=micro_batch_size,
-        gradient_accumulation_steps=plan.micro_batches_per_step,
-        num_train_epochs=num_epochs,
-        max_steps=max_steps,
-        learning_rate=learning_rate,
+        output_dir=args.output_dir,
+        per_device_train_batch_size=max(1, args.batch_size // (batching.micro_batches_per_step * run.processes)),
+        per_device_eval_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=batching.micro_batches_per_step,
+        num_train_epochs=args.num_epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
         lr_scheduler_type="linear",
-        warmup_steps=min(warmup_steps, total_steps // 10),
-        bf16=resolved_precision == "bf16" and device != "cpu",
-        fp16=resolved_precision == "fp16",
-        logging_steps=logging_steps,
+        warmup_steps=setup.warmup(args.warmup_steps, steps),
+        bf16=run.precision == "bf16" and run.device != "cpu",
+        fp16=run.precision == "fp16",
+        logging_steps=args.logging_steps,
         eval_strategy="steps" if val_data is not None else "no",
-        eval_steps=eval_steps,
+        eval_steps=args.eval_steps,
         eval_on_start=val_data is not None,  # the starting validation loss, so the curve shows the fall
         save_strategy="steps",
-        save_steps=save_steps,
-        save_total_limit=save_total_limit,
-        seed=seed,
-        data_seed=seed,
-        train_sampling_strategy="group_by_length" if group_by_length and not packing else "random",
-        ddp_find_unused_parameters=False if world_size() > 1 else None,
-        deepspeed=deepspeed or None,
-        **training_device_args(device, world_size()),  # CPU: use_cpu, and gloo when several processes run
-        dataloader_pin_memory=device == "cuda",
-        report_to=reporters or "none",
-        run_name=wandb_run_name or None,
-        disable_tqdm=not sys.stderr.isatty(),
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit or None,
+        seed=args.seed,
+        data_seed=args.seed,
+        train_sampling_strategy="group_by_length" if args.group_by_length and not args.packing else "random",
+        ddp_find_unused_parameters=False if run.processes > 1 else None,
+        deepspeed=args.deepspeed or None,
+        **training_device_args(run.device, run.processes),  # CPU: use_cpu, and gloo when several processes run
+        dataloader_pin_memory=run.device == "cuda",
+        report_to=run.reporters or "none",
+        run_name=args.wandb_run_name or None,
+        disable_tqdm=not sys.stderr.isatty(),  # a log file gets ProgressLines instead
         remove_unused_columns=False,
     )
-    stop, guard = GracefulStop(), DivergenceGuard()
+    return batching, training_args
+
+
+def build_trainer(args: FinetuneArgs, model: Any, tokenizer: Any, train_data: Any, val_data: Any,
+                  batching: BatchingPlan, training_args: Any) -> Any:
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback
+
+    from utils.training.callbacks import DivergenceGuard, GracefulStop, ProgressLines
+    from utils.training.plotting import LossPlotCallback, run_title
+    from utils.training.trainer import SafeTrainer
+
     trainer = SafeTrainer(
         model=model,
         args=training_args,
@@ -349,57 +267,129 @@ def main(
         eval_dataset=val_data,
         data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
         processing_class=tokenizer,
-        batching=plan,  # training batches (utils/batching.py); evaluation keeps data_collator
+        batching=batching,  # training batches (utils/training/batching.py); evaluation keeps data_collator
         # the guard last: it withdraws a save that a signal or the schedule asked for
-        callbacks=[stop, LossPlotCallback(output_dir, run_title(args)), guard],
+        callbacks=[GracefulStop(), ProgressLines(), LossPlotCallback(args.output_dir, run_title(args)),
+                   DivergenceGuard()],
     )
-    started = time.time()
+    trainer.remove_callback(PrinterCallback)  # ProgressLines prints readable lines instead
+    return trainer
+
+
+def callback(trainer: Any, kind: type) -> Any:
+    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, kind))
+
+
+def train(trainer: Any, run: Run, args: FinetuneArgs) -> Any:
+    """`trainer.train`, resumed when asked; a signal saves and stops, a divergence stops without saving."""
+    from utils.training.callbacks import DivergenceGuard, GracefulStop
+
+    stop, guard = callback(trainer, GracefulStop), callback(trainer, DivergenceGuard)
+    if args.overwrite and run.checkpoint is None and is_main_process():
+        setup.clear_earlier_run(args.output_dir)
     try:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        result = trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
     except pickle.UnpicklingError as error:  # transformers loads checkpoint .pt/.pth files with weights_only=True
         raise UserError(
-            f"refusing to resume from {checkpoint}: a file in it is a pickle that is not plain weights "
+            f"refusing to resume from {run.checkpoint}: a file in it is a pickle that is not plain weights "
             f"({str(error).strip().splitlines()[0][:200]}); resume only from checkpoints you wrote"
         ) from None
     finally:
         stop.restore()  # the signal handlers, also when training raised
     if guard.diverged_step is not None:
-        raise UserError(guard.message(output_dir, fp16=resolved_precision == "fp16"))
+        raise UserError(guard.message(args.output_dir, fp16=run.precision == "fp16"))
     if stop.received is not None and trainer.state.global_step < trainer.state.max_steps:
-        saved = Path(output_dir, f"checkpoint-{trainer.state.global_step}")
+        saved = Path(args.output_dir, f"checkpoint-{trainer.state.global_step}")
         log(f"stopped by {stop.signal_name} at step {trainer.state.global_step} of {trainer.state.max_steps}: "
             f"checkpoint saved to {saved.resolve()}; continue with --resume_from_checkpoint True")
         sys.exit(128 + stop.received)
+    return result
+
+
+def summarize(trainer: Any, result: Any, report: dict[str, Any], batching: BatchingPlan, val_data: Any,
+              started: float) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "train_loss": round(result.training_loss, 4),
         "steps": trainer.state.global_step,
         "train_runtime_s": round(time.time() - started, 1),
-        "train_rows": train_report["rows"],
-        "truncated_rows": train_report["truncated"],
-        "batching": plan.mode,
-        "pad_fraction": round(plan.stats.pad_fraction, 4),  # padding share of the training tensors (this process)
-        "tokens_per_s": round(plan.stats.real_tokens / max(result.metrics["train_runtime"], 1e-9), 1),
+        "train_rows": report["rows"],
+        "truncated_rows": report["truncated"],
+        "batching": batching.mode,
+        "pad_fraction": round(batching.stats.pad_fraction, 4),  # padding share of the training tensors (this process)
+        "tokens_per_s": round(batching.stats.real_tokens / max(result.metrics["train_runtime"], 1e-9), 1),
         "train_loop_s": round(result.metrics["train_runtime"], 1),  # trainer.train's own runtime
     }
-    if val_data is not None:
-        summary["eval_loss"] = round(trainer.evaluate()["eval_loss"], 4)
+    if val_data is not None:  # the last evaluation, when the schedule ran one at the last step; else one now
+        last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
+        if last is None or last.get("step") != trainer.state.global_step:
+            last = trainer.evaluate()
+        summary["eval_loss"] = round(last["eval_loss"], 4)
+    return summary
 
-    state_dict = gathered_state_dict(trainer)  # ZeRO-3/FSDP: the sharded weights gathered (every rank joins in)
-    if lora_b_is_zero(model, state_dict):
-        raise UserError(
-            "training left every lora_B at zero, so the adapter would change nothing; "
-            "check --learning_rate, --max_steps and that the data has answers"
-        )
-    if is_main_process():
-        def write_adapter(folder: Path) -> None:
-            model.save_pretrained(folder, state_dict=state_dict)
-            tokenizer.save_pretrained(folder)
-            write_training_metadata(str(folder), model, tokenizer, args, targets, summary)
 
-        save_files_atomically(output_dir, write_adapter)  # adapter_config.json lands last
+def adapter_problems(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """An all-zero lora_B changes nothing (the classic alpaca-lora bug); NaN/inf weights answer nothing."""
+    lora_b = [tensor for name, tensor in state_dict.items() if "lora_B" in name and tensor.numel() > 0]
+    problems = []
+    if lora_b and all(torch.count_nonzero(tensor).item() == 0 for tensor in lora_b):
+        problems.append("training left every lora_B at zero, so the adapter would change nothing; check "
+                        "--learning_rate, --max_steps and that the data has answers")
+    if any(not torch.isfinite(tensor).all() for tensor in state_dict.values() if tensor.is_floating_point()):
+        problems.append("the trained adapter holds NaN/inf weights; lower --learning_rate or use --precision bf16")
+    return problems
+
+
+def finish(args: FinetuneArgs, trainer: Any, tokenizer: Any, targets: Any, summary: dict[str, Any]) -> None:
+    """Check the trained weights, publish the adapter atomically (adapter_config.json last), verify it on disk."""
+    from peft import get_peft_model_state_dict
+
+    model = trainer.model
+    gathered = gathered_state_dict(trainer)  # ZeRO-3/FSDP: the sharded weights gathered (every rank joins in)
+    if not is_main_process():
+        return
+    lora = get_peft_model_state_dict(model, state_dict=gathered)
+    raise_problems(adapter_problems(lora))
+
+    def write_adapter(folder: Path) -> None:
+        model.save_pretrained(folder, state_dict=gathered)
+        tokenizer.save_pretrained(folder)
+        setup.write_training_metadata(folder, model, tokenizer, args, targets, summary)
+
+    publish_files(args.output_dir, write_adapter, last=("adapter_config.json",), staging_name=".tmp-adapter")
+    from utils.model.checks import check_adapter
+
+    check_adapter(args.output_dir)  # reads the files back: config, finite weights, rank
     log(f"summary: {json.dumps(summary, ensure_ascii=False)}")
-    log(f"adapter saved to {Path(output_dir).resolve()}")
-    return output_dir
+    log(f"adapter saved to {Path(args.output_dir).resolve()}")
+
+
+@dataclass_flags("args", FinetuneArgs)
+def main(args: FinetuneArgs = DEFAULTS) -> str:
+    """Train a LoRA adapter; returns the folder it was written to."""
+    from transformers import set_seed
+
+    validate_args(args)
+    run = resolve(args)
+    dataset, val_size = read_data(args)
+    lock = RunLock(Path(args.output_dir) / ".bentsao.lock", f"--output_dir {args.output_dir}")
+    with lock if is_main_process() else contextlib.nullcontext():
+        log("Training BenTsao LoRA with:\n" + "\n".join(
+            f"{name}: {value}" for name, value in {**vars(args), "device": run.device, "precision": run.precision,
+                                                  "world_size": run.processes,
+                                                  "resume_from_checkpoint": run.checkpoint,
+                                                  "report_to": ",".join(run.reporters) or "none"}.items()) + "\n")
+        for note in run.notes:
+            log(note)
+        set_seed(args.seed)
+        model, tokenizer, targets = load_model(args, run)
+        train_data, val_data, report = prepare_data(args, run, dataset, val_size, tokenizer)
+        batching, training_args = plan(args, run, model, tokenizer, train_data, val_data)
+        log(batching.describe() + f"; gradient_accumulation_steps: {training_args.gradient_accumulation_steps}")
+        trainer = build_trainer(args, model, tokenizer, train_data, val_data, batching, training_args)
+        started = time.time()
+        result = train(trainer, run, args)
+        finish(args, trainer, tokenizer, targets, summarize(trainer, result, report, batching, val_data, started))
+    return args.output_dir
 
 
 if __name__ == "__main__":

@@ -21,27 +21,22 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from utils.core.cli import run_cli
-from utils.core.errors import UserError
-from utils.dialogue import fit_history, render_dialogue
-from utils.distributed import parse_device_map
-from utils.generation import generation_config, model_device
-from utils.model import load_for_inference
+from utils.core.cli import PORT, SEED, option_checks, run_cli
+from utils.core.errors import UserError, raise_problems
+from utils.generation.args import DEFAULT_GENERATION, GenerationArgs, generation_flags
+from utils.generation.dialogue import Chat, context_length
+from utils.generation.engine import stream_answer
+from utils.model.loading import load_for_inference
 from utils.prompter import Prompter
+from utils.runtime import parse_device_map
 
 if TYPE_CHECKING:
     import gradio as gr
 
 NO_TEXT = "（模型没有生成任何文字 / the model produced no text; try sampling or min new tokens）"
 DISCLAIMER = "仅供研究使用，回答不构成医疗建议；身体不适请及时就医。(Research use only; not medical advice.)"
-
-
-def is_multi_turn(prompt_template: str) -> bool:
-    """The literature template carries a dialogue in its instruction; the others are single-turn."""
-    return "literature" in prompt_template.replace("\\", "/").rsplit("/", 1)[-1]
 
 
 def one_line(text: str) -> str:
@@ -59,74 +54,6 @@ def parse_auth(auth: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-class ChatModel:
-    """The loaded model plus what it takes to turn a question (and the chat so far) into a streamed answer."""
-
-    def __init__(self, model: Any, tokenizer: Any, prompter: Prompter, multi_turn: bool, context_limit: int) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.prompter = prompter
-        self.multi_turn = multi_turn
-        self.context_limit = context_limit
-
-    def prompt_tokens(self, prompt: str) -> int:
-        return len(self.tokenizer(prompt)["input_ids"])
-
-    def build_prompt(
-        self, question: str, extra_input: str, history: list[tuple[str, str]], max_new_tokens: int
-    ) -> tuple[str, list[tuple[str, str]]]:
-        """The prompt, and the history it kept (multi-turn: oldest turns dropped to leave room for the answer)."""
-        if not self.multi_turn:
-            return self.prompter.generate_prompt(question, extra_input or None), []
-        budget = max(1, self.context_limit - max_new_tokens)
-        kept = fit_history(history, question, lambda text: self.prompt_tokens(self.prompter.generate_prompt(text)),
-                           budget)
-        return self.prompter.generate_prompt(render_dialogue(kept, question)), kept
-
-    def stream(self, prompt: str, config: Any, stop: threading.Event) -> Iterator[str]:
-        """The answer so far, growing as tokens arrive; generation stops early when `stop` is set."""
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        class StopOnEvent(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs) -> bool:
-                return stop.is_set()
-
-        encoded = self.tokenizer(prompt, return_tensors="pt")
-        encoded = {key: value.to(model_device(self.model)) for key, value in encoded.items()}
-        streaming = config.num_beams == 1  # transformers streams greedy search and sampling, not beam search
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        failure: list[BaseException] = []
-        result: list[str] = []
-
-        def run() -> None:
-            try:
-                output = self.model.generate(
-                    **encoded, generation_config=config, stopping_criteria=StoppingCriteriaList([StopOnEvent()]),
-                    streamer=streamer if streaming else None,
-                )
-                new_tokens = output[0, encoded["input_ids"].shape[1]:]
-                result.append(self.tokenizer.decode(new_tokens, skip_special_tokens=True))
-            except Exception as error:  # shown in the page instead of leaving the reader waiting
-                failure.append(error)
-                logging.getLogger(__name__).exception("generation failed")
-            finally:
-                if streaming:
-                    streamer.end()
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        text = ""
-        if streaming:
-            for piece in streamer:
-                text += piece
-                yield text
-        thread.join()
-        if failure:
-            raise RuntimeError(f"generation failed: {failure[0]}")
-        if not streaming or not text:
-            yield result[0] if result else text
-
-
 def chat_messages(turns: list[dict[str, str]]) -> list[dict[str, str]]:
     """The chatbot's messages for the turns so far."""
     messages: list[dict[str, str]] = []
@@ -137,7 +64,7 @@ def chat_messages(turns: list[dict[str, str]]) -> list[dict[str, str]]:
     return messages
 
 
-def build_demo(chat: ChatModel, title: str, defaults: dict[str, Any]) -> gr.Blocks:
+def build_demo(model: Any, chat: Chat, chat_context: int, title: str, defaults: GenerationArgs) -> gr.Blocks:
     """The gradio page: chat, question (+ input) boxes, generation settings."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry or version check leaves the machine
     import gradio as gr
@@ -151,26 +78,29 @@ def build_demo(chat: ChatModel, title: str, defaults: dict[str, Any]) -> gr.Bloc
             gr.Warning("请输入问题 (type a question first)")
             yield chat_messages(turns), turns, question
             return
-        max_new_tokens, num_beams, top_k = int(max_new_tokens), int(num_beams), int(top_k)
-        config = generation_config(
-            chat.tokenizer, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=bool(do_sample),
-            temperature=float(temperature), top_p=float(top_p), top_k=top_k,
-            repetition_penalty=float(repetition_penalty),
+        settings = GenerationArgs(
+            max_new_tokens=int(max_new_tokens), min_new_tokens=min(int(min_new_tokens), int(max_new_tokens)),
+            num_beams=int(num_beams), do_sample=bool(do_sample), temperature=float(temperature), top_p=float(top_p),
+            top_k=int(top_k), repetition_penalty=float(repetition_penalty),
         )
-        if int(min_new_tokens) > 0:  # no end-of-answer token before this many new tokens
-            config.min_new_tokens = min(int(min_new_tokens), max_new_tokens)
         history = [(turn["question"], turn["history_answer"]) for turn in turns]
-        prompt, kept = chat.build_prompt(question, (extra_input or "").strip(), history, max_new_tokens)
+        chat.budget = max(1, chat_context - settings.max_new_tokens)
+        prompt, kept = chat.prompt(question, history, (extra_input or "").strip())
+        if prompt is None:
+            gr.Warning("问题太长，超出了模型的上下文 (the question alone does not fit the model's context)")
+            yield chat_messages(turns), turns, question
+            return
         if chat.multi_turn and len(kept) < len(history):
             gr.Info(f"对话过长，最早的 {len(history) - len(kept)} 轮不再计入 (oldest turns dropped to fit the context)")
         current = {"question": question, "input": "" if chat.multi_turn else (extra_input or "").strip(), "answer": ""}
         stop = threading.Event()
         try:
             yield chat_messages(turns + [current]), turns, ""
-            for text in chat.stream(prompt, config, stop):
+            for text in stream_answer(model, chat.tokenizer, prompt, settings.config(chat.tokenizer), stop):
                 current["answer"] = text
                 yield chat_messages(turns + [current]), turns, ""
         except RuntimeError as error:
+            logging.getLogger(__name__).error("%s", error)
             current["answer"] = f"⚠️ {error}"
             yield chat_messages(turns + [current]), turns, ""
             return
@@ -202,18 +132,18 @@ def build_demo(chat: ChatModel, title: str, defaults: dict[str, Any]) -> gr.Bloc
             clear = gr.Button("清空对话 (clear)", elem_id="clear")
         with gr.Accordion("生成参数 (generation settings)", open=False):
             with gr.Row():
-                do_sample = gr.Checkbox(value=defaults["do_sample"], label="采样 (sample; else greedy/beam search)")
-                temperature = gr.Slider(0.01, 2.0, value=defaults["temperature"], step=0.01, label="temperature")
-                top_p = gr.Slider(0.0, 1.0, value=defaults["top_p"], step=0.01, label="top-p")
-                top_k = gr.Slider(0, 200, value=defaults["top_k"], step=1, label="top-k")
+                do_sample = gr.Checkbox(value=defaults.do_sample, label="采样 (sample; else greedy/beam search)")
+                temperature = gr.Slider(0.01, 2.0, value=defaults.temperature, step=0.01, label="temperature")
+                top_p = gr.Slider(0.0, 1.0, value=defaults.top_p, step=0.01, label="top-p")
+                top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="top-k")
             with gr.Row():
-                num_beams = gr.Slider(1, max(8, defaults["num_beams"]), value=defaults["num_beams"], step=1,
+                num_beams = gr.Slider(1, max(8, defaults.num_beams), value=defaults.num_beams, step=1,
                                       label="beams (>1: shown when complete, not streamed)")
-                max_new_tokens = gr.Slider(1, max(2048, defaults["max_new_tokens"]), value=defaults["max_new_tokens"],
+                max_new_tokens = gr.Slider(1, max(2048, defaults.max_new_tokens), value=defaults.max_new_tokens,
                                            step=1, label="max new tokens")
-                min_new_tokens = gr.Slider(0, max(256, defaults["min_new_tokens"]), value=defaults["min_new_tokens"],
+                min_new_tokens = gr.Slider(0, max(256, defaults.min_new_tokens), value=defaults.min_new_tokens,
                                            step=1, label="min new tokens")
-                repetition_penalty = gr.Slider(1.0, 2.0, value=defaults["repetition_penalty"], step=0.01,
+                repetition_penalty = gr.Slider(1.0, 2.0, value=defaults.repetition_penalty, step=0.01,
                                                label="repetition penalty")
         inputs = [question, extra_input, turns_state, do_sample, temperature, top_p, top_k, num_beams, max_new_tokens,
                   min_new_tokens, repetition_penalty]
@@ -225,23 +155,35 @@ def build_demo(chat: ChatModel, title: str, defaults: dict[str, Any]) -> gr.Bloc
     return demo
 
 
+def check_port_free(server_name: str, server_port: int) -> None:
+    """Fail before the model loads when another program already listens on the address."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(server_name, server_port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise UserError(f"--server_name {server_name}: not an address of this machine ({error.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise UserError(f"cannot listen on {server_name}:{server_port} ({error.strerror}); another program uses "
+                            "it: choose another --server_port") from None
+
+
+@generation_flags(num_beams=1, repetition_penalty=1.1)
+@option_checks(server_port=PORT, seed=SEED)
 def main(
     base_model: str = "",  # local folder or hub id of the base model (required)
     lora_weights: str = "",  # adapter folder written by finetune.py (or a hub id)
-    use_lora: bool = True,  # apply --lora_weights (False: the bare base model)
-    prompt_template: str = "med_template",  # a name in templates/ or a path; literature_template chats multi-turn
+    use_lora: bool = True,  # apply --lora_weights (False: a merged checkpoint or the bare base)
+    prompt_template: str = "med_template",  # a name in templates/ or a path; a multi_turn template keeps history
     server_name: str = "127.0.0.1",  # address to listen on; 0.0.0.0 exposes the page to the network
     server_port: int = 7860,  # port to listen on
     share_gradio: bool = False,  # ask gradio for a public share link (off: nothing leaves this machine)
     auth: str = "",  # user:password to require a login
-    max_new_tokens: int = 256,  # initial settings of the page:
-    min_new_tokens: int = 0,  # no end-of-answer before this many tokens (0: the model may stop at once)
-    num_beams: int = 1,  # 1 streams the answer; beam search shows it when complete
-    do_sample: bool = False,
-    temperature: float = 0.1,
-    top_p: float = 0.75,
-    top_k: int = 40,
-    repetition_penalty: float = 1.1,
+    generation: GenerationArgs = DEFAULT_GENERATION,  # the page's initial settings: --max_new_tokens, --num_beams, ...
     seed: int = 42,  # seeds sampling
     load_8bit: bool = False,  # load the base in 8-bit (CUDA + bitsandbytes)
     load_4bit: bool = False,  # load the base in 4-bit nf4 (CUDA + bitsandbytes)
@@ -252,30 +194,24 @@ def main(
     """Serve the chat page until interrupted."""
     from transformers import set_seed
 
-    from infer_literature import context_length
-
     if use_lora and not lora_weights:
-        raise UserError("--lora_weights is required with --use_lora True (or try the bare base with --use_lora False)")
-    if not isinstance(server_port, int) or not 0 < server_port < 65536:
-        raise UserError(f"--server_port must be a port number, got {server_port!r}")
-    if max_new_tokens < 1 or num_beams < 1 or min_new_tokens < 0 or top_k < 0:
-        raise UserError("--max_new_tokens and --num_beams must be at least 1, --min_new_tokens and --top_k at least 0")
+        raise UserError("--lora_weights is required with --use_lora True (for a merged checkpoint or a bare base "
+                        "model, pass --use_lora False)")
+    raise_problems(generation.problems())
     login = parse_auth(auth)
     prompter = Prompter(prompt_template)
-    multi_turn = is_multi_turn(prompt_template)
+    device_map = parse_device_map(device_map)
+    check_port_free(server_name, server_port)
     set_seed(seed)
     model, tokenizer, device = load_for_inference(
         base_model, lora_weights if use_lora else None, precision=precision, load_8bit=load_8bit,
-        load_4bit=load_4bit, trust_remote_code=trust_remote_code,
-        device_map=parse_device_map(device_map),
+        load_4bit=load_4bit, trust_remote_code=trust_remote_code, device_map=device_map,
     )
-    chat = ChatModel(model, tokenizer, prompter, multi_turn, context_length(model, tokenizer))
+    context = context_length(model, tokenizer)
+    chat = Chat(prompter, tokenizer, context - generation.max_new_tokens)
     adapter = f"adapter `{lora_weights}`" if use_lora else "no adapter"
     title = f"base `{base_model}` · {adapter} · template `{prompt_template}` · {device}"
-    defaults = {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "num_beams": num_beams,
-                "do_sample": do_sample, "temperature": temperature, "top_p": top_p, "top_k": top_k,
-                "repetition_penalty": repetition_penalty}
-    demo = build_demo(chat, title, defaults)
+    demo = build_demo(model, chat, context, title, generation)
     if server_name not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {server_name}, so other machines can reach this page"
               + ("" if login else "; consider --auth user:password"), file=sys.stderr, flush=True)

@@ -10,14 +10,16 @@ are dropped when the prompt would not leave room for the answer in the model's c
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from typing import Any
 
-from utils.core.cli import run_cli
-from utils.core.errors import UserError
-from utils.dialogue import fit_history, render_dialogue
-from utils.generation import default_batch_size, generate_answers, generation_config
-from utils.model import load_for_inference
+from utils.core.cli import NON_NEGATIVE, SEED, choices, option_checks, run_cli
+from utils.core.errors import UserError, raise_problems
+from utils.generation.args import DEFAULT_GENERATION, GenerationArgs, generation_flags
+from utils.generation.dialogue import Chat, context_length
+from utils.generation.engine import default_batch_size, generate_answers
+from utils.model.loading import load_for_inference
 from utils.prompter import Prompter
-from utils.validate import generation_problems, raise_problems
 
 BUILT_IN_QUESTIONS = [
     "肝癌有哪些常见的危险因素？",
@@ -28,92 +30,99 @@ BUILT_IN_QUESTIONS = [
 ]
 
 
-def context_length(model, tokenizer, fallback: int = 2048) -> int:
-    limits = [getattr(model.config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-    limits = [limit for limit in limits if isinstance(limit, int) and 0 < limit < 1_000_000]
-    return min(limits) if limits else fallback
+def answer_single(model: Any, tokenizer: Any, prompter: Prompter, generation: GenerationArgs, batch_size: int) -> None:
+    """The built-in questions, each on its own, batched."""
+    chat = Chat(prompter, tokenizer, context_length(model, tokenizer))
+    prompts = [chat.prompt(question, [])[0] for question in BUILT_IN_QUESTIONS]
+    answers = generate_answers(model, tokenizer, prompts, generation.config(tokenizer), batch_size=batch_size)
+    for question, answer in zip(BUILT_IN_QUESTIONS, answers, strict=True):
+        print("Instruction:", question)
+        print("Response:", answer)
+        print(flush=True)
 
 
+def questions_from_stdin(interactive: bool) -> Iterator[str]:
+    """Questions, one a line, until EOF or `exit`; standard input is read as UTF-8 whatever the locale says."""
+    number = 0
+    while True:
+        if interactive:
+            print("请输入 (exit 结束): ", end="", flush=True)
+        raw = sys.stdin.buffer.readline()
+        number += 1
+        if not raw:
+            return
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise UserError(f"standard input line {number} is not UTF-8 (byte 0x{raw[error.start]:02x}, perhaps "
+                            "GBK); convert it, e.g. `iconv -f GBK -t UTF-8 questions.txt | python "
+                            "infer_literature.py ...`") from None
+        question = line.strip()
+        if question == "exit":
+            return
+        if question:
+            yield question
+
+
+def chat_multi(model: Any, tokenizer: Any, prompter: Prompter, generation: GenerationArgs, max_turns: int) -> None:
+    """A chat from standard input; the history is kept in the training shape and trimmed to fit the context."""
+    chat = Chat(prompter, tokenizer, context_length(model, tokenizer) - generation.max_new_tokens)
+    if chat.budget <= 0:
+        raise UserError(f"--max_new_tokens {generation.max_new_tokens} leaves no room for a prompt in this model's "
+                        "context")
+    interactive = sys.stdin.isatty()
+    config = generation.config(tokenizer)
+    history: list[tuple[str, str]] = []
+    for turn, question in enumerate(questions_from_stdin(interactive)):
+        if max_turns and turn >= max_turns:
+            break
+        prompt, history = chat.prompt(question, history)
+        if prompt is None:
+            print(f"note: this question alone takes more than the {chat.budget} tokens the context leaves for a "
+                  "prompt; shorten it", file=sys.stderr, flush=True)
+            continue
+        if not interactive:  # piped: show what is being answered
+            print("Instruction:", question)
+        answer = " ".join(generate_answers(model, tokenizer, [prompt], config, batch_size=1, progress=False)[0]
+                          .split())  # one line, as the training data keeps each reply
+        print("Response:", answer, flush=True)
+        history.append((question, answer))
+
+
+@generation_flags(num_beams=4)
+@option_checks(single_or_multi=choices("single", "multi"), batch_size=NON_NEGATIVE, max_turns=NON_NEGATIVE, seed=SEED)
 def main(
     load_8bit: bool = False,  # load the base in 8-bit (CUDA + bitsandbytes)
     load_4bit: bool = False,  # load the base in 4-bit nf4 (CUDA + bitsandbytes)
     base_model: str = "",  # local folder or hub id of the base model (required)
     single_or_multi: str = "single",  # single: built-in questions; multi: a chat read from standard input
-    use_lora: bool = True,  # apply the adapter in --lora_weights
+    use_lora: bool = True,  # apply the adapter in --lora_weights (False: a merged checkpoint or the bare base)
     lora_weights: str = "",  # adapter folder written by finetune.py
     prompt_template: str = "literature_template",  # a name in templates/ or a path to a template JSON
-    max_new_tokens: int = 256,
-    num_beams: int = 4,
-    do_sample: bool = False,
-    temperature: float = 0.1,
-    top_p: float = 0.75,
-    top_k: int = 40,
-    repetition_penalty: float = 1.0,
-    seed: int = 42,
+    generation: GenerationArgs = DEFAULT_GENERATION,  # --max_new_tokens, --num_beams, --do_sample, ... (shared)
+    seed: int = 42,  # seeds sampling
     batch_size: int = 0,  # single mode: questions answered together (0: 32 // num_beams)
     max_turns: int = 0,  # multi mode: stop after this many turns (0: until EOF or `exit`)
-    precision: str = "auto",
-    trust_remote_code: bool = False,
+    precision: str = "auto",  # auto | bf16 | fp16 | fp32 (fp32 on CPU)
+    trust_remote_code: bool = False,  # allow a hub model's own Python code to run
 ) -> None:
     """Answer the built-in liver-cancer questions (single) or chat turn by turn from standard input (multi)."""
     from transformers import set_seed
 
-    if single_or_multi not in ("single", "multi"):
-        raise UserError(f"--single_or_multi must be single or multi, got {single_or_multi!r}")
     if use_lora and not lora_weights:
-        raise UserError("--lora_weights is required with --use_lora True (or run the bare base with --use_lora False)")
-    batch_size = default_batch_size(num_beams) if batch_size == 0 else batch_size
-    problems = generation_problems(max_new_tokens, num_beams, batch_size, do_sample, temperature, top_p, top_k,
-                                   repetition_penalty)
-    if isinstance(max_turns, bool) or not isinstance(max_turns, int) or max_turns < 0:
-        problems.append(f"--max_turns must be an integer >= 0, got {max_turns!r}")
-    raise_problems(problems)
+        raise UserError("--lora_weights is required with --use_lora True (for a merged checkpoint or a bare base "
+                        "model, pass --use_lora False)")
+    raise_problems(generation.problems())
     prompter = Prompter(prompt_template)
     set_seed(seed)
     model, tokenizer, _ = load_for_inference(
         base_model, lora_weights if use_lora else None, precision=precision, load_8bit=load_8bit,
         load_4bit=load_4bit, trust_remote_code=trust_remote_code,
     )
-    config = generation_config(
-        tokenizer, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-        temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-    )
-
     if single_or_multi == "single":
-        prompts = [prompter.generate_prompt(render_dialogue([], question)) for question in BUILT_IN_QUESTIONS]
-        answers = generate_answers(model, tokenizer, prompts, config, batch_size=batch_size)
-        for question, answer in zip(BUILT_IN_QUESTIONS, answers, strict=True):
-            print("Instruction:", question)
-            print("Response:", answer)
-            print(flush=True)
-        return
-
-    budget = context_length(model, tokenizer) - max_new_tokens
-    if budget <= 0:
-        raise UserError(f"--max_new_tokens {max_new_tokens} leaves no room for a prompt in this model's context")
-
-    def prompt_length(instruction: str) -> int:
-        return len(tokenizer(prompter.generate_prompt(instruction))["input_ids"])
-
-    history: list[tuple[str, str]] = []
-    turns = 0
-    interactive = sys.stdin.isatty()
-    while not max_turns or turns < max_turns:
-        if interactive:
-            print("请输入 (exit 结束): ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "exit":
-            break
-        question = line.strip()
-        if not question:
-            continue
-        history = fit_history(history, question, prompt_length, budget)
-        prompt = prompter.generate_prompt(render_dialogue(history, question))
-        answer = generate_answers(model, tokenizer, [prompt], config, batch_size=1, progress=False)[0]
-        answer = " ".join(answer.split())  # one line, as the training data keeps each reply
-        print("Response:", answer, flush=True)
-        history.append((question, answer))
-        turns += 1
+        answer_single(model, tokenizer, prompter, generation, batch_size or default_batch_size(generation.num_beams))
+    else:
+        chat_multi(model, tokenizer, prompter, generation, max_turns)
 
 
 if __name__ == "__main__":

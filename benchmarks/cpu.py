@@ -113,12 +113,13 @@ def answer_once(base: Path, adapter: Path, questions: Path, batch_size: int, max
 def answer_worker(args: argparse.Namespace) -> None:
     """`benchmarks/cpu.py answer ...`: load, answer greedily, time generation, write the answers."""
     sys.path.insert(0, str(REPO))
-    from utils.generation import generate_answers, generation_config
-    from utils.model import load_for_inference
+    from utils.generation.args import GenerationArgs
+    from utils.generation.engine import generate_answers
+    from utils.model.loading import load_for_inference
     from utils.prompter import Prompter
 
     model, tokenizer, _ = load_for_inference(args.base_model, args.lora_weights or None)
-    config = generation_config(tokenizer, max_new_tokens=args.max_new_tokens, num_beams=1)
+    config = GenerationArgs(max_new_tokens=args.max_new_tokens, num_beams=1).config(tokenizer)
     if args.fixed_length:  # the tiny model ends most answers at once; a real one writes 100-250 tokens
         config.min_new_tokens = args.max_new_tokens
     prompter = Prompter("med_template")
@@ -238,7 +239,7 @@ def default_inference_batch_size() -> int:
     import inspect
 
     import infer
-    from utils.generation import default_batch_size
+    from utils.generation.engine import default_batch_size
 
     default = int(inspect.signature(infer.main).parameters["batch_size"].default)
     return default or default_batch_size(1)

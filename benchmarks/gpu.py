@@ -34,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from utils.batching import PackingCollator, PaddingCollator, first_fit_decreasing  # noqa: E402
+from utils.training.batching import PackingCollator, PaddingCollator, first_fit_decreasing  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "llama-7b": {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,

@@ -28,9 +28,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from utils.batching import PackingCollator, PaddingCollator, first_fit_decreasing  # noqa: E402
 from utils.data import read_instruction_rows, tokenize_row  # noqa: E402
 from utils.prompter import Prompter  # noqa: E402
+from utils.training.batching import PackingCollator, PaddingCollator, first_fit_decreasing  # noqa: E402
 
 DATA = REPO.parent / "shared" / "reference" / "bentsao" / "llama_data.json"
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from utils.model import load_tokenizer
+    from utils.model.loading import load_tokenizer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

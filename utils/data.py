@@ -89,6 +89,9 @@ def tokenize_dataset(dataset, prompter: Prompter, tokenizer, cutoff_len: int, tr
             "trainable_tokens": item.trainable_tokens,
         }
 
+    empty_outputs = sum(1 for output in dataset["output"] if not output.strip())
+    if len(dataset) and empty_outputs == len(dataset):
+        raise UserError(f"every {label} row's `output` is empty: there is nothing to learn (check the data file)")
     encoded = dataset.map(encode, remove_columns=dataset.column_names, desc=f"tokenizing {label}")
     truncated = sum(encoded["truncated"])
     kept = encoded.filter(lambda row: row["trainable_tokens"] > 0, desc=f"dropping empty {label} rows")
@@ -97,5 +100,6 @@ def tokenize_dataset(dataset, prompter: Prompter, tokenizer, cutoff_len: int, tr
         raise UserError(
             f"every {label} row's prompt fills --cutoff_len {cutoff_len}, leaving nothing to learn; raise --cutoff_len"
         )
-    report = {"rows": len(encoded), "truncated": truncated, "dropped_no_target": dropped}
+    report = {"rows": len(encoded), "truncated": truncated, "dropped_no_target": dropped,
+              "empty_outputs": empty_outputs}
     return kept.remove_columns(["truncated", "trainable_tokens"]), report

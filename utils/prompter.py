@@ -1,8 +1,10 @@
 """Renders the JSON prompt templates of `templates/`.
 
-A template is a JSON object with `prompt_no_input` and `response_split`, optionally `prompt_input` and
-`description`. Placeholders are `{instruction}` and `{input}`. The BenTsao templates keep the exact prompt
-strings of the published ones, because the published adapters were trained on them.
+A template is a JSON object with `prompt_no_input` and `response_split`, optionally `prompt_input`,
+`description` and `multi_turn` (true: the instruction carries a dialogue, ` <user>: ... <bot>: ... <user>: ...`, as
+the literature template's does). Placeholders are `{instruction}` and `{input}`, nothing else (no format specs).
+The BenTsao templates keep the exact prompt strings of the published ones, because the published adapters were
+trained on them: `PUBLISHED_SHA256` holds their hashes, so that a plain clone can check them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,28 @@ TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 REQUIRED_KEYS = ("prompt_no_input", "response_split")
 OPTIONAL_KEYS = ("prompt_input", "description")
 PLACEHOLDERS = {"instruction", "input"}
+# SHA-256 of the published BenTsao / Alpaca-LoRA prompt strings (UTF-8): the interface of the published adapters.
+PUBLISHED_SHA256 = {
+    "med_template": {
+        "prompt_input": "21ddf1ee517984777afebae47de0f5e70c0c78b9e854bfe904a71203a9533c77",
+        "prompt_no_input": "21ddf1ee517984777afebae47de0f5e70c0c78b9e854bfe904a71203a9533c77",
+        "response_split": "3e236bb1507d9be418a8f4b2aff3944fe039d5de8b0b2237fdfe839ce32d727f",
+    },
+    "bloom_deploy": {
+        "prompt_input": "74c5c012a1d7d364a7063144abae9cbbe76aa0e753bf361f0e721af47d12d0b3",
+        "prompt_no_input": "a5891575915446be4a4cf8ada6945db0726fa842faa0a8a4192e6a0985e68c63",
+        "response_split": "a891385ec136cfcf5511e6e5d5a2810b6042674b87d9ed673fa096e21ac20f55",
+    },
+    "literature_template": {
+        "prompt_no_input": "7e0778f59c85fd3249317414ebfb35372bcc58dfb3151c9c71e474e03f001bcb",
+        "response_split": "2941b397ee6917cf71ab453fc341ab787b755930c16ee41dce15aa291a32019c",
+    },
+    "alpaca": {
+        "prompt_input": "f1b8970aa9b05de470dbd1413609a155a16c9e9cfe4efbf01cf38dc2049fde66",
+        "prompt_no_input": "7768da83ee0feb389c3bbcac0841599b1f953ff9ee5c448ec02fc560d762893f",
+        "response_split": "155ffaece2b6883601c73c88e116b817dcce2803babbeb5408ca8abfbfb9d8e1",
+    },
+}
 
 
 def available_templates() -> list[str]:
@@ -24,7 +48,17 @@ def available_templates() -> list[str]:
 
 
 def _placeholders(text: str) -> set[str]:
-    return {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+    """The placeholder names of a prompt string; a format spec or conversion (`{instruction:d}`, `{input!r}`) is an
+    error: it would pass here and fail, or print something odd, only when a row is rendered."""
+    fields = set()
+    for _, field, spec, conversion in string.Formatter().parse(text):
+        if field is None:
+            continue
+        if spec or conversion:
+            raise ValueError(f"{{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}} has a "
+                             "format spec or conversion; write {instruction} or {input} only")
+        fields.add(field)
+    return fields
 
 
 def resolve_template_path(template: str) -> Path:
@@ -57,6 +91,8 @@ def load_template(template: str) -> dict[str, str]:
     for key in REQUIRED_KEYS + OPTIONAL_KEYS:
         if key in data and not isinstance(data[key], str):
             raise UserError(f"template {path}: `{key}` must be a string; {hint}")
+    if not isinstance(data.get("multi_turn", False), bool):
+        raise UserError(f"template {path}: `multi_turn` must be true or false; {hint}")
     for key in ("prompt_input", "prompt_no_input"):
         if key not in data:
             continue
@@ -83,6 +119,11 @@ class Prompter:
         self.template = load_template(template)
         if verbose:
             print(f"Using prompt template {template}: {self.template.get('description', '')}")
+
+    @property
+    def multi_turn(self) -> bool:
+        """True when the template's instruction carries a dialogue (` <user>: ... <bot>: ... <user>: ...`)."""
+        return bool(self.template.get("multi_turn", False))
 
     @property
     def response_split(self) -> str:

@@ -156,6 +156,8 @@ def coerce(flag: str, value: Any, raw: str | bool | None, hint: Any) -> tuple[An
         return value, None
     if value is None and type(None) in allowed:
         return None, None
+    if bool in allowed and str in allowed and isinstance(raw, str) and raw.lower() in ("true", "false"):
+        return raw.lower() == "true", None  # a flag that takes a path or True/False
     if str in allowed and isinstance(raw, str) and not (type(None) in allowed and raw in ("None", "none")):
         return raw, None  # exactly as typed
     if raw is True and bool not in allowed:
@@ -270,7 +272,8 @@ def checked_call(function: Callable[..., Any], argv: list[str]) -> Callable[...,
     import functools
 
     signature = inspect.signature(function)
-    hints = typing.get_type_hints(inspect.unwrap(function)) if _has_hints(function) else {}
+    hints = dict(getattr(function, "__flag_hints__", {}))
+    hints.update(typing.get_type_hints(inspect.unwrap(function)) if _has_hints(function) else {})
     checks: Mapping[str, Check] = getattr(function, "__option_checks__", {})
     raw_flags, _, _ = scan_flags(argv)
 
@@ -364,3 +367,58 @@ def run_cli(component: Callable[..., Any] | Mapping[str, Callable[..., Any]], ar
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+
+
+# --- a dataclass of flags --------------------------------------------------------------------------------------------
+
+
+def dataclass_flags(parameter: str, cls: type, **defaults: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Lay out the fields of the dataclass `cls` as flags of `main`, in place of its parameter `parameter`; `main`
+    receives them packed into a `cls`. The dataclass holds each flag's type, default (overridable per script with
+    `defaults`) and comment, and its ranges in a `__option_checks__` class attribute.
+
+        @dataclass_flags("generation", GenerationArgs, num_beams=1)
+        def main(base_model: str = "", generation: GenerationArgs = DEFAULT_GENERATION) -> None: ...
+    """
+    import dataclasses
+    import functools
+
+    hints = typing.get_type_hints(cls)
+    fields = [field.name for field in dataclasses.fields(cls)]
+    unknown = set(defaults) - set(fields)
+    if unknown:
+        raise TypeError(f"not fields of {cls.__name__}: {', '.join(sorted(unknown))}")
+
+    def decorate(main: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(main)
+        if parameter not in signature.parameters:
+            raise TypeError(f"{main.__name__} has no parameter {parameter!r}")
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        flags = [inspect.Parameter(name, keyword, annotation=hints[name],
+                                   default=defaults.get(name, getattr(cls, name))) for name in fields]
+        parameters: list[inspect.Parameter] = []
+        for current in signature.parameters.values():
+            if current.name == parameter:
+                parameters += flags
+            elif current.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+                parameters.append(current.replace(kind=keyword))
+            else:
+                parameters.append(current)
+        flat = signature.replace(parameters=sorted(parameters, key=lambda p: p.kind))
+
+        @functools.wraps(main)
+        def with_flags(*args: Any, **kwargs: Any) -> Any:
+            bound = flat.bind(*args, **kwargs)
+            bound.apply_defaults()
+            values = dict(bound.arguments)
+            packed = cls(**{name: values.pop(name) for name in fields})
+            return main(**values, **{parameter: packed})
+
+        with_flags.__signature__ = flat  # type: ignore[attr-defined]
+        with_flags.__flag_sources__ = (*getattr(main, "__flag_sources__", ()), cls)  # type: ignore[attr-defined]
+        with_flags.__flag_hints__ = {**getattr(main, "__flag_hints__", {}), **hints}  # type: ignore[attr-defined]
+        with_flags.__option_checks__ = {  # type: ignore[attr-defined]
+            **getattr(cls, "__option_checks__", {}), **getattr(main, "__option_checks__", {})}
+        return with_flags
+
+    return decorate

@@ -1,153 +1,28 @@
-"""Safety nets around transformers' `Trainer`: nothing half-written, a clean stop on a signal, no silent NaNs.
+"""Callbacks around transformers' `Trainer`: a clean stop on a signal, no silent NaNs, progress lines in logs.
 
-- `SafeTrainer` writes each `checkpoint-N` into a staging folder (`.tmp-checkpoint/`) and renames it into place
-  once complete, so a kill mid-save leaves the earlier checkpoints intact and `--resume_from_checkpoint True`
-  never picks a torn one. (transformers 5.23's `Trainer._save_checkpoint` writes straight into `checkpoint-N`.)
-- `save_files_atomically` does the same for the final adapter, which lives in `output_dir` itself beside the
-  checkpoints: files are written to `.tmp-adapter/`, then moved in with `adapter_config.json` last, so a folder
-  with an `adapter_config.json` always holds a complete adapter.
 - `GracefulStop` turns SIGTERM/SIGINT into "save a checkpoint at the end of this optimizer step and stop".
 - `DivergenceGuard` stops at the first optimizer step whose loss (or trainable weights) is NaN/inf, without
   saving that step, and tells it apart from fp16 loss-scale skips (inf gradients, finite loss, step skipped).
+- `ProgressLines`: when the output goes to a file or a pipe (nohup, sbatch, tee), the progress bar is off; this
+  prints `step 90/256, 12.3 s/step, ETA 34 min` lines and one line per checkpoint saved (main process only).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers import TrainerCallback
 
-from utils.batching import BatchingMixin
-
-CHECKPOINT_STAGING = ".tmp-checkpoint"
-ADAPTER_STAGING = ".tmp-adapter"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-# --- atomic folders and files -----------------------------------------------------------------------------------
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file (or a folder's entries) to disk, so a rename never publishes data still in the page cache."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
-    try:
-        descriptor = os.open(path, flags)
-    except OSError:
-        return  # folders cannot be opened on some platforms (Windows); the rename is still atomic
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            fsync_path(path)
-    fsync_path(folder)
-
-
-def replace_folder(staging: Path, target: Path) -> None:
-    """Put the complete folder `staging` at `target` by renaming; an existing `target` is swapped out first."""
-    fsync_tree(staging)
-    if target.exists():
-        old = target.with_name(f".old-{target.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-        os.rename(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, target)
-    fsync_path(target.parent)
-
-
-def save_files_atomically(
-    output_dir: str | Path, write: Callable[[Path], None], last: Sequence[str] = ("adapter_config.json",)
-) -> list[Path]:
-    """Call `write(folder)` on a staging folder inside `output_dir`, then move each file into `output_dir` with
-    `os.replace` (atomic per file), the files named in `last` at the end.
-
-    A kill while `write` runs leaves `output_dir` as it was; the move itself takes microseconds. Returns the
-    files now in `output_dir`.
-    """
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    staging = output / ADAPTER_STAGING
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    write(staging)
-    files = sorted(path for path in staging.rglob("*") if path.is_file())
-    for path in files:
-        fsync_path(path)
-    ordered = [p for p in files if p.name not in last] + [p for name in last for p in files if p.name == name]
-    moved = []
-    for path in ordered:
-        target = output / path.relative_to(staging)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
-        moved.append(target)
-    shutil.rmtree(staging, ignore_errors=True)
-    fsync_path(output)
-    return moved
-
-
-# --- the trainer -------------------------------------------------------------------------------------------------
-
-
-class SafeTrainer(BatchingMixin, Trainer):
-    """A `Trainer` whose checkpoints appear only when complete, and which shows each loss to a `DivergenceGuard`."""
-
-    _staging = False
-
-    def _get_output_dir(self, trial: Any) -> str:
-        run_dir = super()._get_output_dir(trial)
-        return os.path.join(run_dir, CHECKPOINT_STAGING) if self._staging else run_dir
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        """transformers' own save, redirected into `<output_dir>/.tmp-checkpoint/`, then renamed into place."""
-        run_dir = Path(super()._get_output_dir(trial))
-        staging_root = run_dir / CHECKPOINT_STAGING
-        if self.args.should_save:
-            shutil.rmtree(staging_root, ignore_errors=True)  # what a kill mid-save left behind
-        self.accelerator.wait_for_everyone()
-        self._staging = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging = False
-        self.accelerator.wait_for_everyone()  # every process has written its RNG state / optimizer shard
-        if self.args.should_save:
-            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            replace_folder(staging_root / name, run_dir / name)
-            shutil.rmtree(staging_root, ignore_errors=True)
-            best = self.state.best_model_checkpoint
-            if best and Path(best).parent == staging_root:
-                self.state.best_model_checkpoint = str(run_dir / Path(best).name)
-                self.state.save_to_json(str(run_dir / name / "trainer_state.json"))
-            rotate_checkpoints(
-                output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True,
-            )
-        self.accelerator.wait_for_everyone()
-
-    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, DivergenceGuard):
-                callback.observe_loss(loss)
-        return loss
 
 
 def any_process(flag: bool, device: Any = None) -> bool:
@@ -279,9 +154,9 @@ class DivergenceGuard(TrainerCallback):
 
     def message(self, output_dir: str | Path, fp16: bool = False) -> str:
         """One line for the user: what happened, what was kept, what to do."""
-        from transformers.trainer_utils import get_last_checkpoint
+        from utils.training.checkpoints import latest_complete
 
-        last = get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+        last = latest_complete(output_dir)
         kept = (
             f"the last checkpoint saved before it, {last}, is kept (resume from it with --resume_from_checkpoint "
             f"{last} and a lower --learning_rate)"
@@ -292,3 +167,52 @@ class DivergenceGuard(TrainerCallback):
             if fp16 else ""
         )
         return f"training diverged: {self.reason}{hint}; stopped without saving this step; {kept}"
+
+
+# --- progress in logs --------------------------------------------------------------------------------------------
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class ProgressLines(TrainerCallback):
+    """`step 90/256, 12.3 s/step, ETA 34 min, loss 1.2345` at every logging step, the validation loss, and a line per
+    checkpoint saved; for logs that are files or pipes, where the progress bar is off (it replaces transformers'
+    `PrinterCallback`, whose dicts of strings say `'epoch': '0.7031'`). Main process only."""
+
+    def __init__(self, enabled: bool | None = None, stream: Any = None) -> None:
+        self.enabled = (not sys.stderr.isatty()) if enabled is None else enabled
+        self.stream = stream
+        self._started: float | None = None
+        self._first_step = 0
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream or sys.stdout, flush=True)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._started = time.monotonic()
+        self._first_step = state.global_step  # a resumed run counts from where it starts
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not (self.enabled and state.is_world_process_zero and self._started is not None and logs):
+            return
+        step, total = state.global_step, state.max_steps
+        if "eval_loss" in logs:
+            self._print(f"step {step}/{total}: validation loss {logs['eval_loss']:.4f}")
+        if "loss" not in logs:
+            return
+        done = step - self._first_step
+        per_step = (time.monotonic() - self._started) / max(done, 1)
+        rate = f", lr {logs['learning_rate']:.2e}" if isinstance(logs.get("learning_rate"), float) else ""
+        self._print(f"step {step}/{total}, {per_step:.1f} s/step, ETA {format_duration(per_step * (total - step))}, "
+                    f"loss {logs['loss']:.4f}{rate}")
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            self._print(f"checkpoint saved: {folder}")

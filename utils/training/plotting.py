@@ -78,8 +78,13 @@ def plot_loss(log_history: Iterable[Mapping[str, Any]], path: str | Path, title:
     return path
 
 
-def run_title(args: Mapping[str, Any]) -> str:
-    """A plot title from a run's key parameters (the names finetune.py uses; absent ones are left out)."""
+def run_title(args: Mapping[str, Any] | Any) -> str:
+    """A plot title from a run's key parameters (the names finetune.py uses; absent ones are left out). `--max_steps`
+    replaces the epochs when it set the length of the run."""
+    if not isinstance(args, Mapping):
+        args = vars(args)
+    if isinstance(args.get("max_steps"), int) and args["max_steps"] > 0:
+        args = {**args, "num_epochs": None, "max_steps_shown": args["max_steps"]}
     names = [
         ("base_model", "base"),
         ("data_path", "data"),
@@ -88,6 +93,7 @@ def run_title(args: Mapping[str, Any]) -> str:
         ("batch_size", "batch"),
         ("micro_batch_size", "micro"),
         ("num_epochs", "epochs"),
+        ("max_steps_shown", "steps"),
         ("lora_r", "r"),
         ("lora_alpha", "alpha"),
         ("cutoff_len", "cutoff"),

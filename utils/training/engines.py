@@ -9,8 +9,7 @@ FSDP through accelerate); this module holds the few decisions around it:
   run here, all checked before any weights load;
 - `gathered_state_dict`: under ZeRO-3 or FSDP every rank holds only a shard of each weight, so the final adapter
   is gathered (a collective: every rank calls it) before rank 0 writes it;
-- `cpu_engine_note`: an FSDP/DeepSpeed accelerate config started without GPUs runs as plain DDP, and says so;
-- `parse_device_map`: infer.py / generate.py `--device_map` (`auto` spreads one model over several GPUs).
+- `cpu_engine_note`: an FSDP/DeepSpeed accelerate config started without GPUs runs as plain DDP, and says so.
 """
 
 from __future__ import annotations
@@ -24,14 +23,10 @@ from typing import Any
 import torch
 
 from utils.core.errors import UserError
+from utils.runtime import world_size
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEEPSPEED_CONFIGS = REPO_ROOT / "configs" / "deepspeed"
-
-
-def world_size() -> int:
-    """The number of training processes over all nodes (1 when not launched by a distributed launcher)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def training_device_args(device: str, processes: int | None = None) -> dict[str, Any]:
@@ -119,51 +114,18 @@ def zero_stage(trainer: Any) -> int | None:
 
 
 def gathered_state_dict(trainer: Any) -> dict[str, torch.Tensor] | None:
-    """The model's full state dict when its weights are sharded over the ranks (ZeRO-3, FSDP), else None.
+    """The trainable (LoRA) weights gathered in full when they are sharded over the ranks (ZeRO-3, FSDP), else None.
 
-    A collective: every rank must call it. The full tensors land on rank 0; other ranks may get an empty dict.
+    A collective: every rank must call it. Under ZeRO-3 only the trainable parameters are gathered (DeepSpeed's
+    public `zero.GatheredParameters`), never the frozen 7B base.
     """
     if zero_stage(trainer) == 3:
-        engine = trainer.model_wrapped
-        try:  # only the trainable (LoRA) weights: the frozen base need not be gathered
-            state = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)
-        except TypeError:  # a DeepSpeed without exclude_frozen_parameters
-            state = trainer.accelerator.get_state_dict(engine)
-        return state if state is not None else {}  # DeepSpeed returns None on ranks other than 0
+        import deepspeed
+
+        model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {name: p.detach().to("cpu", copy=True) for name, p in named}
     if getattr(trainer, "is_fsdp_enabled", False):
         return trainer.accelerator.get_state_dict(trainer.model)
     return None
-
-
-# --- inference: one model spread over several devices ---------------------------------------------------------------
-
-DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def parse_device_map(device_map: Any) -> str | dict[str, Any] | None:
-    """`--device_map` for `from_pretrained`: None (the whole model on the one device picked automatically),
-    a strategy that spreads the layers over every GPU (`auto`, `balanced`, `balanced_low_0`, `sequential`;
-    what does not fit goes to CPU RAM), or one device (`cpu`, `mps`, `cuda`, `cuda:1`, or a GPU index)."""
-    if isinstance(device_map, int) and not isinstance(device_map, bool):  # before the test below: 0 == False
-        device_map = f"cuda:{device_map}"
-    if device_map in (None, "", False, "none", "None"):
-        return None
-    if not isinstance(device_map, str):
-        choices = ", ".join(DEVICE_MAP_STRATEGIES)
-        raise UserError(f"--device_map must be one of {choices} or a device, got {device_map!r}")
-    if device_map in DEVICE_MAP_STRATEGIES:
-        return device_map
-    try:
-        device = torch.device(device_map)
-    except RuntimeError:
-        raise UserError(
-            f"--device_map must be one of {', '.join(DEVICE_MAP_STRATEGIES)} or a device (cpu, mps, cuda, cuda:1), "
-            f"got {device_map!r}"
-        ) from None
-    if device.type == "cuda" and (
-        not torch.cuda.is_available() or (device.index is not None and device.index >= torch.cuda.device_count())
-    ):
-        raise UserError(f"--device_map {device_map}: no such CUDA device on this machine")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError(f"--device_map {device_map}: Apple MPS is not available on this machine")
-    return {"": str(device)}

@@ -1,0 +1,1 @@
+"""Evaluation: character-level BLEU/ROUGE (`metrics`)."""

@@ -1,0 +1,1 @@
+"""Generation: the shared flags (`args`), batched and streamed answers (`engine`), the multi-turn shape (`dialogue`)."""

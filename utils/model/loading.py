@@ -1,0 +1,214 @@
+"""Loading a base model, its tokenizer and a LoRA adapter: the one sequence every script follows.
+
+tokenizer -> does it fit config.json -> weights -> does it fit the embeddings -> adapter (checked first). Everything
+that can be checked without the weights is checked before them (`utils.model.checks`).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from utils.core.errors import UserError
+from utils.model.checks import (
+    TRAINING_METADATA,
+    check_adapter,
+    check_tokenizer_fits,
+    config_embedding_rows,
+    linear_layers,
+    preflight_model,
+    quantization_config,
+)
+from utils.model.source import check_model_source, hub_error
+from utils.runtime import resolve_device, resolve_precision, torch_dtype
+
+# LoRA targets by architecture when --lora_target_modules is not given (the published recipes' choices).
+DEFAULT_LORA_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "bloom": ["query_key_value"],  # Bloom and Huozi (a Bloom-architecture model)
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "chatglm": ["query_key_value"],
+    "gpt2": ["c_attn"],
+    "baichuan": ["W_pack"],
+}
+NOT_LORA_TARGETS = ("lm_head", "score")
+
+
+def load_tokenizer(base_model: str, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
+    """The base model's tokenizer, with a pad token (unk or eos when the model has none, as LLaMA)."""
+    from transformers import AutoTokenizer
+
+    check_model_source(base_model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, json.JSONDecodeError) as error:
+        raise hub_error(base_model, error) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_base_model(
+    base_model: str,
+    precision: str = "auto",
+    device: str | None = None,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    trust_remote_code: bool = False,
+    device_map: Any = None,
+    attn_implementation: str = "",
+    dtype: Any = None,
+) -> Any:
+    """`AutoModelForCausalLM` in the resolved precision on `device` (or spread by `device_map`), with
+    `attn_implementation` when one is given; `dtype` ("auto": as stored) overrides the precision."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_source(base_model)
+    device = device or resolve_device()
+    dtype = dtype if dtype is not None else torch_dtype(resolve_precision(precision, device))
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    quant = quantization_config(load_8bit, load_4bit, dtype if isinstance(dtype, torch.dtype) else torch.float16)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        device_map = device_map or {"": torch.cuda.current_device()}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
+    except pickle.UnpicklingError as error:  # a pytorch_model.bin that is more than tensors: refused unread
+        raise UserError(f"refusing to load {base_model}: a weights file in it is a pickle that is not plain "
+                        f"tensors ({str(error).strip().splitlines()[0][:200]}); use safetensors weights") from None
+    except (OSError, ValueError, json.JSONDecodeError) as error:
+        raise hub_error(base_model, error) from None
+    except RuntimeError as error:  # a truncated or corrupt weights file
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise UserError(f"could not load the weights of {base_model}: {first} (is a file truncated?)") from None
+    if device_map is None:
+        model.to(device)
+    return model
+
+
+def lora_target_names(model: Any) -> list[str]:
+    """Leaf names of the linear layers LoRA can target (the output head excluded)."""
+    return sorted({name.rsplit(".", 1)[-1] for name in linear_layers(model)} - set(NOT_LORA_TARGETS))
+
+
+def resolve_lora_targets(model: Any, requested: str | list[str] | tuple[str, ...] | None) -> list[str] | str:
+    """The architecture's default targets, `all-linear`, or the requested names checked against the model."""
+    valid = lora_target_names(model)
+    if requested in (None, "", [], ()):
+        model_type = getattr(model.config, "model_type", "")
+        targets = DEFAULT_LORA_TARGETS.get(model_type)
+        if targets is None or not set(targets) <= set(valid):
+            return "all-linear"
+        return targets
+    if isinstance(requested, str):
+        if requested == "all-linear":
+            return "all-linear"
+        requested = [name.strip() for name in requested.strip("[]").split(",") if name.strip()]
+    requested = [str(name).strip().strip("'\"") for name in requested]
+    unknown = [name for name in requested if name not in valid]
+    if unknown or not requested:
+        raise UserError(
+            f"--lora_target_modules: {', '.join(unknown) or 'nothing named'} not in this model; valid names: "
+            f"{', '.join(valid)} (or all-linear)"
+        )
+    return requested
+
+
+def read_training_metadata(lora_weights: str) -> dict[str, Any]:
+    path = Path(lora_weights) / TRAINING_METADATA
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            return {}
+        return data if isinstance(data, dict) else {}
+    return {}
+
+
+def load_adapter(model: Any, lora_weights: str, is_trainable: bool = False) -> Any:
+    """Wrap `model` with the LoRA adapter in `lora_weights` (a folder, or a hub id)."""
+    from peft import PeftModel
+
+    # exists, has a config and safetensors or weights-only-loadable .bin weights, and fits this model's layers
+    check_adapter(lora_weights, getattr(model, "name_or_path", None) or None, model=model)
+    try:
+        return PeftModel.from_pretrained(model, lora_weights, is_trainable=is_trainable)
+    except pickle.UnpicklingError as error:  # peft loads .bin with weights_only=True; a hub .bin lands here
+        raise UserError(
+            f"refusing to load the adapter {lora_weights}: its weights are a pickle that is not plain tensors "
+            f"({str(error).strip().splitlines()[0][:200]})"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"could not load the adapter {lora_weights}: {str(error).strip().splitlines()[0]}") from None
+    except RuntimeError as error:  # size mismatch: an adapter made for another base
+        first = str(error).strip().splitlines()
+        detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
+        raise UserError(f"the adapter {lora_weights} does not fit this base model ({detail})") from None
+
+
+def load_checked(
+    base_model: str,
+    *,
+    precision: str,
+    device: str,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    trust_remote_code: bool = False,
+    device_map: Any = None,
+    attn_implementation: str = "",
+    padding_side: str = "right",
+    dtype: Any = None,
+) -> tuple[Any, Any]:
+    """(model, tokenizer): the tokenizer, its fit to config.json, the weights, its fit to the loaded embeddings."""
+    tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code, padding_side=padding_side)
+    check_tokenizer_fits(tokenizer, config_embedding_rows(base_model), base_model)
+    model = load_base_model(
+        base_model, precision=precision, device=device, load_8bit=load_8bit, load_4bit=load_4bit,
+        trust_remote_code=trust_remote_code, device_map=device_map, attn_implementation=attn_implementation,
+        dtype=dtype,
+    )
+    embeddings = model.get_input_embeddings()  # num_embeddings: the full size, also when ZeRO-3 partitions the weight
+    check_tokenizer_fits(tokenizer, getattr(embeddings, "num_embeddings", None), base_model)
+    return model, tokenizer
+
+
+def load_for_inference(
+    base_model: str,
+    lora_weights: str | None = None,
+    precision: str = "auto",
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    trust_remote_code: bool = False,
+    device_map: Any = None,
+) -> tuple[Any, Any, str]:
+    """(model, tokenizer, device) ready for `generate`: base + optional adapter, eval mode, left padding.
+
+    Everything that can be checked without the weights (paths, configs, flags, the adapter's fit) is checked first.
+    """
+    device, precision = preflight_model(
+        base_model, lora_weights, precision=precision, load_8bit=load_8bit, load_4bit=load_4bit,
+        trust_remote_code=trust_remote_code,
+    )
+    model, tokenizer = load_checked(
+        base_model, precision=precision, device=device, load_8bit=load_8bit, load_4bit=load_4bit,
+        trust_remote_code=trust_remote_code, device_map=device_map, padding_side="left",
+    )
+    if lora_weights:
+        model = load_adapter(model, lora_weights)
+    model.eval()
+    return model, tokenizer, device

@@ -1,0 +1,85 @@
+"""Where a model or an adapter comes from: a local folder, or a Hugging Face hub id (`org/name`).
+
+One rule for every flag that names a model (`--base_model`, `--lora_weights`): an existing folder is local; a name
+that looks like a path (`./x`, `/x`, `~/x`, `a/b/c`, `x` without an `org/`) is a folder that does not exist, reported
+at once instead of after a DNS timeout; an `org/name` is a hub id, and while offline (`HF_HUB_OFFLINE`) it must be
+in the local hub cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from utils.core.errors import UserError
+from utils.core.io import read_text
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def is_hub_id(name: str) -> bool:
+    """`org/name` and not an existing folder: what `from_pretrained` would fetch from the hub."""
+    windows_path = os.sep == "\\" and "\\" in name
+    return bool(HUB_ID.match(name)) and not windows_path and not Path(name).expanduser().exists()
+
+
+def check_source(name: str, flag: str, marker: str) -> None:
+    """`name` is a local folder holding `marker` (config.json, adapter_config.json) or a usable hub id."""
+    if not name:
+        raise UserError(f"{flag} is required: a local folder or a Hugging Face hub id (org/name)")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / marker).is_file():
+            what = "a Hugging Face model" if marker == "config.json" else "a LoRA adapter"
+            raise UserError(f"{flag} {name}: the folder has no {marker}, so it is not {what}")
+        return
+    if path.exists():
+        raise UserError(f"{flag} {name}: is a file; pass the folder that holds {marker}")
+    if not is_hub_id(name):
+        raise UserError(f"{flag} {name}: no such folder (and not a hub id of the form org/name)")
+    if offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, marker), str):
+            raise UserError(f"{flag} {name}: no such folder, and HF_HUB_OFFLINE is set while the hub model is not "
+                            "in the local cache; download it once with network access, or pass a local folder")
+
+
+def check_model_source(base_model: str, flag: str = "--base_model") -> None:
+    check_source(base_model, flag, "config.json")
+
+
+def hub_error(name: str, error: Exception) -> UserError:
+    """A loading failure of `name` as one line (the library's first line, plus the offline hint)."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "trust_remote_code" in str(error):
+        return UserError(f"{name} ships its own modelling code; rerun with --trust_remote_code True if you trust it")
+    hint = " (HF_HUB_OFFLINE is set, so only the local cache is searched)" if offline() else ""
+    return UserError(f"could not load {name}{hint}: {message}")
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: {what} is not valid JSON ({error.msg}, line {error.lineno})") from None
+    except RecursionError:
+        raise UserError(f"{path}: {what} is nested too deeply to read") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: {what} must be a JSON object")
+    return data
+
+
+def local_model_config(base_model: str) -> dict[str, Any] | None:
+    """The base model's `config.json` as a dict; None for a hub id (read when the model is loaded)."""
+    path = Path(base_model).expanduser()
+    if not path.is_dir():
+        return None
+    return read_json_object(path / "config.json", "the model's config.json")

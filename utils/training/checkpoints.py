@@ -1,0 +1,144 @@
+"""Checkpoints: which `checkpoint-N` folders are complete, which one a run resumes from, and refusing a resume
+that would silently train differently.
+
+transformers' Trainer writes a checkpoint's files in a fixed order and `trainer_state.json` last, so a folder whose
+`trainer_state.json` reads back is complete; one without it is a save that a kill interrupted. `--resume_from_checkpoint
+True` takes the newest complete one; a folder named explicitly must be complete, and hold the optimizer, scheduler and
+RNG states (without them a resumed run lands somewhere else), unless `--resume_weights_only True` accepts that.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from utils.core.errors import UserError
+
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+RESUME_HINT = "continue it with --resume_from_checkpoint True"
+
+
+def checkpoint_folders(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every `checkpoint-N` folder, by step (not by mtime, which network file systems blur)."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = CHECKPOINT_NAME.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def read_trainer_state(folder: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("global_step"), int) else None
+
+
+def _intact(path: Path) -> bool:
+    """A state file written by `torch.save` (a zip archive) whose every member passes its CRC: a file cut short by
+    a crash or a full disk does not. Nothing is unpickled."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+
+
+def missing_state(folder: Path, world_size: int) -> list[str]:
+    """The optimizer, scheduler and RNG state files a checkpoint lacks, or that do not read back."""
+    deepspeed = any(path.is_dir() and path.name.startswith("global_step") for path in folder.iterdir())
+    wanted = [] if deepspeed else ["optimizer.pt", "scheduler.pt"]  # DeepSpeed keeps both in global_stepN/
+    wanted += ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{rank}.pth" for rank in range(world_size)]
+    problems = []
+    for name in wanted:
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif not _intact(path):
+            problems.append(f"{name} does not read back (truncated?)")
+    return problems
+
+
+def checkpoint_problems(folder: Path) -> list[str]:
+    """Why `folder` is not a complete checkpoint (empty when it is)."""
+    if not folder.is_dir():
+        return [f"{folder} is not a folder"]
+    problems = []
+    if not (folder / TRAINER_STATE).is_file():
+        problems.append(f"it has no {TRAINER_STATE} (an interrupted save?)")
+    elif read_trainer_state(folder) is None:
+        problems.append(f"its {TRAINER_STATE} does not read back (torn by a crash?)")
+    deepspeed = any(path.is_dir() and path.name.startswith("global_step") for path in folder.iterdir())
+    if not deepspeed and not any((folder / name).is_file() for name in ADAPTER_FILES):
+        problems.append("it has no adapter weights")
+    return problems
+
+
+def latest_complete(output_dir: str | Path) -> Path | None:
+    for _, folder in reversed(checkpoint_folders(output_dir)):
+        if not checkpoint_problems(folder):
+            return folder
+    return None
+
+
+def resolve_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str | Path) -> Path | None:
+    """`True`: the newest complete checkpoint-N in `output_dir`; a path: that folder, which must be complete."""
+    if resume_from_checkpoint in (None, False, "", "False", "false"):
+        return None
+    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
+        found = latest_complete(output_dir)
+        if found is None:
+            raise UserError(f"--resume_from_checkpoint True: no complete checkpoint-N folder in {output_dir}"
+                            + (" (the first is written after --save_steps steps)" if not checkpoint_folders(
+                                output_dir) else ""))
+        return found
+    folder = Path(str(resume_from_checkpoint)).expanduser()
+    problems = checkpoint_problems(folder)
+    if problems:
+        raise UserError(f"--resume_from_checkpoint {folder}: not a complete checkpoint: {'; '.join(problems)}; "
+                        "pass a complete checkpoint-N folder, or True for the newest in --output_dir")
+    return folder
+
+
+def check_resumable(folder: Path, world_size: int, weights_only: bool) -> str | None:
+    """Refuse a checkpoint without its optimizer/scheduler/RNG state (or say what `weights_only` gives up)."""
+    missing = missing_state(folder, world_size)
+    if not missing:
+        return None
+    if not weights_only:
+        raise UserError(
+            f"--resume_from_checkpoint {folder}: {'; '.join(missing)}, so the resumed run would not continue the "
+            "interrupted one exactly; resume from another checkpoint, or pass --resume_weights_only True to take "
+            "its weights and step and start the optimizer state afresh"
+        )
+    return (f"note: resuming {folder} with --resume_weights_only: {'; '.join(missing)}; the optimizer/scheduler/"
+            "RNG state starts afresh, so this run differs from an uninterrupted one")
+
+
+def check_same_lora(folder: Path, lora_r: int, lora_alpha: int, targets: Any) -> None:
+    """A checkpoint trained with another LoRA shape cannot be resumed into this run's adapter."""
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # DeepSpeed checkpoints keep the engine state instead; the Trainer reports a mismatch itself
+    problems = []
+    if isinstance(config.get("r"), int) and config["r"] != lora_r:
+        problems.append(f"--lora_r {config['r']} (this run: {lora_r})")
+    if isinstance(config.get("lora_alpha"), (int, float)) and config["lora_alpha"] != lora_alpha:
+        problems.append(f"--lora_alpha {config['lora_alpha']} (this run: {lora_alpha})")
+    saved = config.get("target_modules")
+    if isinstance(saved, list) and isinstance(targets, list) and set(saved) != set(targets):
+        problems.append(f"--lora_target_modules {','.join(sorted(saved))} (this run: {','.join(sorted(targets))})")
+    if problems:
+        raise UserError(f"--resume_from_checkpoint {folder} was trained with {', '.join(problems)}; resume with the "
+                        "same LoRA settings")

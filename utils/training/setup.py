@@ -1,0 +1,167 @@
+"""The decisions finetune.py takes before it trains: batch sizes, the validation split, the schedule, loggers,
+what may happen to an output folder that already holds a run, the LoRA wrapper, and what is recorded with an adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from utils.core.errors import UserError
+from utils.core.io import atomic_write_json
+from utils.model.checks import TRAINING_METADATA
+from utils.runtime import log
+from utils.training.checkpoints import checkpoint_folders, latest_complete, read_trainer_state
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def batch_size_problems(batch_size: int, micro_batch_size: int, processes: int = 1) -> list[str]:
+    """`micro_batch_size` larger than `batch_size`, or `batch_size` not a multiple of micro batch x processes."""
+    if micro_batch_size > batch_size:
+        return [f"--micro_batch_size {micro_batch_size} is larger than --batch_size {batch_size}"]
+    if batch_size % (micro_batch_size * processes):
+        per_step = f"--micro_batch_size {micro_batch_size} x {processes} process(es)"
+        return [f"--batch_size {batch_size} is not divisible by {per_step}"]
+    return []
+
+
+def resolve_val_size(val_set_size: float | None, rows: int) -> int:
+    """Rows held out for validation: a count, a fraction below 1, or 0; None means 500, or a tenth of a small file.
+
+    Fails, naming `--val_set_size`, when the validation rows would leave no training rows.
+    """
+    if val_set_size is None:
+        return min(500, rows // 10)
+    if not 0 < val_set_size < 1 and not float(val_set_size).is_integer():
+        raise UserError(f"--val_set_size must be a row count, a fraction below 1, or 0; got {val_set_size!r}")
+    size = max(1, int(rows * val_set_size)) if 0 < val_set_size < 1 else int(val_set_size)
+    if size and size >= rows:
+        raise UserError(f"--val_set_size {val_set_size} leaves no training rows: the data has {rows} rows")
+    return size
+
+
+def total_steps(train_rows: int, batch_size: int, num_epochs: float, max_steps: int) -> int:
+    """Optimizer steps of the run: `--max_steps`, or the epochs over `--batch_size` rows a step."""
+    return max_steps if max_steps > 0 else math.ceil(max(1, math.ceil(train_rows / batch_size)) * num_epochs)
+
+
+def warmup(warmup_steps: int, steps: int) -> int:
+    """The linear warm-up: `--warmup_steps`, at most a tenth of the run (the original recipe's 100 of ~680)."""
+    return min(warmup_steps, steps // 10)
+
+
+def reporters(wandb_project: str, watch: str, log_model: str, report_to: str) -> list[str]:
+    """The loggers: wandb only when a project is named (offline when no API key is configured, never a prompt),
+    plus `--report_to` (e.g. tensorboard)."""
+    names = [name.strip() for name in str(report_to).split(",") if name.strip() and name.strip() != "none"]
+    project = wandb_project or os.environ.get("WANDB_PROJECT", "")
+    if not project:
+        return names
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb_project needs the wandb package: pip install wandb") from None
+    os.environ["WANDB_PROJECT"] = project
+    if watch:
+        os.environ["WANDB_WATCH"] = watch
+    if log_model:
+        os.environ["WANDB_LOG_MODEL"] = log_model
+    if os.environ.get("WANDB_MODE") not in ("offline", "disabled") and not wandb.login(prompt=False, verify=False):
+        log("wandb: no API key is configured (WANDB_API_KEY or `wandb login`), logging offline to ./wandb")
+        os.environ["WANDB_MODE"] = "offline"
+    return ["wandb", *names]
+
+
+# --- what an output folder may already hold --------------------------------------------------------------------------
+
+
+def earlier_run(output_dir: str | Path) -> str | None:
+    """A description of what an earlier run left in `output_dir` (an adapter, checkpoints), or None."""
+    folder = Path(output_dir)
+    parts = []
+    if (folder / "adapter_config.json").is_file():
+        parts.append("a finished adapter")
+    found = checkpoint_folders(folder)
+    if found:
+        parts.append(f"{len(found)} checkpoint(s), the newest checkpoint-{found[-1][0]}")
+    return " and ".join(parts) or None
+
+
+def check_restart(output_dir: str | Path, resuming: bool, overwrite: bool) -> None:
+    """A run never silently starts over an earlier one: it resumes it, or replaces it with `--overwrite True`."""
+    left = earlier_run(output_dir)
+    if left and not resuming and not overwrite:
+        raise UserError(f"{output_dir} already holds {left} of an earlier run; continue it with "
+                        "--resume_from_checkpoint True, or replace it with --overwrite True")
+
+
+def check_not_complete(checkpoint: Path, steps: int) -> None:
+    """Resuming a run that already reached its last step would train nothing and overwrite its results."""
+    state = read_trainer_state(checkpoint) or {}
+    done = state.get("global_step", 0)
+    if done >= steps:
+        raise UserError(f"the run in {checkpoint.parent} is complete ({checkpoint.name}: step {done} of {steps}), "
+                        "there is nothing to resume; to train longer, start afresh with more --num_epochs (or "
+                        "--max_steps) and --overwrite True, or into another --output_dir")
+
+
+def clear_earlier_run(output_dir: str | Path) -> None:
+    """With `--overwrite True`: remove the earlier run's checkpoints and adapter before the new one writes any."""
+    folder = Path(output_dir)
+    for _, checkpoint in checkpoint_folders(folder):
+        shutil.rmtree(checkpoint)
+    for name in (*ADAPTER_FILES, TRAINING_METADATA):
+        (folder / name).unlink(missing_ok=True)
+
+
+def newest_checkpoint(output_dir: str | Path) -> Path | None:
+    return latest_complete(output_dir)
+
+
+# --- the adapter -----------------------------------------------------------------------------------------------------
+
+
+def build_peft_model(model: Any, targets: list[str] | str, args: Any) -> Any:
+    """`model` wrapped with LoRA adapters on `targets` (gradient checkpointing / k-bit preparation first)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if args.load_8bit or args.load_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    elif args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets,
+                        lora_dropout=args.lora_dropout, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    model.config.use_cache = False
+    return model
+
+
+def write_training_metadata(folder: str | Path, model: Any, tokenizer: Any, args: Any, targets: Any,
+                            summary: dict[str, Any]) -> None:
+    """`bentsao_training.json`: what the adapter was trained on and with (checked when it is loaded)."""
+    from utils.model.checks import embedding_rows
+
+    base_config = model.get_base_model().config
+    text_config = base_config.get_text_config() if hasattr(base_config, "get_text_config") else base_config
+    metadata = {
+        "base_model": args.base_model,
+        "model_type": getattr(base_config, "model_type", None),
+        "hidden_size": getattr(text_config, "hidden_size", None),
+        "vocab_size": getattr(model.get_base_model().get_input_embeddings(), "num_embeddings", None)
+        or embedding_rows(base_config),
+        "tokenizer_length": len(tokenizer),
+        "prompt_template_name": args.prompt_template_name,
+        "cutoff_len": args.cutoff_len,
+        "train_on_inputs": args.train_on_inputs,
+        "lora_target_modules": targets,
+        "lora_r": args.lora_r,
+        "lora_alpha": args.lora_alpha,
+        "data_path": args.data_path,
+        "summary": summary,
+    }
+    atomic_write_json(Path(folder) / TRAINING_METADATA, metadata)
