@@ -142,13 +142,13 @@ def resolve(args: FinetuneArgs) -> Run:
     """The device, precision, template, checkpoint and loggers: every model-side check that needs no weights."""
     prompter = Prompter(args.prompt_template_name)
     checkpoint = checkpoints.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    device, precision = preflight_model(args.base_model, str(checkpoint) if checkpoint else None,
+                                        precision=args.precision, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
+                                        trust_remote_code=args.trust_remote_code)
     notes = []
     if checkpoint is not None:
         note = checkpoints.check_resumable(checkpoint, world_size(), args.resume_weights_only)
         notes += [note] if note else []
-    device, precision = preflight_model(args.base_model, str(checkpoint) if checkpoint else None,
-                                        precision=args.precision, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
-                                        trust_remote_code=args.trust_remote_code)
     check_attention(args.attn_implementation, device)
     loggers = setup.reporters(args.wandb_project, args.wandb_watch, args.wandb_log_model, args.report_to)
     notes += [cpu_engine_note(device)] if cpu_engine_note(device) else []
@@ -363,6 +363,15 @@ def finish(args: FinetuneArgs, trainer: Any, tokenizer: Any, targets: Any, summa
     log(f"adapter saved to {Path(args.output_dir).resolve()}")
 
 
+def print_parameters(args: FinetuneArgs, run: Run, val_size: int) -> None:
+    """The resolved parameters, once (main process), as `name: value` lines."""
+    resolved = {**vars(args), "val_set_size": val_size, "precision": run.precision, "device": run.device,
+                "world_size": run.processes,
+                "gradient_accumulation_steps": args.batch_size // (args.micro_batch_size * run.processes),
+                "resume_from_checkpoint": run.checkpoint, "report_to": ",".join(run.reporters) or "none"}
+    log("Training BenTsao LoRA with:\n" + "\n".join(f"{name}: {value}" for name, value in resolved.items()) + "\n")
+
+
 @dataclass_flags("args", FinetuneArgs)
 def main(args: FinetuneArgs = DEFAULTS) -> str:
     """Train a LoRA adapter; returns the folder it was written to."""
@@ -373,11 +382,7 @@ def main(args: FinetuneArgs = DEFAULTS) -> str:
     dataset, val_size = read_data(args)
     lock = RunLock(Path(args.output_dir) / ".bentsao.lock", f"--output_dir {args.output_dir}")
     with lock if is_main_process() else contextlib.nullcontext():
-        log("Training BenTsao LoRA with:\n" + "\n".join(
-            f"{name}: {value}" for name, value in {**vars(args), "device": run.device, "precision": run.precision,
-                                                  "world_size": run.processes,
-                                                  "resume_from_checkpoint": run.checkpoint,
-                                                  "report_to": ",".join(run.reporters) or "none"}.items()) + "\n")
+        print_parameters(args, run, val_size)
         for note in run.notes:
             log(note)
         set_seed(args.seed)

@@ -9,7 +9,10 @@ import pytest
 import torch
 from conftest import project_rows, run_script, train_adapter
 
-from utils.batching import (
+from utils.data import IGNORE_INDEX, tokenize_row
+from utils.generation.engine import default_batch_size
+from utils.prompter import Prompter
+from utils.training.batching import (
     PACKING_MODEL_TYPES,
     PackingCollator,
     StepBatchSampler,
@@ -17,9 +20,6 @@ from utils.batching import (
     pack_step,
     plan_batching,
 )
-from utils.data import IGNORE_INDEX, tokenize_row
-from utils.generation import default_batch_size
-from utils.prompter import Prompter
 
 
 def summary_of(stdout: str) -> dict:
@@ -116,7 +116,7 @@ def tiny_lora(path, arch):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from utils.model import load_tokenizer, resolve_lora_targets
+    from utils.model.loading import load_tokenizer, resolve_lora_targets
 
     tokenizer = load_tokenizer(str(path))
     torch.manual_seed(0)
@@ -221,7 +221,7 @@ def test_attn_implementation_reaches_the_model_and_packing_stays(tiny_llama, tra
                            "--val_set_size", "0")
     assert "attn_implementation: eager" in result.stdout
     assert summary_of(result.stdout)["batching"] == "pack"  # eager attention keeps packed rows apart too
-    from utils.model import load_base_model
+    from utils.model.loading import load_base_model
 
     model = load_base_model(str(tiny_llama), device="cpu", attn_implementation="eager")
     assert model.config._attn_implementation == "eager"

@@ -13,7 +13,7 @@ import yaml
 from conftest import REPO, run_script
 
 from utils.core.errors import UserError
-from utils.distributed import check_deepspeed_config, deepspeed_batch_problems
+from utils.training.engines import check_deepspeed_config, deepspeed_batch_problems
 
 DEEPSPEED = REPO / "configs" / "deepspeed"
 ACCELERATE = REPO / "configs" / "accelerate"

@@ -5,7 +5,7 @@ from conftest import reference_file
 
 from utils.core.errors import UserError
 from utils.data import IGNORE_INDEX, load_instruction_dataset, read_instruction_rows, tokenize_dataset, tokenize_row
-from utils.model import load_tokenizer
+from utils.model.loading import load_tokenizer
 from utils.prompter import Prompter
 
 ROWS = [
@@ -91,10 +91,13 @@ def test_truncation_is_counted_and_empty_rows_dropped(tokenizer):
     short = {"instruction": "问", "input": "", "output": "答"}
     dataset = Dataset.from_list([long_answer, long_prompt, short])
     encoded, report = tokenize_dataset(dataset, prompter, tokenizer, cutoff_len=64, train_on_inputs=False, label="t")
-    assert report == {"rows": 3, "truncated": 2, "dropped_no_target": 1}
+    assert report == {"rows": 3, "truncated": 2, "dropped_no_target": 1, "empty_outputs": 0}
     assert len(encoded) == 2 and all(len(ids) <= 64 for ids in encoded["input_ids"])
     cut = tokenize_row(long_answer, prompter, tokenizer, cutoff_len=64)
     assert cut.truncated and len(cut.input_ids) == 64
 
     with pytest.raises(UserError, match="--cutoff_len 64"):
         tokenize_dataset(Dataset.from_list([long_prompt]), prompter, tokenizer, 64, False, "training")
+    with pytest.raises(UserError, match="every training row's `output` is empty"):
+        tokenize_dataset(Dataset.from_list([{**short, "output": ""}, {**short, "output": " "}]), prompter, tokenizer,
+                         64, False, "training")

@@ -9,7 +9,7 @@ import torch
 from conftest import run_script
 
 from utils.core.errors import UserError
-from utils.distributed import parse_device_map
+from utils.runtime import parse_device_map
 
 
 def test_parse_device_map():
@@ -34,11 +34,12 @@ def test_inputs_follow_the_hooks_of_an_offloaded_model(tiny_llama):
     from accelerate import cpu_offload
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from utils.generation import generate_batch, generation_config, model_device
+    from utils.generation.args import GenerationArgs
+    from utils.generation.engine import generate_batch, model_device
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.unk_token
-    config = generation_config(tokenizer, max_new_tokens=6, num_beams=1)
+    config = GenerationArgs(max_new_tokens=6, num_beams=1).config(tokenizer)
     prompts = ["高血压患者需要注意什么？", "糖尿病"]
     plain = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     offloaded = cpu_offload(AutoModelForCausalLM.from_pretrained(tiny_llama).eval(), execution_device="cpu")

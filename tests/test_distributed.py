@@ -19,13 +19,12 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from conftest import REPO, project_rows, run_script
 from safetensors.torch import load_file
 
-from utils.distributed import cpu_engine_note, gathered_state_dict, training_device_args
+from utils.training.engines import cpu_engine_note, training_device_args
 
 ROWS = 16
 TOLERANCE = 1e-4  # relative; see the module docstring
@@ -155,38 +154,3 @@ def test_fsdp_or_deepspeed_config_on_cpu_is_noted(monkeypatch):
     expected = "note: FSDP needs GPUs; on this CPU machine the processes train as plain DDP (gloo)"
     assert cpu_engine_note("cpu") == expected
     assert cpu_engine_note("cuda") is None
-
-
-def test_sharded_weights_are_gathered_before_the_adapter_is_checked_and_written():
-    """ZeRO-3 / FSDP glue, with stand-ins for the engines (no GPU here): who is asked for the full weights, and
-    what the empty-adapter check makes of a rank's placeholders."""
-    import torch
-
-    from finetune import lora_b_is_zero
-
-    plain = SimpleNamespace(is_deepspeed_enabled=False, is_fsdp_enabled=False)
-    assert gathered_state_dict(plain) is None
-
-    calls = []
-    engine = SimpleNamespace(_zero3_consolidated_16bit_state_dict=lambda **kw: calls.append(kw))  # None: not rank 0
-    zero3 = SimpleNamespace(is_deepspeed_enabled=True, is_fsdp_enabled=False, model_wrapped=engine,
-                            accelerator=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
-    assert gathered_state_dict(zero3) == {} and calls == [{"exclude_frozen_parameters": True}]
-    zero2 = SimpleNamespace(**{**vars(zero3), "accelerator": SimpleNamespace(deepspeed_plugin=SimpleNamespace(
-        zero_stage=2))})
-    assert gathered_state_dict(zero2) is None  # ZeRO-2 keeps full weights on every rank
-
-    full = {"base_model.model.layers.0.q_proj.lora_B.default.weight": torch.ones(4, 2)}
-    fsdp = SimpleNamespace(is_deepspeed_enabled=False, is_fsdp_enabled=True, model="the wrapped model",
-                           accelerator=SimpleNamespace(get_state_dict=lambda model: full if model else None))
-    assert gathered_state_dict(fsdp) is full
-
-    class Placeholders(torch.nn.Module):  # what a ZeRO-3 rank holds: empty tensors where the weights were
-        def __init__(self) -> None:
-            super().__init__()
-            self.lora_B = torch.nn.Parameter(torch.empty(0))
-
-    assert not lora_b_is_zero(Placeholders())  # no evidence either way: not reported as an empty adapter
-    assert not lora_b_is_zero(Placeholders(), {})  # another rank's empty gathered dict
-    assert not lora_b_is_zero(Placeholders(), full)
-    assert lora_b_is_zero(Placeholders(), {name: torch.zeros(4, 2) for name in full})

@@ -14,7 +14,7 @@ import pytest
 
 from tests.fake_openai import FakeOpenAI, Reply
 from utils.core.errors import UserError
-from utils.metrics import bleu, characters, lcs_length, rouge_l, rouge_n
+from utils.evaluation.metrics import bleu, characters, lcs_length, rouge_l, rouge_n
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -3,7 +3,7 @@ import torch
 from conftest import run_script, train_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from utils.model import load_adapter
+from utils.model.loading import load_adapter
 
 
 @pytest.mark.parametrize("arch", ["llama", "bloom"])

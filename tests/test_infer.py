@@ -3,8 +3,9 @@ import json
 import pytest
 from conftest import run_script, train_adapter
 
-from utils.generation import generate_answers, generation_config
-from utils.model import load_for_inference
+from utils.generation.args import GenerationArgs
+from utils.generation.engine import generate_answers
+from utils.model.loading import load_for_inference
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_infer_without_instruct_dir_answers_built_in_questions(tiny_llama):
 def test_batched_greedy_equals_one_at_a_time(tiny_models, arch):
     """Left padding + attention mask: a row's answer does not depend on its batch neighbours."""
     model, tokenizer, _ = load_for_inference(str(tiny_models[arch]))
-    config = generation_config(tokenizer, max_new_tokens=12, num_beams=1)
+    config = GenerationArgs(max_new_tokens=12, num_beams=1).config(tokenizer)
     prompts = ["高血压", "糖尿病患者的饮食需要注意什么？", "肝癌的危险因素有哪些？请详细说明。", "咳嗽"]
     batched = generate_answers(model, tokenizer, prompts, config, batch_size=4, progress=False)
     single = [generate_answers(model, tokenizer, [p], config, batch_size=1, progress=False)[0] for p in prompts]
@@ -59,7 +60,7 @@ def test_batched_greedy_equals_one_at_a_time(tiny_models, arch):
 
 def test_special_tokens_come_from_the_tokenizer(tiny_models):
     _, tokenizer, _ = load_for_inference(str(tiny_models["qwen2"]))
-    config = generation_config(tokenizer)
+    config = GenerationArgs().config(tokenizer)
     assert tokenizer.bos_token_id is None and config.eos_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
     assert config.pad_token_id == tokenizer.pad_token_id == config.eos_token_id != 2  # not LLaMA's ids
 
@@ -77,7 +78,7 @@ def test_literature_single_and_multi(tiny_llama, llama_adapter):
 
 
 def test_dialogue_shape_and_trimming():
-    from utils.dialogue import fit_history, render_dialogue
+    from utils.generation.dialogue import fit_history, render_dialogue
 
     history = [("问1", "答1"), ("问2", "答2")]
     assert render_dialogue(history, "问3") == " <user>: 问1 <bot>: 答1 <user>: 问2 <bot>: 答2 <user>: 问3"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from utils.core.errors import UserError
-from utils.plotting import LOSS_PNG, LossPlotCallback, loss_series, main, plot_loss, run_title
+from utils.training.plotting import LOSS_PNG, LossPlotCallback, loss_series, main, plot_loss, run_title
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, run_script
 
 from utils.core.errors import UserError
-from utils.model import quantization_config
+from utils.model.checks import quantization_config
 
 NO_CUDA = "error: 8-bit/4-bit loading needs a CUDA GPU and bitsandbytes; drop --load_8bit/--load_4bit on this machine"
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: 4-bit can load here")
@@ -60,9 +60,9 @@ def test_the_project_imports_bitsandbytes_only_in_quantization_config():
             inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else where
             visit(child, path, inner)
 
-    for path in sorted(REPO.glob("*.py")) + sorted((REPO / "utils").glob("*.py")):
+    for path in sorted(REPO.glob("*.py")) + sorted((REPO / "utils").rglob("*.py")):
         visit(ast.parse(path.read_text(encoding="utf-8")), path, "<module>")
-    assert sorted(set(found)) == [("model.py", "quantization_config")]
+    assert sorted(set(found)) == [("checks.py", "quantization_config")]
 
 
 def test_inference_runs_with_bitsandbytes_unimportable(tiny_llama):

@@ -131,16 +131,16 @@ def test_question_gets_a_streamed_answer_in_the_browser(webui, tmp_path):
 
 
 def test_literature_template_keeps_the_training_shape_and_drops_old_turns(webui_base):
-    from generate import ChatModel, is_multi_turn
-    from utils.model import load_tokenizer
+    from utils.generation.dialogue import Chat
+    from utils.model.loading import load_tokenizer
     from utils.prompter import Prompter
 
-    assert is_multi_turn("literature_template") and not is_multi_turn("med_template")
+    assert Prompter("literature_template").multi_turn and not Prompter("med_template").multi_turn
     tokenizer = load_tokenizer(str(webui_base))
     prompter = Prompter("literature_template")
-    chat = ChatModel(None, tokenizer, prompter, multi_turn=True, context_limit=1024)
+    chat = Chat(prompter, tokenizer, budget=1024 - 64)
     history = [("肝癌有哪些危险因素？", "乙肝、丙肝病毒感染和肝硬化。"), ("怎么筛查？", "超声加甲胎蛋白。")]
-    prompt, kept = chat.build_prompt("多久查一次？", "", history, max_new_tokens=64)
+    prompt, kept = chat.prompt("多久查一次？", history)
     expected = (" <user>: 肝癌有哪些危险因素？ <bot>: 乙肝、丙肝病毒感染和肝硬化。"
                 " <user>: 怎么筛查？ <bot>: 超声加甲胎蛋白。 <user>: 多久查一次？")
     assert prompt == prompter.generate_prompt(expected)
@@ -148,20 +148,20 @@ def test_literature_template_keeps_the_training_shape_and_drops_old_turns(webui_
 
     last_turn_only = prompter.generate_prompt(" <user>: 怎么筛查？ <bot>: 超声加甲胎蛋白。 <user>: 多久查一次？")
     budget = len(tokenizer(last_turn_only)["input_ids"])
-    short = ChatModel(None, tokenizer, prompter, multi_turn=True, context_limit=budget + 64)
-    prompt, kept = short.build_prompt("多久查一次？", "", history, max_new_tokens=64)
+    short = Chat(prompter, tokenizer, budget=budget)
+    prompt, kept = short.prompt("多久查一次？", history)
     assert kept == history[1:]
     assert prompt.count("<user>") == 2
 
 
 def test_single_turn_template_answers_each_question_alone(webui_base):
-    from generate import ChatModel
-    from utils.model import load_tokenizer
+    from utils.generation.dialogue import Chat
+    from utils.model.loading import load_tokenizer
     from utils.prompter import Prompter
 
     prompter = Prompter("med_template")
-    chat = ChatModel(None, load_tokenizer(str(webui_base)), prompter, multi_turn=False, context_limit=1024)
-    prompt, kept = chat.build_prompt(QUESTION, "男，65岁", [("之前的问题", "之前的回答")], max_new_tokens=64)
+    chat = Chat(prompter, load_tokenizer(str(webui_base)), budget=1024 - 64)
+    prompt, kept = chat.prompt(QUESTION, [("之前的问题", "之前的回答")], "男，65岁")
     assert prompt == prompter.generate_prompt(QUESTION, "男，65岁")
     assert kept == [] and "之前" not in prompt
 

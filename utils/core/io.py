@@ -390,7 +390,8 @@ def check_output_file(path: str | Path, flag: str, inputs: Sequence[str | Path] 
 
 def check_output_dir(path: str | Path, flag: str, protected: dict[str, str | Path] | None = None) -> Path:
     """`path` can take a run's output: not a file, not (inside) a protected folder such as the base model, and
-    writable; it is created when missing, so the check is real."""
+    writable (or creatable: the nearest existing folder is writable). Nothing is created: a refused run changes
+    nothing on disk."""
     path = Path(path).expanduser()
     for what, folder in (protected or {}).items():
         if folder and Path(folder).expanduser().is_dir():
@@ -406,10 +407,6 @@ def check_output_dir(path: str | Path, flag: str, protected: dict[str, str | Pat
     reason = _probe_writable(ancestor)
     if reason:
         raise UserError(f"{flag} {path}: cannot write in {ancestor} ({reason})")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise _write_error(path, error) from None
     return path
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from utils.core.cli import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, PROBABILITY, Check, dataclass_flags
+from utils.core.cli import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Check, dataclass_flags
 
 
 @dataclass(frozen=True)
@@ -27,14 +27,21 @@ class GenerationArgs:
 
     __option_checks__: ClassVar[dict[str, Check]] = {
         "max_new_tokens": AT_LEAST_ONE, "min_new_tokens": NON_NEGATIVE, "num_beams": AT_LEAST_ONE,
-        "temperature": POSITIVE, "top_p": PROBABILITY, "top_k": NON_NEGATIVE, "repetition_penalty": POSITIVE,
+        "top_k": NON_NEGATIVE, "repetition_penalty": POSITIVE,
     }
 
     def problems(self) -> list[str]:
-        """What `generate` would reject with a traceback, or what makes no sense together."""
+        """What `generate` would reject with a traceback, or what makes no sense together (the sampling knobs count
+        only when sampling)."""
         problems = []
         if self.min_new_tokens > self.max_new_tokens:
             problems.append(f"--min_new_tokens {self.min_new_tokens} exceeds --max_new_tokens {self.max_new_tokens}")
+        if self.do_sample:
+            if not self.temperature > 0:
+                problems.append(f"--temperature must be above 0 when sampling (--do_sample True), got "
+                                f"{self.temperature:g}")
+            if not 0 < self.top_p <= 1:
+                problems.append(f"--top_p must be in (0, 1] when sampling, got {self.top_p:g}")
         return problems
 
     def config(self, tokenizer: Any) -> Any:

@@ -209,8 +209,9 @@ class ProgressLines(TrainerCallback):
         done = step - self._first_step
         per_step = (time.monotonic() - self._started) / max(done, 1)
         rate = f", lr {logs['learning_rate']:.2e}" if isinstance(logs.get("learning_rate"), float) else ""
+        norm = f", grad_norm {logs['grad_norm']:.4g}" if isinstance(logs.get("grad_norm"), float) else ""
         self._print(f"step {step}/{total}, {per_step:.1f} s/step, ETA {format_duration(per_step * (total - step))}, "
-                    f"loss {logs['loss']:.4f}{rate}")
+                    f"loss {logs['loss']:.4f}{rate}{norm}")
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:

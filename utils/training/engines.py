@@ -25,7 +25,7 @@ import torch
 from utils.core.errors import UserError
 from utils.runtime import world_size
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEEPSPEED_CONFIGS = REPO_ROOT / "configs" / "deepspeed"
 
 

@@ -40,7 +40,7 @@ def resolve_val_size(val_set_size: float | None, rows: int) -> int:
         raise UserError(f"--val_set_size must be a row count, a fraction below 1, or 0; got {val_set_size!r}")
     size = max(1, int(rows * val_set_size)) if 0 < val_set_size < 1 else int(val_set_size)
     if size and size >= rows:
-        raise UserError(f"--val_set_size {val_set_size} leaves no training rows: the data has {rows} rows")
+        raise UserError(f"--val_set_size {val_set_size:g} leaves no training rows: the data has {rows} rows")
     return size
 
 
