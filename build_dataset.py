@@ -209,7 +209,7 @@ def knowledge(
                          dry_run)
     output_path = check_paths(kb, "--kb", output, [] if exclude_questions == "none" else [exclude_questions])
     if hf_dataset:
-        check_output_dir(hf_dataset, "--hf_dataset", {"the folder of --output": output_path.parent})
+        check_output_dir(hf_dataset, "--hf_dataset")
     questions, exclude = eval_questions(exclude_questions)
     with RunLock(f"{output_path}.lock", f"--output {output_path}"):
         entities, stats = load_entities(kb, progress=True)
@@ -275,7 +275,9 @@ def literature(
                                                 "empty": sum(1 for d in documents if not d.text)}}
         if config is None:
             rows = literature_template_rows(documents, turns, seed)
-            kept = apply_gates(rows, LeakIndex([], 1.0), near_duplicate, counts, unique_answers=False)
+            # the answers are the document's own sentences: no fact gate (a screening interval is no graph dose)
+            kept = apply_gates(rows, LeakIndex([], 1.0), near_duplicate, counts, check_content=False,
+                               unique_answers=False)
         else:
             items = [literature_item(d, pairs_per_document, turns, min_overlap, seed) for d in documents if d.text]
             if dry_run:

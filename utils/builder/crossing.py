@@ -106,39 +106,53 @@ def _departments(index: GraphIndex, names: Sequence[str]) -> list[str]:
 def vignette_answer(index: GraphIndex, shown: Sequence[str], names: Sequence[str], ending: str,
                     rng: random.Random, patient_ref: str) -> tuple[str, tuple[str, ...]] | None:
     """The answer to a vignette about `shown` symptoms: one disease -> a hedged diagnosis; several -> the
-    differential and a department. Returns None when the ending asks for something the graph lacks."""
+    differential, always with a department. None when the graph lacks what the question asks for."""
+    if len(names) > 1:
+        return differential_answer(index, shown, names, ending, rng)
     table = resources.phrasings()["vignette"]
-    listing = join_and(list(shown))
+    disease = index.by_name[names[0]]
+    parts = [fill(rng.choice(table["unique"]), s=join_and(list(shown)), e=disease.name, r=patient_ref)
+             + table["unique_caution"]]
     named: list[str] = []
-    if len(names) == 1:
-        disease = index.by_name[names[0]]
-        parts = [fill(rng.choice(table["unique"]), s=listing, e=disease.name, r=patient_ref) + table["unique_caution"]]
-        departments = list(disease.values("department")[:2])
-        tests = list(capped(disease, "test", 3))
-        if ending == "treat":
-            treatment, named_treatment = treatment_phrase(disease)
-            if not treatment:
-                return None
-            parts.append(fill(table["treat_unique"], t=treatment))
-            named.extend(named_treatment)
-    else:
-        shown_names = list(names[:5])
-        parts = [fill(rng.choice(table["differential"]), s=listing, n=join(shown_names))]
-        departments = _departments(index, names)
-        tests = []
-        named.extend(shown_names)
+    departments, tests = list(disease.values("department")[:2]), list(capped(disease, "test", 3))
+    if ending == "treat":
+        treatment, named_treatment = treatment_phrase(disease)
+        if not treatment:
+            return None
+        parts.append(fill(table["treat_unique"], t=treatment))
+        named.extend(named_treatment)
     if ending in ("department", "advice", "treat"):
         if not departments:
             return None
-        key = "department" if len(names) == 1 else "department_differential"
-        parts.append(fill(table[key], d="或".join(departments)))
+        parts.append(fill(table["department"], d="或".join(departments)))
         named.extend(departments)
-    if ending in ("tests", "advice") and len(names) == 1:
+    if ending in ("tests", "advice"):
         if not tests:
             return None
         parts.append(fill(table["tests"], t=join(tests)))
         named.extend(tests)
-    if ending == "treat" and len(names) > 1:
+    parts.append(emergency_sentence(shown, names))
+    return "".join(parts), tuple(named)
+
+
+def differential_answer(index: GraphIndex, shown: Sequence[str], names: Sequence[str], ending: str,
+                        rng: random.Random) -> tuple[str, tuple[str, ...]] | None:
+    """Several diseases fit: name them, say which department to see, and (when asked) which tests tell them apart."""
+    table = resources.phrasings()["vignette"]
+    listed = list(names[:5])
+    departments = _departments(index, names)
+    if not departments:
+        return None
+    parts = [fill(rng.choice(table["differential"]), s=join_and(list(shown)), n=join(listed)),
+             fill(table["department_differential"], d="或".join(departments))]
+    named = listed + departments
+    if ending in ("tests", "advice"):
+        tests = list(dict.fromkeys(test for name in listed for test in index.by_name[name].values("test")[:1]))[:4]
+        if not tests:
+            return None
+        parts.append(fill(table["tests_differential"], t=join(tests)))
+        named.extend(tests)
+    if ending == "treat":
         parts.append(table["treat_differential"])
     parts.append(emergency_sentence(shown, names))
     return "".join(parts), tuple(named)

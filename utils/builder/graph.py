@@ -39,25 +39,28 @@ KINDS = ("disease", "drug", "herb", "test", "other")
 # --- reading -------------------------------------------------------------------------------------------------------
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """The pickle names a global (a class, a function): refused before it is looked up, let alone called."""
+
+
 class NoGlobalsUnpickler(pickle.Unpickler):
     """An unpickler that allows no globals at all: classes, functions and `__reduce__` payloads are refused before
     anything is called, so only dicts, lists, tuples, sets, strings, numbers, booleans and None can be built."""
 
     def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"it refers to {module}.{name}; only plain containers, strings and numbers "
-                                     "are allowed")
+        raise RefusedGlobal(f"it refers to {module}.{name}; only plain containers, strings and numbers are allowed")
 
     def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("it holds a persistent reference; only plain data is allowed")
+        raise RefusedGlobal("it holds a persistent reference; only plain data is allowed")
 
 
 def unpickle_plain(data: bytes, where: str) -> Any:
     """The plain data of a pickle, or one `UserError` naming `where` (nothing in the pickle is ever run)."""
     try:
         return NoGlobalsUnpickler(io.BytesIO(data)).load()
-    except pickle.UnpicklingError as error:
+    except RefusedGlobal as error:
         raise UserError(f"{where}: refused to unpickle: {error}") from None
-    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError, MemoryError, RecursionError,
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError, MemoryError, RecursionError,
             UnicodeDecodeError, OverflowError) as error:
         raise UserError(f"{where}: not a readable pickle ({type(error).__name__}: {error})") from None
 
@@ -290,6 +293,8 @@ def _trim(piece: str, clean: Cleaner) -> str:
             if piece.endswith(suffix) and len(piece) > len(suffix):
                 piece, changed = piece[: -len(suffix)].strip(" 　，,。；;"), True
                 break
+        trimmed = clean.trailing_category.sub("", piece)
+        piece, changed = trimmed, changed or trimmed != piece
     return piece
 
 
@@ -328,6 +333,8 @@ def _clean_pieces(relation: str, value: str) -> tuple[tuple[str, ...], tuple[str
     spec, clean = predicate_map().relations[relation], cleaner()
     text = _CITATION.sub("", _NOTE.sub("", value.replace("\u3000", " ")))
     text = text if spec.latin else _SPACES_NEAR_CJK.sub("", text)
+    if dose_or_frequency(text):  # a value with a dose in it is dropped whole: its other pieces are instructions too
+        return (), ("dose or frequency",)
     separators = _ALWAYS_SPLIT + spec.split
     pieces = re.split("[" + re.escape(separators) + "]", text) if separators else [text]
     kept: list[str] = []

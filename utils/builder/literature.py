@@ -1,9 +1,9 @@
 """Documents to dialogues in the published literature shape (` <user>: q1 <bot>: a1 <user>: q2` -> a2).
 
 Template: each turn's question is read off the start of a sentence (`literature.yaml`), and its answer is composed
-of that sentence and the sentences after it, up to the next turn (at least two sentences where the document has
-them), so no answer is one copied sentence and no question is an empty follow-up; a greeting may open a dialogue,
-never interrupt one. LLM: the model writes the dialogue; answers must be grounded in the document (character
+of that sentence and the document's other sentences about the same topic (or the ones right after it that raise no
+question of their own), so answers are not one copied sentence and no question is an empty follow-up; a greeting
+may open a dialogue, never interrupt one. LLM: the model writes the dialogue; answers must be grounded in the document (character
 bigram overlap), state no number the document lacks and make no absolute claim, and a dialogue is cut at its first
 failing turn or empty follow-up (the later turns build on it).
 """
@@ -28,6 +28,7 @@ from utils.core.io import check_string_fields, read_records
 _SENTENCE_END = re.compile(r"(?<=[。！？!?])")
 _TURN = re.compile(r" <(user|bot)>: ")
 MIN_SENTENCE_CHARS = 12
+MIN_SHARED_BIGRAMS = 3  # a neighbouring sentence sharing this many character bigrams continues the same subject
 
 
 @dataclass(frozen=True)
@@ -95,22 +96,35 @@ def sentence_topic(sentence: str) -> tuple[str, tuple[str, ...]] | None:
 
 
 def document_turns(document: Document, seed: int) -> list[tuple[str, str]]:
-    """(question, answer) turns of a document: a new turn starts at a sentence with a topic once the current
-    answer has two sentences; the answer gathers the sentences up to the next turn (within the limits)."""
+    """(question, answer) turns of a document: one per sentence whose start gives a question. The answer is composed
+    of that sentence, the sentences elsewhere in the document about the same topic, and the sentences right after
+    it that have no question of their own (within the limits), in the document's order after the first."""
     data = resources.literature()
     most_sentences, most_chars = int(data["max_answer_sentences"]), int(data["max_answer_chars"])
     rng = random.Random(f"{seed}:document:{document.key}")
-    turns: list[tuple[str, list[str]]] = []
-    for sentence in split_sentences(document.text):
-        found = sentence_topic(sentence)
-        current = turns[-1][1] if turns else None
-        starts_turn = found is not None and (current is None or len(current) >= 2)
-        if starts_turn:
-            topic, questions = found  # type: ignore[misc]
-            turns.append((fill(rng.choice(questions), t=topic), [sentence]))
-        elif current is not None and len(current) < most_sentences and len("".join(current) + sentence) <= most_chars:
-            current.append(sentence)
-    return [(question, "".join(sentences)) for question, sentences in turns]
+    sentences = split_sentences(document.text)
+    topics = [sentence_topic(sentence) for sentence in sentences]
+    turns = []
+    for index, found in enumerate(topics):
+        if found is None:
+            continue
+        topic, questions = found
+        following = []
+        for later in range(index + 1, len(sentences)):
+            if topics[later] is not None:
+                break
+            following.append(later)
+        related = [other for other, sentence in enumerate(sentences) if other != index and topic in sentence]
+        neighbours = [other for other in (index + 1, index - 1) if 0 <= other < len(sentences)
+                      and len(bigrams(sentences[other]) & bigrams(sentences[index])) >= MIN_SHARED_BIGRAMS]
+        chosen = [index]
+        for other in following + related + neighbours:
+            text = "".join(sentences[number] for number in chosen) + sentences[other]
+            if other not in chosen and len(chosen) < most_sentences and len(text) <= most_chars:
+                chosen.append(other)
+        answer = sentences[index] + "".join(sentences[number] for number in sorted(chosen[1:]))
+        turns.append((fill(rng.choice(questions), t=topic), answer))
+    return turns
 
 
 def render(pairs: Sequence[tuple[str, str]], rng: random.Random) -> str:
