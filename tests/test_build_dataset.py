@@ -68,7 +68,8 @@ def test_committed_data_meets_its_targets() -> None:
     assert not [row for row in rows if dose_or_frequency(row["output"])]
     evaluation = [json.loads(line)["instruction"] for line in (ROOT / "data" / "infer.json").read_text().splitlines()]
     for row in rows:
-        assert set(row) == {"instruction", "input", "output", "meta"} and row["meta"]["kind"] and row["meta"]["entities"]
+        assert set(row) == {"instruction", "input", "output", "meta"}
+        assert row["meta"]["kind"] and row["meta"]["entities"]
         grams = bigrams(row["instruction"])
         assert all(jaccard(grams, bigrams(question)) < 0.8 for question in evaluation), row["instruction"]
     report = json.loads((ROOT / "data" / "llama_data.json.report.json").read_text(encoding="utf-8"))
@@ -110,9 +111,11 @@ def test_literature_regenerates_and_is_composed_without_empty_turns(tmp_path: Pa
 @pytest.mark.parametrize(
     ("lines", "expected"),
     [
-        (['{"中心词": "甲病", "相关症状": ["发热"]}', '{"中心词": "乙病", "相关症状": ["发热"'], "line 2: invalid JSON"),
+        (['{"中心词": "甲病", "相关症状": ["发热"]}', '{"中心词": "乙病", "相关症状": ["发热"'],
+         "line 2: invalid JSON"),
         (['{"中心词": "甲病", "相关症状": ["发热"]}', '{"相关症状": ["咳嗽"]}'], "line 2: missing `中心词`"),
-        (['{"中心词": "甲病", "相关症状": "发热"}'], "relation `相关症状` of `甲病` must be a list of strings, got a string"),
+        (['{"中心词": "甲病", "相关症状": "发热"}'],
+         "relation `相关症状` of `甲病` must be a list of strings, got a string"),
         (['{"中心词": "甲病", "相关症状": ["发热", 3]}'], "must be a list of strings, it holds a number"),
         (['{"中心词": "甲病"}', '{"中心词": "甲病"}'], "`甲病` is already defined at line 1"),
     ],
@@ -149,7 +152,7 @@ def test_every_bad_option_is_one_clear_line(argv: list[str], expected: str, tmp_
     for flag, value in zip(argv[::2], argv[1::2], strict=True):
         base[flag] = value
     args = [item for pair in base.items() for item in pair]
-    code, out, err = cli("knowledge", *args, monkeypatch=monkeypatch, capsys=capsys)
+    code, _, err = cli("knowledge", *args, monkeypatch=monkeypatch, capsys=capsys)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
     assert "Traceback" not in err and not (tmp_path / "out.json").exists()
 

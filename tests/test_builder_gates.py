@@ -53,7 +53,8 @@ def test_near_duplicates_are_found_by_minhash_and_confirmed_exactly() -> None:
     rows = [
         row(*base),
         row("急性胰腺炎有哪些常见症状", base[1]),  # near-equal: kept out
-        row("慢性胰腺炎有哪些常见症状？", "慢性胰腺炎的常见症状包括腹痛、消瘦、脂肪泻、糖尿病。"),  # another disease: kept
+        # another disease: kept
+        row("慢性胰腺炎有哪些常见症状？", "慢性胰腺炎的常见症状包括腹痛、消瘦、脂肪泻、糖尿病。"),
     ]
     counts = GateCounts()
     kept = near_gate(rows, 0.8, counts)

@@ -23,7 +23,8 @@ KB = [
 ]
 GOOD_MTX = ("甲氨蝶呤能治什么？", "甲氨蝶呤可用于类风湿关节炎和银屑病，需在医生指导下使用。")
 BAD_MTX = [
-    ("甲氨蝶呤怎么吃？", "甲氨蝶呤用于治疗类风湿关节炎，需每天服用一次，遵医嘱。"),  # daily methotrexate: a known fatal error
+    # daily methotrexate: a known fatal error
+    ("甲氨蝶呤怎么吃？", "甲氨蝶呤用于治疗类风湿关节炎，需每天服用一次，遵医嘱。"),
     ("甲氨蝶呤吃多少？", "甲氨蝶呤治疗银屑病时每次服用10mg，骨髓抑制少见。"),  # an invented dose
     ("甲氨蝶呤安全吗？", "甲氨蝶呤用于银屑病时不会引起任何不良反应。"),  # an absolute claim
     ("甲氨蝶呤有副作用吗？", "甲氨蝶呤可能引起肝功能损害、骨髓抑制和皮疹。"),  # 皮疹 is a fact of another drug
@@ -37,7 +38,8 @@ REPLIES = {
 
 
 def qa_json(pairs) -> str:
-    return "好的：\n```json\n" + json.dumps([{"question": q, "answer": a} for q, a in pairs], ensure_ascii=False) + "\n```"
+    text = json.dumps([{"question": q, "answer": a} for q, a in pairs], ensure_ascii=False)
+    return f"好的：\n```json\n{text}\n```"
 
 
 def by_entity(body: dict) -> Reply:
@@ -140,9 +142,9 @@ def test_a_failing_rerun_without_resume_keeps_the_rows_it_had(tmp_path: Path, ap
     with FakeOpenAI(by_entity) as server:
         run(server, kb, out, api_env)
     kept = out.read_bytes()
-    with FakeOpenAI(lambda body: Reply(status=500)) as server:
-        with pytest.raises(UserError, match="requests failed, so .*rows.json was left as it was"):
-            run(server, kb, out, api_env, max_retries=0)
+    with FakeOpenAI(lambda body: Reply(status=500)) as server, pytest.raises(
+            UserError, match="requests failed, so .*rows.json was left as it was"):
+        run(server, kb, out, api_env, max_retries=0)
     assert out.read_bytes() == kept
 
 

@@ -60,8 +60,8 @@ def unpickle_plain(data: bytes, where: str) -> Any:
         return NoGlobalsUnpickler(io.BytesIO(data)).load()
     except RefusedGlobal as error:
         raise UserError(f"{where}: refused to unpickle: {error}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError, MemoryError, RecursionError,
-            UnicodeDecodeError, OverflowError) as error:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            MemoryError, RecursionError, UnicodeDecodeError, OverflowError) as error:
         raise UserError(f"{where}: not a readable pickle ({type(error).__name__}: {error})") from None
 
 

@@ -3,9 +3,9 @@
 Template: each turn's question is read off the start of a sentence (`literature.yaml`), and its answer is composed
 of that sentence and the document's other sentences about the same topic (or the ones right after it that raise no
 question of their own), so answers are not one copied sentence and no question is an empty follow-up; a greeting
-may open a dialogue, never interrupt one. LLM: the model writes the dialogue; answers must be grounded in the document (character
-bigram overlap), state no number the document lacks and make no absolute claim, and a dialogue is cut at its first
-failing turn or empty follow-up (the later turns build on it).
+may open a dialogue, never interrupt one. LLM: the model writes the dialogue; answers must be grounded in the
+document (character bigram overlap), state no number the document lacks and make no absolute claim, and a dialogue is
+cut at its first failing turn or empty follow-up (the later turns build on it).
 """
 
 from __future__ import annotations

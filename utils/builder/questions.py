@@ -111,7 +111,8 @@ def patients_for(entity: Entity) -> tuple[str, ...]:
     """Who a vignette is about: the disease's own population when it names people, else by department."""
     data = resources.cleaning()
     table = resources.phrasings()["vignette"]
-    people = [person for person in entity.values("population") if person.endswith(tuple(data["person_endings"]))]
+    people = [person for person in entity.values("population") if person.endswith(tuple(data["person_endings"]))
+              and not any(word in person for word in data["person_exclude"])]
     if people:
         return tuple(("一名" if person.endswith(tuple(data["child_words"])) else "一位") + person for person in people)
     departments = set(entity.values("department"))
