@@ -14,7 +14,8 @@ usual brevity penalty; utils/metrics.py documents the formulas.
 `--judge openai` also asks an OpenAI-compatible chat-completions endpoint to grade each answer 0–3 on
 完整性 (completeness), 深刻性 (depth) and 专业性 (professionalism), the CMCOQA rubric, and averages each (0–3).
 The API key is read from the environment variable that `--api_key_env` names. Failed requests (429, 5xx,
-timeouts) and unusable replies are retried with exponential backoff (utils/llm.py); every graded row is appended
+timeouts) are retried by the openai SDK, unusable replies are asked again with exponential backoff (utils/llm.py);
+every graded row is appended
 to a sidecar file (`--judge_cache`, by default PREDICTIONS.judge.jsonl), so a second run asks only about rows
 not graded yet, and an interrupted one loses nothing.
 """
@@ -133,10 +134,10 @@ def judge_messages(row: dict, golden_field: str = "output", answer_field: str = 
 
 def grade(client: Any, config: llm.ChatConfig, messages: list[dict[str, str]],
           sleep: Callable[[float], None] = time.sleep) -> dict[str, int]:
-    """One row's scores. `llm.chat_completion` retries HTTP failures (429, 5xx, timeouts); a malformed reply is
-    asked again here, with the same backoff, up to `config.max_retries` times."""
+    """One row's scores. The openai SDK retries HTTP failures (429, 5xx, timeouts); a malformed reply is asked
+    again here, with backoff, up to `config.max_retries` times."""
     for attempt in range(config.max_retries + 1):
-        reply = llm.chat_completion(client, config, messages, sleep=sleep)
+        reply = llm.chat_completion(client, config, messages)
         try:
             return parse_judge_reply(reply)
         except MalformedReply as error:

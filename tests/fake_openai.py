@@ -9,6 +9,9 @@
 
 `scripted({"偏头痛": [Reply(status=500), Reply(content="...")]}, default)` answers each request by the first
 keyword found in its last user message, popping that keyword's next scripted reply, then falling back to `default`.
+
+An error reply carries `retry-after-ms` (10 ms unless told otherwise), so the openai SDK's own retries, which honour
+it, keep the tests fast; a completion reports `usage` (prompt/completion tokens) as a real server does.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ class Reply:
     status: int = 200
     delay: float = 0.0  # seconds to wait first, to provoke client timeouts
     raw_body: bytes | None = None  # sent as is instead of a completion (e.g. a body that is not JSON)
+    content_type: str = "text/plain"  # of a raw body
+    retry_after_ms: int | None = 10  # sent with an error status; None sends no Retry-After at all
+    prompt_tokens: int = 1
+    completion_tokens: int = 1
 
 
 Responder = Callable[[dict[str, Any]], Reply]
@@ -56,7 +63,7 @@ def scripted(scripts: dict[str, list[Reply]], default: Responder) -> Responder:
     return respond
 
 
-def completion_body(model: str, content: str) -> dict[str, Any]:
+def completion_body(model: str, content: str, prompt_tokens: int = 1, completion_tokens: int = 1) -> dict[str, Any]:
     """The JSON of a chat completion, with just the fields the `openai` client reads."""
     return {
         "id": "chatcmpl-fake",
@@ -64,7 +71,8 @@ def completion_body(model: str, content: str) -> dict[str, Any]:
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
     }
 
 
@@ -101,20 +109,27 @@ class FakeOpenAI:
                 reply = fake.responder(body)
                 if reply.delay:
                     time.sleep(reply.delay)
+                extra = {"retry-after-ms": str(reply.retry_after_ms)} if (
+                    reply.status != 200 and reply.retry_after_ms is not None) else {}
                 if reply.raw_body is not None:
-                    self._send_bytes(reply.status, reply.raw_body, "text/plain")
+                    self._send_bytes(reply.status, reply.raw_body, reply.content_type, extra)
                 elif reply.status != 200:
-                    self._send(reply.status, {"error": {"message": "scripted failure", "type": "server_error"}})
+                    self._send(reply.status, {"error": {"message": "scripted failure", "type": "server_error"}}, extra)
                 else:
-                    self._send(200, completion_body(body.get("model", "fake"), reply.content))
+                    self._send(200, completion_body(body.get("model", "fake"), reply.content, reply.prompt_tokens,
+                                                    reply.completion_tokens))
 
-            def _send(self, status: int, payload: dict[str, Any]) -> None:
-                self._send_bytes(status, json.dumps(payload, ensure_ascii=False).encode("utf-8"), "application/json")
+            def _send(self, status: int, payload: dict[str, Any], extra: dict[str, str] | None = None) -> None:
+                data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+                self._send_bytes(status, data, "application/json", extra)
 
-            def _send_bytes(self, status: int, data: bytes, content_type: str) -> None:
+            def _send_bytes(self, status: int, data: bytes, content_type: str,
+                            extra: dict[str, str] | None = None) -> None:
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", content_type)
+                    for name, value in (extra or {}).items():
+                        self.send_header(name, value)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)

@@ -1,11 +1,14 @@
 """Pieces for asking an OpenAI-compatible chat-completions server, shared by the data builder and the judge.
 
-- `ChatConfig` + `make_client` + `chat_completion`: one request with retry and exponential backoff on 429, 5xx,
-  timeouts and dropped connections. The API key is read from the environment variable that `--api_key_env` names;
-  it is never printed or logged.
-- `extract_json_array` / `qa_pairs`: the model is asked for a JSON array of `{"question", "answer"}` objects,
-  and models like to wrap it in a ```json fence or add a sentence around it.
-- `Progress`: a small sidecar file next to an output, one line per finished item, so `--resume True` is exact.
+- `ChatConfig` + `make_client` + `chat_reply` / `chat_completion`: one request. Transient failures (429, 408, 409,
+  5xx, timeouts, dropped connections) are retried by the `openai` SDK itself, `max_retries` times with jittered
+  exponential backoff, honouring the server's Retry-After; what is left is mapped here: a problem that would fail
+  every request alike (a refused key, an unknown model, a server that cannot be reached) is a `UserError` that stops
+  the run, anything else a `ChatError` that skips the item. The API key is read from the environment variable that
+  `--api_key_env` names; it is never printed or logged.
+- `backoff_delay`: the wait before asking again after an *unusable* reply (which the SDK cannot know about).
+- `extract_json_array` / `qa_pairs`: the model is asked for a JSON array of `{"question", "answer"}` objects, and
+  models like to wrap it in a ```json fence or add a sentence around it.
 """
 
 from __future__ import annotations
@@ -14,17 +17,13 @@ import json
 import os
 import random
 import re
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from utils.core.errors import UserError, redact, register_secret
-from utils.core.io import read_jsonl_tolerant
 
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
-PROGRESS_SUFFIX = ".progress.jsonl"
 
 
 @dataclass(frozen=True)
@@ -37,12 +36,19 @@ class ChatConfig:
     temperature: float = 0.7
     timeout: float = 120.0
     max_retries: int = 5
-    retry_base_delay: float = 1.0
+    retry_base_delay: float = 1.0  # before asking again after an unusable reply; doubles each time
     max_retry_delay: float = 60.0
 
 
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 class ChatError(Exception):
-    """One request failed for good (retries used up, or a refusal that retrying cannot fix); the item is skipped."""
+    """One request failed for good (retries used up, a refusal retrying cannot fix, an unreadable reply): the item
+    is skipped."""
 
 
 def read_api_key(env_name: str) -> str:
@@ -58,47 +64,21 @@ def read_api_key(env_name: str) -> str:
 
 
 def make_client(config: ChatConfig) -> Any:
-    """An `openai.OpenAI` client whose own retries are off: `chat_completion` retries, with logging and limits."""
+    """An `openai.OpenAI` client that retries transient failures itself (`max_retries`, `timeout` per attempt)."""
     import openai  # imported here so that the offline template backend never needs it
 
     return openai.OpenAI(
         api_key=read_api_key(config.api_key_env),
         base_url=config.api_base,
         timeout=config.timeout,
-        max_retries=0,
+        max_retries=config.max_retries,
     )
 
 
-def backoff_delay(attempt: int, config: ChatConfig, retry_after: float | None = None) -> float:
-    """Exponential backoff with a little jitter, so concurrent workers do not retry in lockstep."""
+def backoff_delay(attempt: int, config: ChatConfig) -> float:
+    """Exponential backoff with a little jitter before asking again after an unusable reply."""
     delay = min(config.max_retry_delay, config.retry_base_delay * (2**attempt))
-    delay *= 1.0 + 0.25 * random.random()
-    if retry_after is not None:
-        delay = max(delay, min(retry_after, config.max_retry_delay))
-    return delay
-
-
-def _retry_after_seconds(error: Exception) -> float | None:
-    response = getattr(error, "response", None)
-    headers = getattr(response, "headers", None) or {}
-    try:
-        return float(headers.get("retry-after"))
-    except (TypeError, ValueError):
-        return None
-
-
-def classify_error(error: Exception) -> str:
-    """`retry` (429, 408, 409, 5xx, timeout, connection), `fatal` (key, permission, unknown model) or `skip`."""
-    import openai
-
-    if isinstance(error, (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError)):
-        return "retry"
-    if isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)):
-        return "fatal"
-    status = getattr(error, "status_code", None)
-    if isinstance(status, int) and (status >= 500 or status in (408, 409)):
-        return "retry"
-    return "skip"
+    return delay * (1.0 + 0.25 * random.random())
 
 
 def describe_error(error: Exception) -> str:
@@ -110,50 +90,49 @@ def describe_error(error: Exception) -> str:
     return redact(f"{prefix}: {message}" if message else prefix)
 
 
-def chat_completion(
-    client: Any,
-    config: ChatConfig,
-    messages: list[dict[str, str]],
-    sleep: Callable[[float], None] = time.sleep,
-) -> str:
-    """The reply text of one chat completion, retrying transient failures up to `config.max_retries` times.
+def _mapped_error(error: Exception, config: ChatConfig) -> Exception:
+    """The SDK's final error as a `UserError` (stop the run) or a `ChatError` (skip the item)."""
+    import openai
 
-    Raises `ChatError` when the item should be skipped, and `UserError` for a problem that would fail every
-    request alike (a refused key, an unknown model, a server that cannot be reached at all).
+    where = config.api_base or "the OpenAI API"
+    if isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)):
+        return UserError(f"{where} refused the request ({describe_error(error)})")
+    if isinstance(error, openai.APIConnectionError) and not isinstance(error, openai.APITimeoutError):
+        return UserError(f"cannot reach {where} after {config.max_retries + 1} attempts ({describe_error(error)}); "
+                         "check --api_base")
+    if isinstance(error, openai.APITimeoutError):
+        return ChatError(f"no reply within --timeout {config.timeout:g}s after {config.max_retries + 1} attempts")
+    return ChatError(describe_error(error))
+
+
+def chat_reply(client: Any, config: ChatConfig, messages: list[dict[str, str]]) -> tuple[str, Usage]:
+    """The reply text of one chat completion and the tokens it used.
+
+    Raises `ChatError` when the item should be skipped, and `UserError` for a problem that would fail every request
+    alike. A reply that is not a chat completion (HTTP 200 with a body that is not one) is a `ChatError`.
     """
     import openai
 
-    for attempt in range(config.max_retries + 1):
-        try:
-            response = client.chat.completions.create(
-                model=config.model, messages=messages, temperature=config.temperature
-            )
-            return _reply_text(response)
-        except openai.OpenAIError as error:
-            kind = classify_error(error)
-            if kind == "fatal":
-                raise UserError(
-                    f"{config.api_base or 'the OpenAI API'} refused the request ({describe_error(error)})"
-                ) from None
-            if kind == "skip":
-                raise ChatError(describe_error(error)) from None
-            if attempt == config.max_retries:
-                if isinstance(error, openai.APIConnectionError) and not isinstance(error, openai.APITimeoutError):
-                    raise UserError(
-                        f"cannot reach {config.api_base or 'the OpenAI API'} after {attempt + 1} attempts "
-                        f"({describe_error(error)}); check --api_base"
-                    ) from None
-                raise ChatError(f"{describe_error(error)} (gave up after {attempt + 1} attempts)") from None
-            sleep(backoff_delay(attempt, config, _retry_after_seconds(error)))
-    raise AssertionError("unreachable")
-
-
-def _reply_text(response: Any) -> str:
+    try:
+        response = client.chat.completions.create(model=config.model, messages=messages,
+                                                  temperature=config.temperature)
+    except openai.OpenAIError as error:
+        raise _mapped_error(error, config) from None
+    except (ValueError, TypeError, KeyError) as error:  # a 200 whose body is not the JSON of a completion
+        raise ChatError(f"the server's reply is not a chat completion ({type(error).__name__})") from None
     choices = getattr(response, "choices", None)
-    if not choices:
-        raise ChatError("the server's reply has no choices")
-    content = getattr(choices[0].message, "content", None)
-    return content if isinstance(content, str) else ""
+    if not isinstance(choices, list) or not choices:
+        raise ChatError("the server's reply is not a chat completion (no choices)")
+    message = getattr(choices[0], "message", None)
+    content = getattr(message, "content", None)
+    usage = getattr(response, "usage", None)
+    tokens = Usage(int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0))
+    return (content if isinstance(content, str) else ""), tokens
+
+
+def chat_completion(client: Any, config: ChatConfig, messages: list[dict[str, str]]) -> str:
+    """The reply text of one chat completion (see `chat_reply`)."""
+    return chat_reply(client, config, messages)[0]
 
 
 _FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n?(.*?)```", re.DOTALL)
@@ -171,7 +150,7 @@ def extract_json_array(text: str) -> list[Any] | None:
             continue
         try:
             value = json.loads(candidate[start : end + 1])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             continue
         if isinstance(value, list):
             return value
@@ -190,32 +169,3 @@ def qa_pairs(items: Iterable[Any]) -> tuple[list[tuple[str, str]], int]:
         else:
             malformed += 1
     return pairs, malformed
-
-
-class Progress:
-    """The keys of finished items, in a sidecar `<output>.progress.jsonl`.
-
-    A key is recorded only after that item's rows are on disk, so an interrupted run loses nothing; a line torn
-    by a crash is ignored, and that item is simply done again (callers drop rows they already have).
-    """
-
-    def __init__(self, output: str | Path) -> None:
-        output = Path(output)
-        self.path = output.with_name(output.name + PROGRESS_SUFFIX)
-
-    def start(self, resume: bool) -> set[str]:
-        """The keys already done when resuming; without resume, forget any earlier progress."""
-        if not resume:
-            self.path.unlink(missing_ok=True)
-            return set()
-        return self.done()
-
-    def done(self) -> set[str]:
-        return {row["key"] for row in read_jsonl_tolerant(self.path) if isinstance(row.get("key"), str)}
-
-    def mark(self, key: str, **info: Any) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"key": key, **info}, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())

@@ -1,0 +1,50 @@
+"""Shared by the builder's tests: the real cMeKG graph read once per test session, small graphs made by hand."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from utils.builder.graph import (
+    Entity,
+    GraphStats,
+    RawEntity,
+    build_entity,
+    graph_from_mapping,
+    predicate_map,
+    read_graph,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+SUBSET_STEP = 12  # every 12th subject of cMeKG: a deterministic subset of about 2,300 entities
+
+
+@cache
+def cmekg_raw() -> tuple[RawEntity, ...]:
+    """Every subject of the installed cMeKG graph (read once per process, through the no-globals unpickler)."""
+    return tuple(read_graph("cmekg")[0])
+
+
+@cache
+def cmekg_subset() -> tuple[Entity, ...]:
+    stats = GraphStats()
+    entities = (build_entity(raw, predicate_map(), stats) for raw in cmekg_raw()[::SUBSET_STEP])
+    return tuple(entity for entity in entities if entity is not None)
+
+
+def entities_from(graph: dict[str, dict[str, list[str]]]) -> list[Entity]:
+    """Clean entities of a hand-made {subject: {predicate: [values]}} graph (cMeKG's shape)."""
+    stats = GraphStats()
+    built = (build_entity(raw, predicate_map(), stats) for raw in graph_from_mapping(graph, "test graph"))
+    return [entity for entity in built if entity is not None]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,126 @@
+"""Reading graphs: the no-globals unpickler (a pickle that would run code never runs), the installed cMeKG, the
+predicate map as data, value cleaning."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from builder_support import cmekg_raw, entities_from
+
+from utils.builder import resources
+from utils.builder.graph import clean_values, installed_cmekg_path, predicate_map, read_graph, unpickle_plain
+from utils.builder.rows import phrasing
+from utils.core.errors import UserError
+
+
+class RunsCode:
+    """Unpickling this would call os.system (it creates a marker file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    graph = {"甲病": {"常见症状": ["发热"]}, "evil": RunsCode(marker)}
+    for protocol in (0, 2, pickle.HIGHEST_PROTOCOL):
+        path = tmp_path / f"evil{protocol}.pkl"
+        path.write_bytes(pickle.dumps(graph, protocol=protocol))
+        with pytest.raises(UserError, match="refused to unpickle: it refers to (posix|os|nt).system"):
+            read_graph(str(path))
+        # The plain pickle module would run it: the payload is real.
+    assert not marker.exists()
+    pickle.loads((tmp_path / "evil2.pkl").read_bytes())
+    assert marker.exists()
+
+
+def test_other_globals_and_broken_pickles_are_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="refused to unpickle: it refers to collections.OrderedDict"):
+        from collections import OrderedDict
+
+        unpickle_plain(pickle.dumps(OrderedDict(a=1)), "x.pkl")
+    with pytest.raises(UserError, match="x.pkl: not a readable pickle"):
+        unpickle_plain(b"\x80\x04garbage", "x.pkl")
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(pickle.dumps({"甲病": {"常见症状": "发热"}}))
+    with pytest.raises(UserError, match="subject `甲病`: predicate `常见症状` must be a list of strings, got a string"):
+        read_graph(str(bad))
+    bad.write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(UserError, match="expected a mapping"):
+        read_graph(str(bad))
+
+
+def test_a_plain_pickle_reads_like_the_installed_graph(tmp_path: Path) -> None:
+    path = tmp_path / "kb.pkl"
+    path.write_bytes(pickle.dumps({"甲病": {"常见症状": ["发热", "咳嗽"], "就诊科室": ["呼吸内科"]}}))
+    (raw,), source = read_graph(str(path))
+    assert raw.name == "甲病" and dict(raw.predicates) == {"常见症状": ("发热", "咳嗽"), "就诊科室": ("呼吸内科",)}
+    assert source == str(path)
+
+
+def test_the_installed_cmekg_graph_is_read_whole() -> None:
+    assert installed_cmekg_path().name == "cmekg.pkl"
+    raws = cmekg_raw()
+    assert len(raws) == 27403
+    # 967,409 facts as stored; 3 are blank or repeat a value of the same subject and predicate
+    assert sum(len(values) for raw in raws for _, values in raw.predicates) == 967406
+    assert len({predicate for raw in raws for predicate, _ in raw.predicates}) == 469
+
+
+def test_the_predicate_map_is_consistent_data() -> None:
+    pmap = predicate_map()
+    data = resources.predicate_map()
+    kinds = {"disease", "drug", "herb", "test"}
+    for name, spec in pmap.relations.items():
+        assert set(spec.kinds) <= kinds, name
+        assert spec.max_items < 16, name  # no answer lists 16+ items
+        for kind in spec.kinds:  # every mapped relation can be asked
+            assert phrasing(kind, name) or name in ("contagious", "prescription", "toxicity"), (name, kind)
+    mapped = {predicate for relation in data["relations"].values() for predicate in relation["predicates"]}
+    assert not mapped & set(pmap.ignored), "a predicate is both mapped and ignored"
+    assert pmap.by_predicate[("常见症状", "disease")] == "symptom"
+    assert pmap.by_predicate[("适应症", "drug")] == "indication"
+    assert pmap.by_predicate[("用途", "test")] == "purpose" and pmap.by_predicate[("用途", "drug")] == "indication"
+    assert pmap.by_predicate[("辅助治疗", "disease")] == "treatment"  # cMeKG's 辅助治疗 holds primary treatments
+
+
+def test_kinds_come_from_the_type_or_the_predicates() -> None:
+    graph = {
+        "甲病": {"常见症状": ["发热", "咳嗽"], "ICD10": ["J18.9"]},
+        "乙药片": {"成份": ["乙药"], "适应症": ["甲病"], "贮藏": ["密封"]},
+        "丙草": {"界": ["植物界"], "功效": ["清热解毒"]},
+        "丁检查": {"所属分类": ["血"], "相关疾病": ["甲病"]},
+    }
+    kinds = {entity.name: entity.kind for entity in entities_from(graph)}
+    assert kinds == {"甲病": "disease", "乙药片": "drug", "丙草": "herb", "丁检查": "test"}
+
+
+@pytest.mark.parametrize(("relation", "values", "expected"), [
+    ("symptom", ["心悸等", "发热，咳嗽", "恶心与呕吐"], ["心悸", "发热", "咳嗽", "恶心", "呕吐"]),
+    ("complication", ["心力衰竭等并发症", "可并发急性肾衰竭"], ["心力衰竭", "急性肾衰竭"]),
+    ("department", ["内科；皮肤科", "GP"], ["内科", "皮肤科"]),
+    ("adverse", ["腹痛（3%）", "恶心（25%）", "未见明显的不良反应"], ["腹痛", "恶心"]),
+    ("ingredient", ["水", "阿莫西林", "淀粉", "克拉维酸钾"], ["克拉维酸钾"]),  # excipients; part of the name
+    ("contraindication", ["尚不明确", "对本品过敏者禁用", "孕妇禁用"], ["孕妇禁用"]),
+    ("indication", ["口服，一次3～9克，一日2次", "用于失眠少寝"], ["失眠少寝"]),
+    ("cause", ["A16.2", "遗传因素"], ["遗传因素"]),
+])
+def test_values_are_cleaned(relation: str, values: list[str], expected: list[str]) -> None:
+    dropped: Counter[str] = Counter()
+    assert clean_values(relation, values, "阿莫西林胶囊", dropped) == expected
+
+
+def test_label_relations_keep_one_clear_label() -> None:
+    assert clean_values("contagious", ["无"], "x") == ["无"]
+    assert clean_values("contagious", ["无", "有"], "x") == []
+    assert clean_values("prescription", ["处方药", "OTC甲类"], "x") == []  # conflicting labels are not asked about
+    assert clean_values("prescription", ["OTC乙类"], "x") == ["otc_b"]
+    assert clean_values("route", ["口服，一次2片，一日3次"], "x") == ["口服"]  # only the route, never the dose
+    assert clean_values("toxicity", ["无毒（《别录》）"], "x") == ["无毒"]

@@ -1,0 +1,195 @@
+"""The LLM backend against a loopback fake OpenAI server (never the network): grounding and safety filters, several
+prompt kinds, the run manifest, exact resume, nothing lost when the server fails, usage and cost, --dry_run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from builder_support import entities_from, read_jsonl, write_jsonl
+
+import build_dataset as bd
+from tests.fake_openai import FakeOpenAI, Reply, last_user_message, scripted
+from utils.builder.llm_backend import Lexicon, grounding_problem, sidecar
+from utils.core.errors import UserError
+from utils.core.io import RunLock
+
+KB = [
+    {"中心词": "甲氨蝶呤", "类型": "药物", "药物类别": ["抗代谢药"], "用途": ["类风湿关节炎", "银屑病"],
+     "不良反应": ["肝功能损害", "骨髓抑制", "口腔溃疡"], "禁忌": ["妊娠期"], "用法用量": ["遵医嘱"]},
+    {"中心词": "甲病", "类型": "疾病", "相关症状": ["发热", "咳嗽"], "所属科室": ["呼吸内科"], "药物治疗": ["药甲"]},
+    {"中心词": "药甲", "类型": "药物", "用途": ["退热"], "不良反应": ["恶心", "皮疹"]},
+]
+GOOD_MTX = ("甲氨蝶呤能治什么？", "甲氨蝶呤可用于类风湿关节炎和银屑病，需在医生指导下使用。")
+BAD_MTX = [
+    # daily methotrexate: a known fatal error
+    ("甲氨蝶呤怎么吃？", "甲氨蝶呤用于治疗类风湿关节炎，需每天服用一次，遵医嘱。"),
+    ("甲氨蝶呤吃多少？", "甲氨蝶呤治疗银屑病时每次服用10mg，骨髓抑制少见。"),  # an invented dose
+    ("甲氨蝶呤安全吗？", "甲氨蝶呤用于银屑病时不会引起任何不良反应。"),  # an absolute claim
+    ("甲氨蝶呤有副作用吗？", "甲氨蝶呤可能引起肝功能损害、骨髓抑制和皮疹。"),  # 皮疹 is a fact of another drug
+    ("甲氨蝶呤要注意什么？", "请遵医嘱。"),  # nothing specific
+]
+REPLIES = {
+    "甲氨蝶呤": [GOOD_MTX, *BAD_MTX],
+    "甲病": [("甲病有哪些症状？", "甲病的常见症状包括发热、咳嗽。"), ("甲病看什么科？", "甲病一般到呼吸内科就诊。")],
+    "药甲": [("药甲有什么用？", "药甲可用于退热，可能引起恶心、皮疹等不良反应。")],
+}
+
+
+def qa_json(pairs) -> str:
+    text = json.dumps([{"question": q, "answer": a} for q, a in pairs], ensure_ascii=False)
+    return f"好的：\n```json\n{text}\n```"
+
+
+def by_entity(body: dict) -> Reply:
+    message = last_user_message(body)
+    name = next(name for name in REPLIES if f"“{name}”" in message)
+    return Reply(content=qa_json(REPLIES[name]), prompt_tokens=100, completion_tokens=50)
+
+
+@pytest.fixture()
+def api_env(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("FAKE_LLM_KEY", "sk-test-secret-123")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    return "FAKE_LLM_KEY"
+
+
+def run(server: FakeOpenAI, kb: Path, out: Path, key_env: str, **options) -> None:
+    bd.knowledge(kb=str(kb), output=str(out), backend="openai", api_base=server.url, model=options.pop("model", "m1"),
+                 api_key_env=key_env, concurrency=2, per_entity=4, retry_base_delay=0.0, exclude_questions="none",
+                 **options)
+
+
+def test_grounding_rejects_daily_methotrexate_invented_doses_absolutes_and_foreign_terms() -> None:
+    entities = entities_from({"甲氨蝶呤": {"不良反应": ["肝功能损害", "骨髓抑制"], "适应症": ["类风湿关节炎"],
+                                       "用法用量": ["遵医嘱"]},
+                              "药甲": {"不良反应": ["皮疹"], "适应症": ["退热"]}})
+    lexicon = Lexicon.of(entities)
+    mtx = entities[0]
+    assert grounding_problem("甲氨蝶呤可用于类风湿关节炎，可能引起肝功能损害。", mtx, lexicon) is None
+    reasons = {answer: grounding_problem(answer, mtx, lexicon) for _, answer in BAD_MTX}
+    assert all(reasons.values()), reasons
+    assert "每天" in reasons[BAD_MTX[0][1]] and "10" in reasons[BAD_MTX[1][1]]
+    assert reasons[BAD_MTX[2][1]].startswith("absolute claim") and "皮疹" in reasons[BAD_MTX[3][1]]
+    assert reasons[BAD_MTX[4][1]].startswith("not grounded")
+    # 遵医嘱 is a fact of the drug, but generic: alone it grounds nothing; nor does one 2-character fact alone.
+    assert grounding_problem("甲氨蝶呤的用法：遵医嘱。", mtx, lexicon) is not None
+
+
+def test_only_trusted_answers_are_kept_from_several_prompt_kinds(tmp_path: Path, api_env: str,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    kb = write_jsonl(tmp_path / "kb.jsonl", KB)
+    out = tmp_path / "rows.json"
+    with FakeOpenAI(by_entity) as server:
+        run(server, kb, out, api_env, input_price=1.0, output_price=2.0)
+        asked = [last_user_message(body) for body in server.requests]
+        assert server.headers[0]["authorization"] == "Bearer sk-test-secret-123"
+    assert sum("“甲氨蝶呤”" in message for message in asked) == 3  # facts, patient, safety
+    assert sum("“甲病”" in message for message in asked) == 3  # facts, patient, case (发热+咳嗽 point to it alone)
+    outputs = {row["output"] for row in read_jsonl(out)}
+    assert outputs == {GOOD_MTX[1], "甲病的常见症状包括发热、咳嗽。", "甲病一般到呼吸内科就诊。",
+                       "药甲可用于退热，可能引起恶心、皮疹等不良反应。"}
+    rows = read_jsonl(out)
+    assert all(row["meta"]["kind"].startswith("llm_") and row["meta"]["entities"] for row in rows)
+    report = json.loads((tmp_path / "rows.json.report.json").read_text(encoding="utf-8"))
+    requests = len(asked)
+    assert report["llm"]["prompt_tokens"] == 100 * requests and report["llm"]["completion_tokens"] == 50 * requests
+    assert report["llm"]["estimated_cost_usd"] == pytest.approx((100 * requests + 2 * 50 * requests) / 1e6)
+    printed = capsys.readouterr()
+    assert "absolute claim" in printed.out and "number, dose or frequency not in the facts" in printed.out
+    assert "sk-test-secret-123" not in printed.out + printed.err
+
+
+def test_resume_refuses_other_settings_and_resumes_exactly(tmp_path: Path, api_env: str) -> None:
+    kb = write_jsonl(tmp_path / "kb.jsonl", KB)
+    out = tmp_path / "rows.json"
+    failures = [Reply(status=503)] * 2
+
+    def responder(body: dict) -> Reply:  # 甲病's facts prompt fails twice, then works
+        message = last_user_message(body)
+        if "“甲病”" in message and "每个问题只问一个方面" in message and failures:
+            return failures.pop()
+        return by_entity(body)
+
+    with FakeOpenAI(responder) as server:
+        run(server, kb, out, api_env, max_retries=1)  # the SDK's one retry is used up: skipped for now
+        first = read_jsonl(out)
+        done = {entry["key"] for entry in read_jsonl(sidecar(out, ".work.jsonl"))}
+        assert len(done) == 8 and "甲病#facts" not in done
+        with pytest.raises(UserError, match="other settings .*model 'm1' -> 'm2'"):
+            run(server, kb, out, api_env, model="m2", resume=True)
+        changed = write_jsonl(tmp_path / "kb2.jsonl", [{**KB[0], "禁忌": ["妊娠期", "哺乳期"]}, *KB[1:]])
+        with pytest.raises(UserError, match="other settings .*facts_hash"):
+            bd.knowledge(kb=str(changed), output=str(out), backend="openai", api_base=server.url, model="m1",
+                         api_key_env=api_env, per_entity=4, exclude_questions="none", resume=True)
+        before = len(server.requests)
+        run(server, kb, out, api_env, max_retries=1, resume=True)
+        again = [last_user_message(body) for body in server.requests[before:]]
+        assert len(again) == 1 and "“甲病”" in again[0]  # only what failed is asked again
+        rows = read_jsonl(out)
+        assert {row["output"] for row in first} <= {row["output"] for row in rows}
+        assert len({row["instruction"] for row in rows}) == len(rows)
+        before = len(server.requests)
+        run(server, kb, out, api_env, resume=True)
+        assert len(server.requests) == before and read_jsonl(out) == rows  # a finished run asks nothing
+
+
+def test_a_failing_rerun_without_resume_keeps_the_rows_it_had(tmp_path: Path, api_env: str) -> None:
+    kb = write_jsonl(tmp_path / "kb.jsonl", KB)
+    out = tmp_path / "rows.json"
+    with FakeOpenAI(by_entity) as server:
+        run(server, kb, out, api_env)
+    kept = out.read_bytes()
+    with FakeOpenAI(lambda body: Reply(status=500)) as server, pytest.raises(
+            UserError, match="requests failed, so .*rows.json was left as it was"):
+        run(server, kb, out, api_env, max_retries=0)
+    assert out.read_bytes() == kept
+
+
+def test_a_second_run_into_the_same_output_is_refused(tmp_path: Path, api_env: str) -> None:
+    kb = write_jsonl(tmp_path / "kb.jsonl", KB)
+    out = tmp_path / "rows.json"
+    with RunLock(f"{out}.lock", "another"), FakeOpenAI(by_entity) as server:
+        with pytest.raises(UserError, match="is in use by another run"):
+            run(server, kb, out, api_env, resume=True)
+        assert server.requests == []
+
+
+@pytest.mark.parametrize("reply", [
+    Reply(raw_body=b"<html>upstream is down</html>", content_type="text/html"),
+    Reply(raw_body=b'{"choices": [', content_type="application/json"),
+    Reply(raw_body=b'{"object": "error"}', content_type="application/json"),
+], ids=["html", "torn-json", "not-a-completion"])
+def test_a_200_that_is_not_a_completion_skips_the_item(tmp_path: Path, api_env: str, reply: Reply,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    kb = write_jsonl(tmp_path / "kb.jsonl", KB)
+    out = tmp_path / "rows.json"
+    with FakeOpenAI(scripted({"“药甲”": [reply] * 6}, by_entity)) as server:
+        run(server, kb, out, api_env)
+    printed = capsys.readouterr()
+    assert "药甲#facts" in printed.err and "skipped" in printed.err and "Traceback" not in printed.err
+    assert "药甲可用于退热，可能引起恶心、皮疹等不良反应。" not in out.read_text(encoding="utf-8")
+    assert "甲病一般到呼吸内科就诊。" in out.read_text(encoding="utf-8")
+
+
+def test_dry_run_sends_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    kb = write_jsonl(tmp_path / "kb.jsonl", KB)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    bd.knowledge(kb=str(kb), output=str(tmp_path / "rows.json"), backend="openai", dry_run=True, input_price=0.15,
+                 output_price=0.6, exclude_questions="none")
+    printed = capsys.readouterr().out
+    assert "dry run: 9 requests" in printed and "estimated cost: $" in printed and "“甲氨蝶呤”" in printed
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["kb.jsonl"]
+
+
+def test_a_refused_key_stops_the_run_with_one_line(tmp_path: Path, api_env: str) -> None:
+    kb = write_jsonl(tmp_path / "kb.jsonl", KB[:1])
+    with FakeOpenAI(lambda body: Reply(status=401)) as server:
+        with pytest.raises(UserError, match="refused the request .*401"):
+            run(server, kb, tmp_path / "o.json", api_env)
+        asked = [last_user_message(body) for body in server.requests]
+        assert asked and len(asked) == len(set(asked))  # a refused key is not retried
+    assert not (tmp_path / "o.json").exists() and not sidecar(tmp_path / "o.json", ".work.jsonl").exists()

@@ -1,0 +1,144 @@
+"""Question kinds: the vignette rule, emergencies, question/answer agreement, comparisons, multi-hop, dialogues, and
+the quality of rows built from a deterministic subset of the real cMeKG graph."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from builder_support import cmekg_subset, entities_from
+
+from utils.builder.crossing import GraphIndex, comparison_rows, multi_hop_rows, vignette_rows
+from utils.builder.gates import GateCounts, LeakIndex, apply_gates
+from utils.builder.knowledge import TemplateOptions, entity_rows, template_rows
+from utils.builder.literature import dialogue_turns
+from utils.builder.questions import fact_rows
+from utils.builder.report import SAMPLE_ROWS, distinct_bigram_ratio, duplicate_rate, sample
+from utils.builder.safety import contentless, dose_or_frequency
+
+GRAPH = {
+    # 咳嗽 and 咳痰 together: 甲病 and 乙病 (ambiguous); 咳嗽 and 盗汗: only 甲病 (unique)
+    "甲病": {"常见症状": ["咳嗽", "咳痰", "盗汗"], "就诊科室": ["呼吸内科"], "检查": ["胸部CT"], "药物治疗": ["甲药"],
+           "多发群体": ["老年人"], "高危因素": ["吸烟"], "并发症": ["丙病"], "常见病因": ["感染"]},
+    "乙病": {"常见症状": ["咳嗽", "咳痰", "咯血"], "就诊科室": ["呼吸内科"], "检查": ["痰培养"],
+           "常见病因": ["感染", "吸烟"]},
+    "丙病": {"常见症状": ["胸痛", "呼吸困难"], "就诊科室": ["急诊科"]},
+    "丁病": {"常见症状": ["皮疹", "瘙痒"], "就诊科室": ["皮肤科"]},
+    "甲药": {"成份": ["乙成分"], "适应症": ["甲病"], "不良反应": ["恶心", "肝损害"], "禁忌": ["孕妇禁用"],
+           "用法用量": ["口服，一次2片，一日3次"]},
+    "急性心肌梗死": {"常见症状": ["胸骨后疼痛", "大汗", "恶心"], "就诊科室": ["心血管内科"]},
+}
+
+
+@pytest.fixture(scope="module")
+def small() -> tuple[list, GraphIndex]:
+    entities = entities_from(GRAPH)
+    return entities, GraphIndex(entities)
+
+
+def named(entities: list, name: str):
+    return next(entity for entity in entities if entity.name == name)
+
+
+def test_an_ambiguous_symptom_set_gets_a_differential_and_a_unique_one_a_diagnosis(small) -> None:
+    entities, index = small
+    assert index.candidates(("咳嗽", "咳痰")) == ["乙病", "甲病"]
+    assert index.candidates(("咳嗽", "盗汗")) == ["甲病"]
+    rows = [row for seed in range(40) for row in vignette_rows(named(entities, "甲病"), index, seed, 8)]
+    shows = {row.kind for row in rows}
+    assert shows == {"vignette", "differential"}
+    for row in rows:
+        if row.kind == "differential":
+            assert "甲病" in row.output and "乙病" in row.output
+            assert "无法确定" in row.output or "不止一种" in row.output
+            assert "呼吸内科" in row.output  # the department to see
+            assert "可能患有" not in row.output and "首先考虑" not in row.output
+        else:
+            assert row.entities == ("甲病",) and "乙病" not in row.output
+            assert "盗汗" in row.instruction and "不能确诊" in row.output
+    # The same symptom set gets the same differential, whoever it was drawn from.
+    differentials = [row.output for row in rows if row.kind == "differential"]
+    assert all("乙病、甲病等" in text for text in differentials)
+
+
+def test_emergencies_say_seek_care_now(small) -> None:
+    entities, index = small
+    heart = named(entities, "急性心肌梗死")
+    symptom_row = next(row for row in fact_rows(heart, random.Random(0)) if row.relation == "symptom")
+    assert "立即就医" in symptom_row.output and "120" in symptom_row.output
+    rows = [row for seed in range(20) for row in vignette_rows(heart, index, seed, 8)]
+    assert rows and all("拨打120" in row.output for row in rows if "胸骨后疼痛" in row.instruction)
+
+
+def test_questions_and_answers_agree(small) -> None:
+    entities, _ = small
+    rows = {row.relation: row for row in fact_rows(named(entities, "甲病"), random.Random(1))}
+    assert "老年人" in rows["population"].output and "吸烟" not in rows["population"].output
+    assert "吸烟" in rows["risk_factor"].output and "老年人" not in rows["risk_factor"].output
+    drug = {row.relation: row for row in fact_rows(named(entities, "甲药"), random.Random(1))}
+    assert "乙成分" in drug["ingredient"].output
+    assert "route" in drug and "口服" in drug["route"].output and not dose_or_frequency(drug["route"].output)
+
+
+def test_comparisons_only_between_entities_that_share_something(small) -> None:
+    entities, index = small
+    compared: set[tuple[str, str]] = set()
+    rows = comparison_rows(named(entities, "甲病"), index, 42, compared)
+    assert {row.entities for row in rows} == {("甲病", "乙病")}
+    assert any("都可能出现咳嗽、咳痰" in row.output for row in rows)
+    assert any(row.relation == "cause" and "感染" in row.output for row in rows)  # they share a cause
+    assert comparison_rows(named(entities, "乙病"), index, 42, compared) == []  # the pair is done
+    assert comparison_rows(named(entities, "丁病"), index, 42, set()) == []  # nothing in common with anyone
+
+
+def test_multi_hop_follows_the_graph(small) -> None:
+    entities, index = small
+    rows = multi_hop_rows(named(entities, "甲病"), index, 42)
+    by_relation = {row.relation: row for row in rows}
+    assert set(by_relation) == {"drug→adverse", "drug→contraindication", "complication→symptom"}
+    assert "甲药" in by_relation["drug→adverse"].output and "肝损害" in by_relation["drug→adverse"].output
+    assert "孕妇禁用" in by_relation["drug→contraindication"].output
+    hop = by_relation["complication→symptom"]
+    assert "丙病" in hop.instruction and "胸痛" in hop.output and "120" in hop.output  # 胸痛 is an alarm sign
+
+
+def test_dialogues_are_multi_turn_in_the_published_shape(small) -> None:
+    entities, index = small
+    rows = [row for row in entity_rows(named(entities, "甲病"), index, TemplateOptions(per_entity=99), set())
+            if row.kind == "dialogue"]
+    assert rows
+    turns = dialogue_turns(rows[0].instruction)
+    assert turns is not None and len(turns) == 5 and turns[0][1].count("甲病") and "甲病" not in turns[-1][1]
+
+
+@pytest.fixture(scope="module")
+def cmekg_rows() -> list:
+    entities = list(cmekg_subset())
+    rows = template_rows(entities, TemplateOptions())
+    return apply_gates(rows, LeakIndex([], 0.8), 0.8, GateCounts())
+
+
+def test_rows_from_real_cmekg_meet_the_quality_targets(cmekg_rows: list) -> None:
+    rows = cmekg_rows
+    assert len(rows) > 10000
+    assert {"fact", "multi_fact", "case", "vignette", "differential", "reverse", "compare", "multi_hop",
+            "dialogue"} <= {row.kind for row in rows}
+    assert not [row.output for row in rows if dose_or_frequency(row.output)]
+    assert not [row.output for row in rows if contentless(row.output, row.entities)]
+    assert duplicate_rate([row.instruction for row in rows]) <= 0.01
+    assert duplicate_rate([row.output for row in rows]) <= 0.05
+    assert distinct_bigram_ratio(sample([row.instruction for row in rows], SAMPLE_ROWS, 42)) >= 0.10
+    assert max(row.output.count("、") for row in rows if row.kind == "fact") < 15  # no answer lists 16+ items
+    for row in rows:
+        assert row.predicates or row.kind == "reverse", row  # provenance
+        if row.kind == "vignette":
+            assert len(row.entities) == 1
+
+
+def test_no_vignette_names_one_disease_when_the_graph_has_several(cmekg_rows: list) -> None:
+    index = GraphIndex(list(cmekg_subset()))
+    vignettes = [row for row in cmekg_rows if row.kind == "vignette"]
+    assert len(vignettes) > 50
+    for row in vignettes:
+        shown = [value for value in row.values if value in row.instruction and value in index.symptom_holders]
+        assert index.candidates(shown) == list(row.entities), row

@@ -1,0 +1,381 @@
+"""Question kinds that look across entities: symptom vignettes (a diagnosis only when the shown symptoms point to
+one disease of the graph, else a differential and a department), reverse lookups, comparisons of entities that
+share something, and multi-hop questions (disease -> drug -> side effect or contraindication, disease ->
+complication -> symptoms)."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+from utils.builder import resources
+from utils.builder.graph import Entity
+from utils.builder.questions import patients_for, treatment_phrase
+from utils.builder.rows import Row, capped, emergency_sentence, fill, join, join_and, rng_for, sources
+
+MAX_LISTED = 6
+DOSAGE_FORMS = ("肠溶片", "缓释片", "控释片", "分散片", "咀嚼片", "泡腾片", "片", "胶囊", "软胶囊", "颗粒", "注射液",
+                "口服液", "糖浆", "丸", "散", "膏", "乳膏", "软膏", "滴眼液", "喷雾剂", "气雾剂", "栓", "贴")
+
+
+@dataclass
+class GraphIndex:
+    """Look-ups across the whole graph, built once per build."""
+
+    entities: Sequence[Entity]
+
+    @cached_property
+    def by_name(self) -> dict[str, Entity]:
+        return {entity.name: entity for entity in self.entities}
+
+    @cached_property
+    def diseases(self) -> list[Entity]:
+        return [entity for entity in self.entities if entity.kind == "disease"]
+
+    @cached_property
+    def vague(self) -> frozenset[str]:
+        return frozenset(resources.cleaning()["vague_symptoms"])
+
+    def specific_symptoms(self, entity: Entity) -> list[str]:
+        return [symptom for symptom in entity.values("symptom") if symptom not in self.vague]
+
+    @cached_property
+    def symptom_holders(self) -> dict[str, set[str]]:
+        """specific symptom -> names of the diseases that list it."""
+        holders: dict[str, set[str]] = {}
+        for disease in self.diseases:
+            for symptom in self.specific_symptoms(disease):
+                holders.setdefault(symptom, set()).add(disease.name)
+        return holders
+
+    def candidates(self, symptoms: Sequence[str]) -> list[str]:
+        """Every disease that lists all the shown symptoms, most specific names first (deterministic)."""
+        sets = sorted((self.symptom_holders.get(symptom, set()) for symptom in symptoms), key=len)
+        found = set(sets[0]).intersection(*sets[1:]) if sets else set()
+        return sorted(found, key=lambda name: (len(name), name))
+
+    @cached_property
+    def drugs_by_key(self) -> dict[str, list[Entity]]:
+        """A drug name, its generic name, or its name without the dosage form -> drug entities."""
+        index: dict[str, list[Entity]] = {}
+        for entity in self.entities:
+            if entity.kind != "drug":
+                continue
+            keys = {entity.name, *entity.values("generic_name")}
+            keys |= {re.sub(f"(?:{'|'.join(DOSAGE_FORMS)})$", "", key) for key in list(keys)}
+            for key in sorted(keys):
+                if len(key) >= 2:
+                    index.setdefault(key, []).append(entity)
+        return index
+
+    @cached_property
+    def drugs_by_indication(self) -> dict[str, list[Entity]]:
+        index: dict[str, list[Entity]] = {}
+        for entity in self.entities:
+            if entity.kind == "drug":
+                for value in entity.values("indication"):
+                    index.setdefault(value, []).append(entity)
+        return index
+
+
+# --- vignettes ---------------------------------------------------------------------------------------------------
+
+
+def _symptom_sets(symptoms: list[str], rng: random.Random, tries: int = 8) -> list[tuple[str, ...]]:
+    """Up to `tries` distinct sets of 2-3 of the disease's symptoms, each in the disease's own order."""
+    sets: list[tuple[str, ...]] = []
+    for _ in range(tries):
+        size = rng.randint(2, min(3, len(symptoms)))
+        chosen = tuple(symptoms[index] for index in sorted(rng.sample(range(len(symptoms)), size)))
+        if chosen not in sets:
+            sets.append(chosen)
+    return sets
+
+
+def _departments(index: GraphIndex, names: Sequence[str]) -> list[str]:
+    counts: Counter[str] = Counter()
+    for name in names:
+        counts.update(index.by_name[name].values("department")[:2])
+    return [department for department, _ in counts.most_common(2)]
+
+
+def vignette_answer(index: GraphIndex, shown: Sequence[str], names: Sequence[str], ending: str,
+                    rng: random.Random, patient_ref: str) -> tuple[str, tuple[str, ...]] | None:
+    """The answer to a vignette about `shown` symptoms: one disease -> a hedged diagnosis; several -> the
+    differential, always with a department. None when the graph lacks what the question asks for."""
+    if len(names) > 1:
+        return differential_answer(index, shown, names, ending, rng)
+    table = resources.phrasings()["vignette"]
+    disease = index.by_name[names[0]]
+    parts = [fill(rng.choice(table["unique"]), s=join_and(list(shown)), e=disease.name, r=patient_ref)
+             + table["unique_caution"]]
+    named: list[str] = []
+    departments, tests = list(disease.values("department")[:2]), list(capped(disease, "test", 3))
+    if ending == "treat":
+        treatment, named_treatment = treatment_phrase(disease)
+        if not treatment:
+            return None
+        parts.append(fill(table["treat_unique"], t=treatment))
+        named.extend(named_treatment)
+    if ending in ("department", "advice", "treat"):
+        if not departments:
+            return None
+        parts.append(fill(table["department"], d="或".join(departments)))
+        named.extend(departments)
+    if ending in ("tests", "advice"):
+        if not tests:
+            return None
+        parts.append(fill(table["tests"], t=join(tests)))
+        named.extend(tests)
+    parts.append(emergency_sentence(shown, names))
+    return "".join(parts), tuple(named)
+
+
+def differential_answer(index: GraphIndex, shown: Sequence[str], names: Sequence[str], ending: str,
+                        rng: random.Random) -> tuple[str, tuple[str, ...]] | None:
+    """Several diseases fit: name them, say which department to see, and (when asked) which tests tell them apart."""
+    table = resources.phrasings()["vignette"]
+    listed = list(names[:5])
+    departments = _departments(index, names)
+    if not departments:
+        return None
+    parts = [fill(rng.choice(table["differential"]), s=join_and(list(shown)), n=join(listed)),
+             fill(table["department_differential"], d="或".join(departments))]
+    named = listed + departments
+    if ending in ("tests", "advice"):
+        tests = list(dict.fromkeys(test for name in listed for test in index.by_name[name].values("test")[:1]))[:4]
+        if not tests:
+            return None
+        parts.append(fill(table["tests_differential"], t=join(tests)))
+        named.extend(tests)
+    if ending == "treat":
+        parts.append(table["treat_differential"])
+    parts.append(emergency_sentence(shown, names))
+    return "".join(parts), tuple(named)
+
+
+def vignette_rows(entity: Entity, index: GraphIndex, seed: int, max_candidates: int) -> list[Row]:
+    """Up to two case vignettes from the disease's symptoms: one whose symptom set points to this disease alone
+    (a diagnosis), one whose set several diseases share (a differential)."""
+    symptoms = index.specific_symptoms(entity)
+    if len(symptoms) < 2:
+        return []
+    rng = rng_for(seed, "vignette", entity.name)
+    table = resources.phrasings()["vignette"]
+    unique, shared = None, None
+    for shown in _symptom_sets(symptoms, rng):
+        names = index.candidates(shown)
+        if names == [entity.name] and unique is None:
+            unique = (shown, names)
+        elif 1 < len(names) <= max_candidates and shared is None:
+            shared = (shown, names)
+    rows = []
+    for found in (unique, shared):
+        if found is None:
+            continue
+        shown, names = found
+        patient = rng.choice(patients_for(entity))
+        ending = rng.choice(list(table["endings"]))
+        answered = vignette_answer(index, shown, names, ending, rng, "该患儿" if "儿" in patient else "该患者")
+        if answered is None:
+            continue
+        question = fill(rng.choice(table["openings"]), p=patient, s=join_and(list(shown))) + table["endings"][ending]
+        kind = "vignette" if len(names) == 1 else "differential"
+        rows.append(Row(question, answered[0], kind, tuple(names[:5]), sources(entity, "symptom"), "symptom",
+                        tuple(shown) + answered[1]))
+    return rows
+
+
+# --- reverse lookups ----------------------------------------------------------------------------------------------
+
+REVERSE_KIND = {"adverse": "drug", "drug_class": "drug", "indication": "drug", "effect": "herb"}
+REVERSE_MAX_HOLDERS = {"adverse": 40, "indication": 40, "drug_class": 200, "symptom": 60}
+
+
+def reverse_rows(entities: Sequence[Entity], seed: int) -> list[Row]:
+    """From a value back to the entities holding it: `哪些疾病会出现咯血？`, `哪些药物可能引起便秘？`."""
+    specs = resources.phrasings()["reverse"]
+    vague = frozenset(resources.cleaning()["vague_symptoms"])
+    rows: list[Row] = []
+    for relation, spec in specs.items():
+        kind = REVERSE_KIND.get(relation, "disease")
+        holders: dict[str, list[Entity]] = {}
+        for entity in entities:
+            if entity.kind == kind:
+                for value in entity.values(relation):
+                    holders.setdefault(value, []).append(entity)
+        most = REVERSE_MAX_HOLDERS.get(relation, 10**9)
+        for value, names in holders.items():
+            if len(names) < int(spec["min"]) or len(names) > most or (relation == "symptom" and value in vague):
+                continue
+            rng = rng_for(seed, "reverse", relation, value)
+            shown = names[: 8 if relation == "department" else MAX_LISTED]
+            question = fill(rng.choice(spec["questions"]), v=value)
+            answer = fill(rng.choice(spec["answers"]), v=value, n=join([e.name for e in shown]))
+            if relation == "symptom":
+                answer += emergency_sentence([value], [e.name for e in shown])
+            predicates = tuple(dict.fromkeys(p for e in shown for p in e.sources.get(relation, ())))
+            rows.append(Row(question, answer, "reverse", tuple(e.name for e in shown), predicates, relation,
+                            (value, *[e.name for e in shown])))
+    return rows
+
+
+def shared_symptom_rows(entity: Entity, index: GraphIndex, seed: int, max_candidates: int) -> list[Row]:
+    """Two symptoms several diseases have in common -> which diseases (a differential, never one diagnosis)."""
+    symptoms = index.specific_symptoms(entity)
+    if len(symptoms) < 2:
+        return []
+    rng = rng_for(seed, "shared", entity.name)
+    spec = resources.phrasings()["shared_symptoms"]
+    for _ in range(4):
+        first, second = rng.sample(symptoms, 2)
+        names = index.candidates((first, second))
+        if 2 <= len(names) <= max_candidates:
+            shown = names[:MAX_LISTED]
+            question = fill(rng.choice(spec["questions"]), a=first, b=second)
+            answer = (fill(rng.choice(spec["answers"]), a=first, b=second, n=join(shown))
+                      + emergency_sentence([first, second], shown))
+            return [Row(question, answer, "differential", tuple(shown), sources(entity, "symptom"), "symptom",
+                        (first, second, *shown))]
+    return []
+
+
+# --- comparisons --------------------------------------------------------------------------------------------------
+
+
+def _contrast(a: Entity, b: Entity, relation: str, spec: dict, prefix: str, tail: str = "") -> tuple[str, tuple]:
+    ours, theirs = a.values(relation), b.values(relation)
+    shared = [value for value in ours if value in theirs][:4]
+    only_a = [value for value in ours if value not in theirs][:3]
+    only_b = [value for value in theirs if value not in ours][:3]
+    parts = [fill(spec[f"{prefix}_shared"], a=a.name, b=b.name, v=join(shared), c=join(a.values("drug_class")[:1]))]
+    extra = [fill(spec[f"{prefix}_only"], x=x.name, v=join(values))
+             for x, values in ((a, only_a), (b, only_b)) if values]
+    text = parts[0] + ("；" + "；".join(extra) if extra else "") + "。" + tail
+    return text, tuple(shared + only_a + only_b)
+
+
+def disease_partner(entity: Entity, index: GraphIndex) -> tuple[Entity, int] | None:
+    """The disease sharing most specific symptoms with this one (at least 2), the same department preferred."""
+    counts: Counter[str] = Counter()
+    for symptom in index.specific_symptoms(entity):
+        holders = index.symptom_holders.get(symptom, set())
+        if len(holders) <= 200:
+            counts.update(holders)
+    counts.pop(entity.name, None)
+    departments = set(entity.values("department"))
+
+    def rank(item: tuple[str, int]) -> tuple[int, int, str]:
+        name, shared = item
+        same = bool(departments & set(index.by_name[name].values("department")))
+        return (-shared, -int(same), name)
+
+    best = min((item for item in counts.items() if item[1] >= 2), key=rank, default=None)
+    return (index.by_name[best[0]], best[1]) if best else None
+
+
+def comparison_rows(entity: Entity, index: GraphIndex, seed: int, compared: set[tuple[str, str]]) -> list[Row]:
+    """Diseases that share symptoms (and causes, when they share one); drugs of one class that share indications.
+    `compared` holds the pairs already compared (either way round), so no pair is asked twice."""
+    spec = resources.phrasings()["compare"]
+    rng = rng_for(seed, "compare", entity.name)
+    rows = []
+    partner: Entity | None = None
+    if entity.kind == "disease":
+        found = disease_partner(entity, index)
+        partner = found[0] if found else None
+    elif entity.kind == "drug":
+        partner = drug_partner(entity, index)
+    if partner is None or tuple(sorted((entity.name, partner.name))) in compared:
+        return []
+    compared.add(tuple(sorted((entity.name, partner.name))))  # type: ignore[arg-type]
+    if entity.kind == "disease":
+        answer, values = _contrast(entity, partner, "symptom", spec, "symptoms", spec["symptoms_tail"])
+        question = fill(rng.choice(spec["symptoms_questions"]), a=entity.name, b=partner.name)
+        rows.append(Row(question, answer, "compare", (entity.name, partner.name), sources(entity, "symptom"),
+                        "symptom", values))
+        if set(entity.values("cause")) & set(partner.values("cause")):
+            answer, values = _contrast(entity, partner, "cause", spec, "causes")
+            question = fill(rng.choice(spec["causes_questions"]), a=entity.name, b=partner.name)
+            rows.append(Row(question, answer, "compare", (entity.name, partner.name), sources(entity, "cause"),
+                            "cause", values))
+    else:
+        answer, values = _contrast(entity, partner, "indication", spec, "drugs", spec["drugs_tail"])
+        question = fill(rng.choice(spec["drugs_questions"]), a=entity.name, b=partner.name)
+        rows.append(Row(question, answer, "compare", (entity.name, partner.name),
+                        sources(entity, "indication", "drug_class"), "indication", values))
+    return rows
+
+
+def drug_partner(entity: Entity, index: GraphIndex) -> Entity | None:
+    """A drug of the same class sharing at least two indications, not the same product in another form."""
+    drug_class = entity.values("drug_class")[:1]
+    indications = set(entity.values("indication"))
+    if not drug_class or len(indications) < 2:
+        return None
+    generic = set(entity.values("generic_name")) | {entity.name}
+    best: tuple[int, str] | None = None
+    for value in sorted(indications):
+        for other in index.drugs_by_indication.get(value, [])[:300]:
+            if other.name == entity.name or other.values("drug_class")[:1] != drug_class:
+                continue
+            if other.name[:2] == entity.name[:2] or generic & (set(other.values("generic_name")) | {other.name}):
+                continue
+            shared = len(indications & set(other.values("indication")))
+            if shared >= 2 and (best is None or (-shared, other.name) < (-best[0], best[1])):
+                best = (shared, other.name)
+    return index.by_name[best[1]] if best else None
+
+
+# --- multi-hop -----------------------------------------------------------------------------------------------------
+
+
+def linked_drugs(entity: Entity, index: GraphIndex) -> list[Entity]:
+    """Drug entities this disease is linked to: its 药物治疗 values found as drugs, else drugs whose indications
+    name the disease."""
+    found: list[Entity] = []
+    for value in entity.values("drug_treatment"):
+        for drug in index.drugs_by_key.get(value, [])[:3]:
+            if drug not in found:
+                found.append(drug)
+    if not found:
+        found = list(index.drugs_by_indication.get(entity.name, [])[:20])
+    return found
+
+
+def multi_hop_rows(entity: Entity, index: GraphIndex, seed: int) -> list[Row]:
+    if entity.kind != "disease":
+        return []
+    spec = resources.phrasings()["multi_hop"]
+    rng = rng_for(seed, "hop", entity.name)
+    rows = []
+    drugs = linked_drugs(entity, index)
+    for relation, questions, answers in (("adverse", "drug_adverse", "drug_adverse_answer"),
+                                         ("contraindication", "drug_contra", "drug_contra_answer")):
+        usable = [drug for drug in drugs if drug.values(relation)]
+        if usable:
+            drug = rng.choice(usable)
+            values = capped(drug, relation, 4)
+            question = fill(rng.choice(spec[questions]), d=entity.name, e=drug.name)
+            answer = fill(rng.choice(spec[answers]), d=entity.name, e=drug.name, v=join(values))
+            link = ("drug_treatment",) if entity.values("drug_treatment") else ()
+            rows.append(Row(question, answer, "multi_hop", (entity.name, drug.name),
+                            sources(entity, *link) + sources(drug, "indication", relation), f"drug→{relation}",
+                            values + (drug.name,)))
+    complications = [index.by_name[name] for name in entity.values("complication")
+                     if name in index.by_name and index.by_name[name].kind == "disease"
+                     and index.by_name[name].values("symptom") and name != entity.name]
+    if complications:
+        other = rng.choice(complications)
+        values = capped(other, "symptom", 5)
+        question = fill(rng.choice(spec["complication_symptom"]), d=entity.name, c=other.name)
+        answer = (fill(rng.choice(spec["complication_symptom_answer"]), d=entity.name, c=other.name, v=join(values))
+                  + emergency_sentence(values, [other.name]))
+        rows.append(Row(question, answer, "multi_hop", (entity.name, other.name),
+                        sources(entity, "complication") + sources(other, "symptom"), "complication→symptom",
+                        values + (other.name,)))
+    return rows

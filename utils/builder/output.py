@@ -1,0 +1,90 @@
+"""Writing a build's files: rows (atomically, as a whole), the report, a validation split, a Hugging Face export,
+and reading each back before anything is reported as written."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from utils.core.errors import UserError
+from utils.core.io import atomic_write, check_string_fields, json_array_text, jsonl_text, read_records, replace_folder
+
+
+def report_path(output: Path) -> Path:
+    return output.with_name(output.name + ".report.json")
+
+
+def validation_path(output: Path) -> Path:
+    """`data/llama_data.json` -> `data/llama_data.val.json`."""
+    return output.with_name(f"{output.stem}.val{output.suffix or '.json'}")
+
+
+def split_validation(records: Sequence[dict[str, Any]], fraction: float, seed: int,
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, validation): a seeded random `fraction` of the rows, each part in the original order."""
+    if fraction <= 0 or not records:
+        return list(records), []
+    count = max(1, round(len(records) * fraction))
+    if count >= len(records):
+        raise UserError(f"--val_fraction {fraction} leaves no training rows out of {len(records)}")
+    chosen = set(random.Random(f"{seed}:validation").sample(range(len(records)), count))
+    train = [record for index, record in enumerate(records) if index not in chosen]
+    return train, [record for index, record in enumerate(records) if index in chosen]
+
+
+def write_rows(path: Path, records: Sequence[dict[str, Any]], as_array: bool = False) -> None:
+    atomic_write(path, json_array_text(records) if as_array else jsonl_text(records))
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """One JSON line: valid JSON for people and tools, and harmless to readers that take `data/*.json*` as rows."""
+    atomic_write(path, json.dumps(report, ensure_ascii=False) + "\n")
+
+
+def verify_rows(path: Path, records: Sequence[dict[str, Any]]) -> int:
+    """Read `path` back and check it holds exactly `records` (the fields the trainer reads); the row count."""
+    if not records:
+        text = path.read_text(encoding="utf-8") if path.is_file() else None
+        if text is None or text.strip() not in ("", "[]"):
+            raise UserError(f"{path}: reading it back found something other than the empty output just written")
+        return 0
+    located = read_records(path)
+    check_string_fields(path, located, required=("instruction", "input", "output"))
+    if len(located) != len(records):
+        raise UserError(f"{path}: reading it back found {len(located)} rows, {len(records)} were written")
+    for (where, row), record in zip(located, records, strict=True):
+        if any(row[key] != record[key] for key in ("instruction", "input", "output")):
+            raise UserError(f"{path} {where}: reading it back found a different row than was written")
+    return len(located)
+
+
+def export_hf(folder: Path, train: Sequence[dict[str, Any]], validation: Sequence[dict[str, Any]]) -> Path:
+    """A `datasets.DatasetDict` (train, and validation when there is one) saved with `save_to_disk`, published
+    atomically; `meta` is kept as a JSON string column."""
+    from datasets import Dataset, DatasetDict
+
+    def table(records: Sequence[dict[str, Any]]) -> Dataset:
+        return Dataset.from_list([{"instruction": r["instruction"], "input": r["input"], "output": r["output"],
+                                   "meta": json.dumps(r.get("meta", {}), ensure_ascii=False)} for r in records])
+
+    splits = {"train": table(train)}
+    if validation:
+        splits["validation"] = table(validation)
+    staging = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        DatasetDict(splits).save_to_disk(str(staging))
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"cannot write {folder}: {error.strerror or error}") from None
+    replace_folder(staging, folder)
+    from datasets import load_from_disk
+
+    loaded = load_from_disk(str(folder))
+    if loaded["train"].num_rows != len(train):
+        raise UserError(f"{folder}: reading the export back found {loaded['train'].num_rows} training rows")
+    return folder
