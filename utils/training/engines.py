@@ -136,11 +136,13 @@ def deepspeed_batch_problems(
     return problems
 
 
-def check_deepspeed_config(path: str, batch_size: int, micro_batch_size: int, processes: int | None = None) -> dict:
+def check_deepspeed_config(path: str, batch_size: int, micro_batch_size: int, processes: int | None = None,
+                           require_cuda: bool = True) -> dict:
     """Everything about `--deepspeed` that can be checked before the model loads; returns the parsed config.
 
     The file (exists, JSON object), its batch sizes ("auto", or equal to what the CLI gives), then the machine
-    (the deepspeed package, CUDA GPUs).
+    (the deepspeed package, CUDA GPUs: accelerate runs DeepSpeed only on accelerators; `require_cuda=False` is for
+    tests/engines_on_cpu.py, which lifts that rule).
     """
     processes = world_size() if processes is None else processes
     config = read_deepspeed_config(path)
@@ -151,7 +153,7 @@ def check_deepspeed_config(path: str, batch_size: int, micro_batch_size: int, pr
         )
     if importlib.util.find_spec("deepspeed") is None:
         raise UserError(f"--deepspeed {path} needs the deepspeed package: pip install -r requirements-gpu.txt")
-    if not torch.cuda.is_available():
+    if require_cuda and not torch.cuda.is_available():
         raise UserError(f"--deepspeed {path} needs CUDA GPUs; on this machine train without --deepspeed")
     return config
 
