@@ -11,7 +11,9 @@ import sys
 
 import pytest
 import torch
-from conftest import project_rows, run_script, train_adapter
+from conftest import project_rows
+from in_process import finetune as train_adapter
+from in_process import run_main
 
 from utils.data import IGNORE_INDEX, tokenize_row
 from utils.generation.engine import default_batch_size
@@ -286,8 +288,10 @@ def test_micro_batch_tokens_splits_steps_not_rows(tiny_llama, train_file, tmp_pa
 
 
 def test_pack_len_shorter_than_cutoff_len_is_refused(tiny_llama, train_file, tmp_path):
-    result = run_script("finetune.py", "--base_model", str(tiny_llama), "--data_path", str(train_file),
-                        "--output_dir", str(tmp_path / "x"), "--cutoff_len", "256", "--pack_len", "128")
+    import finetune
+
+    result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir",
+                      tmp_path / "x", "--cutoff_len", "256", "--pack_len", "128")
     assert result.returncode == 2 and "--pack_len 128 is shorter than --cutoff_len 256" in result.stderr
 
 
@@ -307,9 +311,10 @@ def test_output_file_rows_in_input_order_under_small_batches(tiny_llama, tmp_pat
     written = {}
     for batch_size in ("1", "2"):
         out = tmp_path / f"answers-{batch_size}.jsonl"
-        result = run_script("infer.py", "--base_model", str(tiny_llama), "--use_lora", "False", "--instruct_dir",
-                            str(questions), "--num_beams", "1", "--max_new_tokens", "8", "--batch_size", batch_size,
-                            "--output_file", str(out))
+        import infer
+
+        result = run_main(infer.main, "--base_model", tiny_llama, "--use_lora", "False", "--instruct_dir", questions,
+                          "--num_beams", "1", "--max_new_tokens", "8", "--batch_size", batch_size, "--output_file", out)
         assert result.returncode == 0, result.stderr[-2000:]
         written[batch_size] = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [w["id"] for w in written["2"]] == [r["id"] for r in rows]

@@ -1,19 +1,23 @@
+"""export_hf_checkpoint.py: the merged checkpoint equals base + adapter, for fp32 and bf16 bases."""
+
 import pytest
 import torch
-from conftest import run_script, train_adapter
+from in_process import finetune as train_adapter
+from in_process import run_main
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import export_hf_checkpoint
 from utils.model.loading import load_adapter
 
 
 @pytest.mark.parametrize("arch", ["llama", "bloom"])
-def test_merged_checkpoint_equals_base_plus_adapter(tiny_models, train_file, tmp_path, arch):
+def test_merged_checkpoint_equals_base_plus_adapter(tiny_models, train_file, tmp_path, arch, monkeypatch):
     base = tiny_models[arch]
     adapter = tmp_path / "adapter"
-    train_adapter(base, train_file, adapter)
+    train_adapter(base, train_file, adapter, "--max_steps", "2", "--val_set_size", "0")
     merged_dir = tmp_path / "merged"
-    result = run_script("export_hf_checkpoint.py", "--lora_weights", str(adapter), "--output_dir", str(merged_dir),
-                        env={"BASE_MODEL": str(base)})  # the BASE_MODEL variable is honoured
+    monkeypatch.setenv("BASE_MODEL", str(base))  # the BASE_MODEL variable is honoured
+    result = run_main(export_hf_checkpoint.main, "--lora_weights", adapter, "--output_dir", merged_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "merge check" in result.stdout
     assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "tokenizer.json").is_file()
@@ -42,15 +46,10 @@ def bf16_base_with_realistic_logits(tiny_llama, folder):
     return folder
 
 
-def test_bf16_base_exports_and_keeps_the_adapter(tiny_llama, tmp_path, monkeypatch, capsys):
+def test_bf16_base_exports_and_keeps_the_adapter(tiny_llama, tmp_path):
     """A bf16 base merges and saves (the old absolute 5e-2 limit refused it: one bf16 step at |logit| > 8 is
     larger); the merged checkpoint equals base + adapter within bf16 rounding, and the adapter's effect is there."""
-    import sys
-
     from peft import LoraConfig, get_peft_model
-
-    import export_hf_checkpoint
-    from utils.core.cli import run_cli
 
     base = bf16_base_with_realistic_logits(tiny_llama, tmp_path / "bf16-base")
     torch.manual_seed(0)
@@ -59,12 +58,10 @@ def test_bf16_base_exports_and_keeps_the_adapter(tiny_llama, tmp_path, monkeypat
     adapter = tmp_path / "adapter"
     lora.save_pretrained(adapter)
     merged_dir = tmp_path / "merged"
-    monkeypatch.setattr(sys, "argv", ["export_hf_checkpoint.py", "--base_model", str(base), "--lora_weights",
-                                      str(adapter), "--output_dir", str(merged_dir)])
-    capsys.readouterr()
-    run_cli(export_hf_checkpoint.main)  # --dtype auto: the base's own bf16
-    out = capsys.readouterr().out
-    assert "merge check" in out and "merged checkpoint saved" in out
+    result = run_main(export_hf_checkpoint.main, "--base_model", base, "--lora_weights", adapter,
+                      "--output_dir", merged_dir)  # --dtype auto: the base's own bf16
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "merge check" in result.stdout and "merged checkpoint saved" in result.stdout
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     probe = tokenizer(export_hf_checkpoint.PROBE_TEXT, return_tensors="pt")
