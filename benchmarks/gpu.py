@@ -12,7 +12,8 @@ sd 35, 49-256 tokens), the first 61% of each row a prompt masked out of the loss
 Two layouts, about `--micro_batch_tokens` (4,096) tokens per micro-batch:
 - `cutoff256`: the original recipe, random rows padded to their longest (16 rows per micro-batch);
 - `packed2048`: the rows packed into bins of 2,048 tokens (2 bins per micro-batch), logits on label positions only
-  (utils/batching.py, the default of finetune.py).
+  (utils/training/batching.py, the default of finetune.py); under FlashAttention the micro-batch's sequences go as
+  one row with their boundaries (varlen), as finetune.py sends them.
 
 For each it prints one JSON line: real (non-pad) tokens/s, peak memory, and utilization = 4 x N_params x tokens/s
 over the same run's measured bf16 matmul throughput (4N: the forward pass and the input-gradient matmuls;
@@ -69,9 +70,11 @@ def synthetic_rows(count: int, vocab: int, seed: int = 0) -> list[dict[str, list
     return rows
 
 
-def micro_batches(rows: list[dict], layout: str, micro_batch_tokens: int,
-                  pad_token_id: int = 0) -> list[tuple[dict, int]]:
-    """Consecutive micro-batches of about `micro_batch_tokens` tokens in the given layout, with their real tokens."""
+def micro_batches(rows: list[dict], layout: str, micro_batch_tokens: int, pad_token_id: int = 0,
+                  varlen: bool = False) -> list[tuple[dict, int]]:
+    """Consecutive micro-batches of about `micro_batch_tokens` tokens in the given layout, with their real tokens.
+
+    `varlen` (FlashAttention): each packed micro-batch as one row with its sequence boundaries, as finetune.py does."""
     if layout == "cutoff256":
         per_batch = max(1, micro_batch_tokens // 256)
         collator: Any = PaddingCollator(pad_token_id)
@@ -80,7 +83,7 @@ def micro_batches(rows: list[dict], layout: str, micro_batch_tokens: int,
         per_batch = max(1, micro_batch_tokens // 2048)
         chunks = [[rows[i] for b in bins[start:start + per_batch] for i in b]
                   for start in range(0, len(bins) - per_batch + 1, per_batch)]
-        collator = PackingCollator(pad_token_id, pack_len=2048, label_positions_only=True)
+        collator = PackingCollator(pad_token_id, pack_len=2048, label_positions_only=True, varlen=varlen)
         return [(collator(chunk), sum(len(row["input_ids"]) for row in chunk)) for chunk in chunks]
     else:
         raise SystemExit(f"unknown layout {layout!r}: cutoff256 or packed2048")
@@ -153,7 +156,8 @@ def benchmark(shape: str, layout: str, args: argparse.Namespace, device: str, dt
     model, n_params = built or build_model(shape, device, dtype, args.gradient_checkpointing,
                                            args.attn_implementation)
     model.train()
-    batches = micro_batches(synthetic_rows(args.rows, SHAPES[shape]["vocab_size"]), layout, args.micro_batch_tokens)
+    batches = micro_batches(synthetic_rows(args.rows, SHAPES[shape]["vocab_size"]), layout, args.micro_batch_tokens,
+                            varlen=args.attn_implementation.startswith("flash"))
     steps = min(args.steps, len(batches) - args.warmup)
     if steps < 1:
         raise SystemExit(f"--rows {args.rows} gives {len(batches)} micro-batches: fewer than --warmup + 1")

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO, run_script
+from test_batching import flash_attention_on_cpu  # noqa: F401  the fixture: CPU kernels for transformers' flash path
 
 from utils.core.errors import UserError
 from utils.runtime import parse_device_map, resolve_precision
@@ -98,6 +99,21 @@ def test_gpu_check_dry_run_runs_the_whole_plan_on_cpu(tiny_llama, tmp_path):
         assert statuses[name] == "needs a GPU", name  # not silently passed on CPU
     packed = next(c for c in summary["checks"] if c["name"] == "packed_training[tiny, sdpa]")["details"]
     assert packed["logit_difference"] <= 1e-4 * packed["largest_logit"] < packed["leak_difference"]
+
+
+@pytest.mark.usefixtures("flash_attention_on_cpu")
+def test_gpu_check_flash_attention_check_runs_the_varlen_layout():
+    """gpu_check's FlashAttention-2 check (reported "needs a GPU" in the dry run) through transformers' real flash
+    path with the CPU kernels of tests/test_batching.py: the code the GPU will run, at a tiny shape."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu as bench
+    import gpu_check
+
+    model, _ = bench.build_model("tiny", "cpu", torch.float32, gradient_checkpointing=False, lora_dropout=0.0)
+    model.get_base_model().set_attn_implementation("flash_attention_2")
+    details = gpu_check.packed_training(model, "tiny", "flash_attention_2", "cpu", torch.float32)
+    assert "varlen" in details["layout"]
+    assert details["logit_difference"] <= 1e-4 * details["largest_logit"] < details["leak_difference"]
 
 
 def test_gpu_check_without_a_gpu_says_how_to_dry_run(capsys):
