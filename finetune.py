@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 import sys
 import time
@@ -197,8 +198,6 @@ def prepare_data(args: FinetuneArgs, run: Run, dataset: Any, val_size: int, toke
 def check_launch(run: Run) -> None:
     """One process per GPU: `python finetune.py` with several GPUs visible is refused (nn.DataParallel would split
     the packed batches wrongly); torchrun / accelerate launch start one process per GPU."""
-    import os
-
     visible = torch.cuda.device_count() if run.device == "cuda" else 0
     check_one_process_per_gpu(run.device, visible, launched="LOCAL_RANK" in os.environ)
 

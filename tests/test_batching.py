@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import project_rows
 from in_process import finetune as train_adapter
-from in_process import run_main
+from in_process import one_thread, run_main  # noqa: F401  one_thread: an autouse fixture
 
 from utils.data import IGNORE_INDEX, tokenize_row
 from utils.generation.engine import default_batch_size

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, project_rows, run_script
-from in_process import run_main
+from in_process import one_thread, run_main  # noqa: F401  one_thread: an autouse fixture
 from safetensors.torch import load_file
 
 import finetune

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from in_process import finetune as train_adapter
-from in_process import run_main
+from in_process import one_thread, run_main  # noqa: F401  one_thread: an autouse fixture
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import export_hf_checkpoint

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO, run_script
+from in_process import one_thread  # noqa: F401  an autouse fixture
 from test_batching import flash_attention_on_cpu  # noqa: F401  the fixture: CPU kernels for transformers' flash path
 
 from utils.core.errors import UserError
