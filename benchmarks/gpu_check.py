@@ -1,4 +1,5 @@
-"""One command that proves the GPU paths, for the day a GPU is lent: no downloads, about 5-8 minutes on one H100.
+"""One command that proves the GPU paths, for the day a GPU is lent: no downloads, sized (by estimate, not yet timed
+on a GPU) to take at most 8 minutes on one H100/H200.
 
     python benchmarks/gpu_check.py                 # on a CUDA GPU: 7B-shaped LLaMA and Qwen2.5, random init, bf16
     python benchmarks/gpu_check.py --dry_run       # the whole plan on CPU at tiny shapes (what the test suite runs)
