@@ -6,14 +6,17 @@ The data is JSON Lines or a JSON array of {instruction, input, output}; the prom
 `templates/<prompt_template_name>.json`. The adapter (adapter_config.json + adapter_model.safetensors), the
 tokenizer and bentsao_training.json (what it was trained with) land in --output_dir.
 
-The recipe, top to bottom: validate_args -> resolve -> prepare_data -> load_model -> plan -> build_trainer -> train
--> finish. Every check that needs no weights runs before any weights load.
+The recipe, top to bottom: validate_args -> resolve -> check_launch -> read_data -> load_tokenizer -> prepare_data ->
+plan -> load_model -> build_trainer -> train -> finish. Every check that needs no weights runs before any weights
+load, and the Trainer's arguments exist before the weights load, so DeepSpeed ZeRO-3 partitions them while they load
+and FSDP reads them on rank 0 only (utils/training/engines.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 import sys
 import time
@@ -28,12 +31,20 @@ from utils.core.errors import UserError, raise_problems
 from utils.core.io import RunLock, check_output_dir, publish_files
 from utils.data import load_instruction_dataset, tokenize_dataset
 from utils.model.checks import check_attention, preflight_model
-from utils.model.loading import load_checked, resolve_lora_targets
+from utils.model.loading import load_checked, load_checked_tokenizer, resolve_lora_targets
 from utils.prompter import Prompter
-from utils.runtime import is_main_process, local_rank, log, world_size
+from utils.runtime import is_main_process, log, world_size
 from utils.training import checkpoints, setup
-from utils.training.batching import BatchingPlan, check_batching_args, plan_batching
-from utils.training.engines import check_deepspeed_config, cpu_engine_note, gathered_state_dict, training_device_args
+from utils.training.batching import BatchingPlan, check_batching_args, micro_batches_per_step, plan_batching
+from utils.training.engines import (
+    check_deepspeed_config,
+    check_one_process_per_gpu,
+    cpu_engine_note,
+    gathered_state_dict,
+    materialize_trainable,
+    training_device_args,
+    weights_placement,
+)
 
 
 @dataclass(frozen=True)
@@ -52,7 +63,7 @@ class FinetuneArgs:
     cutoff_len: int = 256  # tokens per row; longer rows are cut (and counted)
     val_set_size: float | None = None  # validation rows: a count, a fraction (<1) or 0; default 500 (or a tenth)
     max_steps: int = -1  # stop after this many optimizer steps (-1: run num_epochs)
-    warmup_steps: int = 100  # linear warm-up steps (capped at a tenth of the run)
+    warmup_steps: int = 100  # linear warm-up steps (capped at a fifth of the run)
     seed: int = 42  # seeds the split, the sampling order, LoRA init and dropout
     save_steps: int = 200  # checkpoint every N optimizer steps
     eval_steps: int = 200  # validation every N optimizer steps
@@ -184,45 +195,38 @@ def prepare_data(args: FinetuneArgs, run: Run, dataset: Any, val_size: int, toke
     return train_data, val_data, report
 
 
-def load_model(args: FinetuneArgs, run: Run) -> tuple[Any, Any, Any]:
-    """(the LoRA-wrapped model, its tokenizer, the LoRA targets)."""
-    per_rank = run.processes > 1 and run.device == "cuda" and not args.deepspeed
-    model, tokenizer = load_checked(
-        args.base_model, precision=run.precision, device=run.device, load_8bit=args.load_8bit,
-        load_4bit=args.load_4bit, trust_remote_code=args.trust_remote_code,
-        attn_implementation=args.attn_implementation,
-        device_map={"": local_rank()} if per_rank else None,
-    )
-    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
-    targets = resolve_lora_targets(model, args.lora_target_modules)
-    if run.checkpoint is not None:
-        checkpoints.check_same_lora(run.checkpoint, args.lora_r, args.lora_alpha, targets)
-    model = setup.build_peft_model(model, targets, args)
-    log(f"LoRA targets: {targets}")
-    if is_main_process():
-        model.print_trainable_parameters()
-    return model, tokenizer, targets
+def check_launch(run: Run) -> None:
+    """One process per GPU: `python finetune.py` with several GPUs visible is refused (nn.DataParallel would split
+    the packed batches wrongly); torchrun / accelerate launch start one process per GPU."""
+    visible = torch.cuda.device_count() if run.device == "cuda" else 0
+    check_one_process_per_gpu(run.device, visible, launched="LOCAL_RANK" in os.environ)
 
 
-def plan(args: FinetuneArgs, run: Run, model: Any, tokenizer: Any, train_data: Any, val_data: Any,
-         ) -> tuple[BatchingPlan, Any]:
-    """How batches are laid out, and the Trainer's arguments: steps, schedule, precision, saving, logging."""
-    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+def load_tokenizer(args: FinetuneArgs) -> Any:
+    """The base model's tokenizer, checked against its config.json: the data is tokenised before the weights load."""
+    return load_checked_tokenizer(args.base_model, trust_remote_code=args.trust_remote_code)
 
-    batching = plan_batching(
-        model, [len(ids) for ids in train_data["input_ids"]], tokenizer.pad_token_id, args.batch_size,
-        args.micro_batch_size, args.cutoff_len, run.processes, packing=args.packing, pack_len=args.pack_len,
-        micro_batch_tokens=args.micro_batch_tokens, seed=args.seed,
-        padded_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
-    )
+
+def plan(args: FinetuneArgs, run: Run, train_data: Any, val_data: Any) -> Any:
+    """The Trainer's arguments: steps, schedule, precision, saving, logging, and the engine (DDP, DeepSpeed, FSDP).
+
+    Built before the weights load: `TrainingArguments(deepspeed=...)` registers the DeepSpeed config that makes
+    `from_pretrained` partition a ZeRO-3 model while it loads, and sets up the process group FSDP loading needs.
+    Keep the returned object alive while the model loads (transformers holds the DeepSpeed config weakly).
+    """
+    from transformers import TrainingArguments
+
+    lengths = [len(ids) for ids in train_data["input_ids"]]
+    accumulation = micro_batches_per_step(lengths, args.batch_size, args.micro_batch_size, run.processes,
+                                          packing=args.packing, micro_batch_tokens=args.micro_batch_tokens)
     steps = setup.total_steps(len(train_data), args.batch_size, args.num_epochs, args.max_steps)
     if run.checkpoint is not None:
         setup.check_not_complete(run.checkpoint, steps)
-    training_args = TrainingArguments(
+    return TrainingArguments(
         output_dir=args.output_dir,
-        per_device_train_batch_size=max(1, args.batch_size // (batching.micro_batches_per_step * run.processes)),
+        per_device_train_batch_size=max(1, args.batch_size // (accumulation * run.processes)),
         per_device_eval_batch_size=args.micro_batch_size,
-        gradient_accumulation_steps=batching.micro_batches_per_step,
+        gradient_accumulation_steps=accumulation,
         num_train_epochs=args.num_epochs,
         max_steps=args.max_steps,
         learning_rate=args.learning_rate,
@@ -249,17 +253,46 @@ def plan(args: FinetuneArgs, run: Run, model: Any, tokenizer: Any, train_data: A
         disable_tqdm=not sys.stderr.isatty(),  # a log file gets ProgressLines instead
         remove_unused_columns=False,
     )
-    return batching, training_args
 
 
-def build_trainer(args: FinetuneArgs, model: Any, tokenizer: Any, train_data: Any, val_data: Any,
-                  batching: BatchingPlan, training_args: Any) -> Any:
+def load_model(args: FinetuneArgs, run: Run, tokenizer: Any) -> tuple[Any, Any]:
+    """(the LoRA-wrapped model, the LoRA targets), the weights placed for the engine (`weights_placement`)."""
+    device_map = weights_placement(run.device, run.processes)
+    model, tokenizer = load_checked(
+        args.base_model, precision=run.precision, device=run.device, load_8bit=args.load_8bit,
+        load_4bit=args.load_4bit, trust_remote_code=args.trust_remote_code,
+        attn_implementation=args.attn_implementation, device_map=device_map, tokenizer=tokenizer,
+    )
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    targets = resolve_lora_targets(model, args.lora_target_modules)
+    if run.checkpoint is not None:
+        checkpoints.check_same_lora(run.checkpoint, args.lora_r, args.lora_alpha, targets)
+    model = setup.build_peft_model(model, targets, args)
+    if device_map == "meta":  # FSDP RAM-efficient loading on this rank: rank 0's weights arrive when sharding
+        materialize_trainable(model)
+    log(f"LoRA targets: {targets}")
+    if is_main_process():
+        model.print_trainable_parameters()
+    return model, targets
+
+
+def build_trainer(args: FinetuneArgs, run: Run, model: Any, tokenizer: Any, train_data: Any, val_data: Any,
+                  training_args: Any) -> tuple[Any, BatchingPlan]:
+    """(the Trainer, the batch layout for this model: packed, varlen under FlashAttention, or length buckets)."""
     from transformers import DataCollatorForSeq2Seq, PrinterCallback
 
     from utils.training.callbacks import DivergenceGuard, GracefulStop, ProgressLines
     from utils.training.plotting import LossPlotCallback, run_title
     from utils.training.trainer import SafeTrainer
 
+    batching = plan_batching(
+        model, [len(ids) for ids in train_data["input_ids"]], tokenizer.pad_token_id, args.batch_size,
+        args.micro_batch_size, args.cutoff_len, run.processes, packing=args.packing, pack_len=args.pack_len,
+        micro_batch_tokens=args.micro_batch_tokens, seed=args.seed,
+        padded_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
+    )
+    assert batching.micro_batches_per_step == training_args.gradient_accumulation_steps  # both from the same rule
+    log(batching.describe() + f"; gradient_accumulation_steps: {training_args.gradient_accumulation_steps}")
     trainer = SafeTrainer(
         model=model,
         args=training_args,
@@ -273,7 +306,7 @@ def build_trainer(args: FinetuneArgs, model: Any, tokenizer: Any, train_data: An
                    DivergenceGuard()],
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLines prints readable lines instead
-    return trainer
+    return trainer, batching
 
 
 def callback(trainer: Any, kind: type) -> Any:
@@ -379,18 +412,19 @@ def main(args: FinetuneArgs = DEFAULTS) -> str:
 
     validate_args(args)
     run = resolve(args)
+    check_launch(run)
     dataset, val_size = read_data(args)
     lock = RunLock(Path(args.output_dir) / ".bentsao.lock", f"--output_dir {args.output_dir}")
     with lock if is_main_process() else contextlib.nullcontext():
         print_parameters(args, run, val_size)
         for note in run.notes:
             log(note)
-        set_seed(args.seed)
-        model, tokenizer, targets = load_model(args, run)
+        tokenizer = load_tokenizer(args)
         train_data, val_data, report = prepare_data(args, run, dataset, val_size, tokenizer)
-        batching, training_args = plan(args, run, model, tokenizer, train_data, val_data)
-        log(batching.describe() + f"; gradient_accumulation_steps: {training_args.gradient_accumulation_steps}")
-        trainer = build_trainer(args, model, tokenizer, train_data, val_data, batching, training_args)
+        training_args = plan(args, run, train_data, val_data)  # the engine is live before the weights load
+        set_seed(args.seed)
+        model, targets = load_model(args, run, tokenizer)
+        trainer, batching = build_trainer(args, run, model, tokenizer, train_data, val_data, training_args)
         started = time.time()
         result = train(trainer, run, args)
         finish(args, trainer, tokenizer, targets, summarize(trainer, result, report, batching, val_data, started))

@@ -12,7 +12,8 @@ sd 35, 49-256 tokens), the first 61% of each row a prompt masked out of the loss
 Two layouts, about `--micro_batch_tokens` (4,096) tokens per micro-batch:
 - `cutoff256`: the original recipe, random rows padded to their longest (16 rows per micro-batch);
 - `packed2048`: the rows packed into bins of 2,048 tokens (2 bins per micro-batch), logits on label positions only
-  (utils/batching.py, the default of finetune.py).
+  (utils/training/batching.py, the default of finetune.py); under FlashAttention the micro-batch's sequences go as
+  one row with their boundaries (varlen), as finetune.py sends them.
 
 For each it prints one JSON line: real (non-pad) tokens/s, peak memory, and utilization = 4 x N_params x tokens/s
 over the same run's measured bf16 matmul throughput (4N: the forward pass and the input-gradient matmuls;
@@ -43,9 +44,15 @@ SHAPES: dict[str, dict[str, Any]] = {
     "qwen2.5-7b": {"model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
                    "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
                    "max_position_embeddings": 32768, "tie_word_embeddings": False, "rope_theta": 1000000.0},
+    "llama-1b": {"model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 16,
+                 "num_key_value_heads": 16, "intermediate_size": 5632, "vocab_size": 32000,
+                 "max_position_embeddings": 2048, "tie_word_embeddings": False},
     "tiny": {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "intermediate_size": 172, "vocab_size": 1000,
              "max_position_embeddings": 2048, "tie_word_embeddings": False},
+    "tiny-qwen2": {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "intermediate_size": 172, "vocab_size": 1500,
+                   "max_position_embeddings": 2048, "tie_word_embeddings": False},
 }
 HEADLINE_ROWS, HEADLINE_EPOCHS = 8658, 10
 LENGTHS = {"mean": 122, "sd": 35, "min": 49, "max": 256, "prompt_share": 0.61}
@@ -63,9 +70,11 @@ def synthetic_rows(count: int, vocab: int, seed: int = 0) -> list[dict[str, list
     return rows
 
 
-def micro_batches(rows: list[dict], layout: str, micro_batch_tokens: int,
-                  pad_token_id: int = 0) -> list[tuple[dict, int]]:
-    """Consecutive micro-batches of about `micro_batch_tokens` tokens in the given layout, with their real tokens."""
+def micro_batches(rows: list[dict], layout: str, micro_batch_tokens: int, pad_token_id: int = 0,
+                  varlen: bool = False) -> list[tuple[dict, int]]:
+    """Consecutive micro-batches of about `micro_batch_tokens` tokens in the given layout, with their real tokens.
+
+    `varlen` (FlashAttention): each packed micro-batch as one row with its sequence boundaries, as finetune.py does."""
     if layout == "cutoff256":
         per_batch = max(1, micro_batch_tokens // 256)
         collator: Any = PaddingCollator(pad_token_id)
@@ -74,7 +83,7 @@ def micro_batches(rows: list[dict], layout: str, micro_batch_tokens: int,
         per_batch = max(1, micro_batch_tokens // 2048)
         chunks = [[rows[i] for b in bins[start:start + per_batch] for i in b]
                   for start in range(0, len(bins) - per_batch + 1, per_batch)]
-        collator = PackingCollator(pad_token_id, pack_len=2048, label_positions_only=True)
+        collator = PackingCollator(pad_token_id, pack_len=2048, label_positions_only=True, varlen=varlen)
         return [(collator(chunk), sum(len(row["input_ids"]) for row in chunk)) for chunk in chunks]
     else:
         raise SystemExit(f"unknown layout {layout!r}: cutoff256 or packed2048")
@@ -101,35 +110,54 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build_model(shape: str, device: str, dtype: torch.dtype, gradient_checkpointing: bool,
-                attn_implementation: str = "sdpa"):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+def base_config(shape: str):
+    """The transformers config of a shape in SHAPES (random init, no download)."""
+    from transformers import AutoConfig
 
     settings = dict(SHAPES[shape])
     config = AutoConfig.for_model(settings.pop("model_type"), **settings)
     config.use_cache = False
+    return config
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in the backward pass (non-reentrant), on the model under a peft wrapper too."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype, gradient_checkpointing: bool,
+                attn_implementation: str = "sdpa", lora_dropout: float = 0.05):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_config(base_config(shape), dtype=dtype,
+                                                 attn_implementation=attn_implementation)
     n_params = sum(p.numel() for p in model.parameters())
     if gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
+        enable_gradient_checkpointing(model)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=lora_dropout,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
     return model, n_params
 
 
 def benchmark(shape: str, layout: str, args: argparse.Namespace, device: str, dtype: torch.dtype,
-              peak_flops: float) -> dict[str, Any]:
-    """Train `args.steps` micro-batches (one optimizer step each) after `args.warmup`; time, memory, utilization."""
-    model, n_params = build_model(shape, device, dtype, args.gradient_checkpointing, args.attn_implementation)
-    batches = micro_batches(synthetic_rows(args.rows, SHAPES[shape]["vocab_size"]), layout, args.micro_batch_tokens)
+              peak_flops: float, built: tuple[Any, int] | None = None) -> dict[str, Any]:
+    """Train `args.steps` micro-batches (one optimizer step each) after `args.warmup`; time, memory, utilization.
+
+    `built`: (a LoRA model of `shape` already built as `build_model` does, its base parameter count) to reuse."""
+    model, n_params = built or build_model(shape, device, dtype, args.gradient_checkpointing,
+                                           args.attn_implementation)
+    model.train()
+    batches = micro_batches(synthetic_rows(args.rows, SHAPES[shape]["vocab_size"]), layout, args.micro_batch_tokens,
+                            varlen=args.attn_implementation.startswith("flash"))
     steps = min(args.steps, len(batches) - args.warmup)
     if steps < 1:
         raise SystemExit(f"--rows {args.rows} gives {len(batches)} micro-batches: fewer than --warmup + 1")
@@ -168,7 +196,7 @@ def benchmark(shape: str, layout: str, args: argparse.Namespace, device: str, dt
         "projection": {"run": f"{HEADLINE_EPOCHS} epochs x {HEADLINE_ROWS} rows x {LENGTHS['mean']} tokens",
                        "hours": round(hours, 2), "original": "2h17m on an A100"},
     }
-    del model, optimizer
+    del optimizer
     if device == "cuda":
         torch.cuda.empty_cache()
     return result

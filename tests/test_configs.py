@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_script
+from conftest import REPO
+from in_process import run_main
 
 from utils.core.errors import UserError
 from utils.training.engines import check_deepspeed_config, deepspeed_batch_problems
@@ -156,10 +157,10 @@ def test_check_deepspeed_config_errors(tmp_path):
 
 
 def finetune_with(deepspeed: str, tiny_llama: Path, train_file: Path, tmp_path: Path):
-    return run_script(
-        "finetune.py", "--base_model", str(tiny_llama), "--data_path", str(train_file),
-        "--output_dir", str(tmp_path / "out"), "--batch_size", "8", "--micro_batch_size", "2", "--deepspeed", deepspeed,
-    )
+    import finetune
+
+    return run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir",
+                    tmp_path / "out", "--batch_size", "8", "--micro_batch_size", "2", "--deepspeed", deepspeed)
 
 
 def assert_one_line_error(result, *fragments: str) -> None:

@@ -1,19 +1,23 @@
+"""export_hf_checkpoint.py: the merged checkpoint equals base + adapter, for fp32 and bf16 bases."""
+
 import pytest
 import torch
-from conftest import run_script, train_adapter
+from in_process import finetune as train_adapter
+from in_process import one_thread, run_main  # noqa: F401  one_thread: an autouse fixture
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import export_hf_checkpoint
 from utils.model.loading import load_adapter
 
 
 @pytest.mark.parametrize("arch", ["llama", "bloom"])
-def test_merged_checkpoint_equals_base_plus_adapter(tiny_models, train_file, tmp_path, arch):
+def test_merged_checkpoint_equals_base_plus_adapter(tiny_models, train_file, tmp_path, arch, monkeypatch):
     base = tiny_models[arch]
     adapter = tmp_path / "adapter"
-    train_adapter(base, train_file, adapter)
+    train_adapter(base, train_file, adapter, "--max_steps", "2", "--val_set_size", "0")
     merged_dir = tmp_path / "merged"
-    result = run_script("export_hf_checkpoint.py", "--lora_weights", str(adapter), "--output_dir", str(merged_dir),
-                        env={"BASE_MODEL": str(base)})  # the BASE_MODEL variable is honoured
+    monkeypatch.setenv("BASE_MODEL", str(base))  # the BASE_MODEL variable is honoured
+    result = run_main(export_hf_checkpoint.main, "--lora_weights", adapter, "--output_dir", merged_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "merge check" in result.stdout
     assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "tokenizer.json").is_file()
@@ -27,3 +31,48 @@ def test_merged_checkpoint_equals_base_plus_adapter(tiny_models, train_file, tmp
         expected, actual, before = (m(**probe).logits for m in (reference, merged, plain))
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
     assert (actual - before).abs().max() > 1e-4  # the adapter really changed the model
+
+
+def bf16_base_with_realistic_logits(tiny_llama, folder):
+    """The tiny LLaMA in bf16 (as Qwen2.5, Llama-3 and Gemma ship), its final norm scaled so that the probe's logits
+    reach the magnitudes of a real 7B model (|logit| up to ~20-30), where one bf16 rounding step is 0.125."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(6.0)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(folder)
+    return folder
+
+
+def test_bf16_base_exports_and_keeps_the_adapter(tiny_llama, tmp_path):
+    """A bf16 base merges and saves (the old absolute 5e-2 limit refused it: one bf16 step at |logit| > 8 is
+    larger); the merged checkpoint equals base + adapter within bf16 rounding, and the adapter's effect is there."""
+    from peft import LoraConfig, get_peft_model
+
+    base = bf16_base_with_realistic_logits(tiny_llama, tmp_path / "bf16-base")
+    torch.manual_seed(0)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
+    adapter = tmp_path / "adapter"
+    lora.save_pretrained(adapter)
+    merged_dir = tmp_path / "merged"
+    result = run_main(export_hf_checkpoint.main, "--base_model", base, "--lora_weights", adapter,
+                      "--output_dir", merged_dir)  # --dtype auto: the base's own bf16
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "merge check" in result.stdout and "merged checkpoint saved" in result.stdout
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    probe = tokenizer(export_hf_checkpoint.PROBE_TEXT, return_tensors="pt")
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert merged.dtype == torch.bfloat16
+    reference = load_adapter(AutoModelForCausalLM.from_pretrained(base), str(adapter)).eval()
+    plain = AutoModelForCausalLM.from_pretrained(base).eval()
+    with torch.inference_mode():
+        expected, actual, before = (m(**probe).logits.float() for m in (reference, merged, plain))
+    scale = expected.abs().max().item()
+    assert scale > 8, scale  # realistic: a bf16 step here is 0.0625 or more, above the old absolute limit
+    difference, effect = (actual - expected).abs().max().item(), (expected - before).abs().max().item()
+    assert difference <= export_hf_checkpoint.merge_limit(torch.bfloat16, scale), (difference, scale)
+    assert effect > 4 * difference, (effect, difference)  # the merged model carries the adapter

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO, run_script
+from in_process import run_main
 
 from utils.core.errors import UserError
 from utils.model.checks import quantization_config
@@ -22,10 +24,14 @@ def assert_no_cuda_line(result) -> None:
     assert "Traceback" not in result.stderr and "Training BenTsao LoRA with" not in result.stdout
 
 
+def script_main(name: str):
+    return importlib.import_module(name.removesuffix(".py")).main
+
+
 @needs_no_cuda
 def test_finetune_4bit_on_cpu_is_one_line(tiny_llama, train_file, tmp_path):
-    result = run_script("finetune.py", "--base_model", str(tiny_llama), "--data_path", str(train_file),
-                        "--output_dir", str(tmp_path / "out"), "--load_4bit", "True")
+    result = run_main(script_main("finetune.py"), "--base_model", tiny_llama, "--data_path", train_file,
+                      "--output_dir", tmp_path / "out", "--load_4bit", "True")
     assert_no_cuda_line(result)
     assert not (tmp_path / "out").exists()
 
@@ -34,13 +40,13 @@ def test_finetune_4bit_on_cpu_is_one_line(tiny_llama, train_file, tmp_path):
 @pytest.mark.parametrize(("script", "flag"),
                          [("infer.py", "--load_4bit"), ("generate.py", "--load_4bit"), ("infer.py", "--load_8bit")])
 def test_inference_quantized_on_cpu_is_one_line(tiny_llama, script, flag):
-    result = run_script(script, "--base_model", str(tiny_llama), "--use_lora", "False", flag, "True")
+    result = run_main(script_main(script), "--base_model", tiny_llama, "--use_lora", "False", flag, "True")
     assert_no_cuda_line(result)
 
 
 def test_8bit_and_4bit_together_is_one_line(tiny_llama, train_file, tmp_path):
-    result = run_script("finetune.py", "--base_model", str(tiny_llama), "--data_path", str(train_file),
-                        "--output_dir", str(tmp_path / "out"), "--load_8bit", "True", "--load_4bit", "True")
+    result = run_main(script_main("finetune.py"), "--base_model", tiny_llama, "--data_path", train_file,
+                      "--output_dir", tmp_path / "out", "--load_8bit", "True", "--load_4bit", "True")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == "error: --load_8bit and --load_4bit exclude each other: choose one"
 

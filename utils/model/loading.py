@@ -96,7 +96,9 @@ def load_base_model(
     except RuntimeError as error:  # a truncated or corrupt weights file
         first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise UserError(f"could not load the weights of {base_model}: {first} (is a file truncated?)") from None
-    if device_map is None:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if device_map is None and not is_deepspeed_zero3_enabled():  # ZeRO-3: zero.Init placed the partitions already
         model.to(device)
     return model
 
@@ -161,6 +163,13 @@ def load_adapter(model: Any, lora_weights: str, is_trainable: bool = False) -> A
         raise UserError(f"the adapter {lora_weights} does not fit this base model ({detail})") from None
 
 
+def load_checked_tokenizer(base_model: str, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
+    """The base model's tokenizer, checked against its config.json (before any weights load)."""
+    tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code, padding_side=padding_side)
+    check_tokenizer_fits(tokenizer, config_embedding_rows(base_model), base_model)
+    return tokenizer
+
+
 def load_checked(
     base_model: str,
     *,
@@ -173,10 +182,12 @@ def load_checked(
     attn_implementation: str = "",
     padding_side: str = "right",
     dtype: Any = None,
+    tokenizer: Any = None,
 ) -> tuple[Any, Any]:
-    """(model, tokenizer): the tokenizer, its fit to config.json, the weights, its fit to the loaded embeddings."""
-    tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code, padding_side=padding_side)
-    check_tokenizer_fits(tokenizer, config_embedding_rows(base_model), base_model)
+    """(model, tokenizer): the tokenizer (or `tokenizer`, from `load_checked_tokenizer`), its fit to config.json,
+    the weights, its fit to the loaded embeddings."""
+    if tokenizer is None:
+        tokenizer = load_checked_tokenizer(base_model, trust_remote_code=trust_remote_code, padding_side=padding_side)
     model = load_base_model(
         base_model, precision=precision, device=device, load_8bit=load_8bit, load_4bit=load_4bit,
         trust_remote_code=trust_remote_code, device_map=device_map, attn_implementation=attn_implementation,

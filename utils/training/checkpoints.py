@@ -57,7 +57,9 @@ def _intact(path: Path) -> bool:
 def missing_state(folder: Path, world_size: int) -> list[str]:
     """The optimizer, scheduler and RNG state files a checkpoint lacks, or that do not read back."""
     deepspeed = any(path.is_dir() and path.name.startswith("global_step") for path in folder.iterdir())
-    wanted = [] if deepspeed else ["optimizer.pt", "scheduler.pt"]  # DeepSpeed keeps both in global_stepN/
+    fsdp_sharded = any(path.is_dir() and path.name.startswith("optimizer_") for path in folder.iterdir())
+    optimizer = "optimizer.bin" if (folder / "optimizer.bin").is_file() else "optimizer.pt"  # .bin: FSDP's file
+    wanted = [] if deepspeed else ["scheduler.pt"] if fsdp_sharded else [optimizer, "scheduler.pt"]
     wanted += ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{rank}.pth" for rank in range(world_size)]
     problems = []
     for name in wanted:

@@ -3,10 +3,18 @@
 transformers' `Trainer` does the distributed work (sharding the data per rank, averaging gradients, DeepSpeed and
 FSDP through accelerate); this module holds the few decisions around it:
 
+- `check_one_process_per_gpu`: `python finetune.py` on a machine with several visible GPUs would make the Trainer
+  wrap the model in `nn.DataParallel`, which splits a batch's tensors by rows and breaks the label-position layout
+  (and packed rows); one clear line says to launch one process per GPU instead;
 - `training_device_args`: on CPU, DDP needs `use_cpu` and the gloo backend (accelerate would otherwise treat each
   torchrun rank as a lone process, so every rank trained alone and wrote its own adapter);
 - `check_deepspeed_config`: a `--deepspeed` file exists, parses, leaves the batch sizes to the CLI ("auto") and can
   run here, all checked before any weights load;
+- `weights_placement`: where `from_pretrained` puts the weights under the engine the launcher chose. It is called
+  after the `TrainingArguments` exist (finetune.py builds them before loading), so under ZeRO-3 transformers' live
+  DeepSpeed config makes `from_pretrained` partition the weights as they load (`zero.Init`), and under FSDP with
+  RAM-efficient loading only rank 0 reads them (the others build the model on the "meta" device and receive their
+  shards from rank 0 when accelerate shards the model). Plain DDP loads straight onto each rank's own GPU;
 - `gathered_state_dict`: under ZeRO-3 or FSDP every rank holds only a shard of each weight, so the final adapter
   is gathered (a collective: every rank calls it) before rank 0 writes it;
 - `cpu_engine_note`: an FSDP/DeepSpeed accelerate config started without GPUs runs as plain DDP, and says so.
@@ -23,10 +31,51 @@ from typing import Any
 import torch
 
 from utils.core.errors import UserError
-from utils.runtime import world_size
+from utils.runtime import local_rank, rank, world_size
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEEPSPEED_CONFIGS = REPO_ROOT / "configs" / "deepspeed"
+# Devices on which accelerate runs FSDP (started on CPU, an FSDP config runs as plain DDP; see cpu_engine_note).
+FSDP_DEVICES = ("cuda", "xpu", "npu")
+
+
+def check_one_process_per_gpu(device: str, visible_gpus: int, launched: bool) -> None:
+    """Refuse one process driving several GPUs: the Trainer would wrap the model in `nn.DataParallel`, which scatters
+    every tensor of a batch by rows: the packed row, its `logits_to_keep` and its flattened `shift_labels` would be
+    cut apart inconsistently (a crash, or silently mismatched labels). `launched`: started by torchrun/accelerate."""
+    if device != "cuda" or launched or visible_gpus < 2:
+        return
+    raise UserError(
+        f"{visible_gpus} GPUs are visible but finetune.py was started as one process (the Trainer would fall back to "
+        f"nn.DataParallel, which splits packed batches wrongly): train on all of them with `torchrun "
+        f"--nproc_per_node {visible_gpus} finetune.py ...`, or on one with `CUDA_VISIBLE_DEVICES=0 python "
+        "finetune.py ...`"
+    )
+
+
+def fsdp_requested() -> bool:
+    """An accelerate FSDP config launched this process (`accelerate launch --config_file .../fsdp.yaml`)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def weights_placement(device: str, processes: int) -> Any:
+    """The `device_map` for `from_pretrained` under the chosen engine: None (the one device; under ZeRO-3 the
+    partitions zero.Init makes), "meta" (FSDP RAM-efficient loading on a rank other than 0), {"": "cpu"} (FSDP:
+    accelerate moves each rank's shard to its GPU) or this rank's own GPU (DDP).
+
+    Call it once the `TrainingArguments` exist: the DeepSpeed config and the process group are live then.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled, is_fsdp_enabled
+
+    if is_deepspeed_zero3_enabled():  # zero.Init partitions while loading; no device_map is allowed
+        return None
+    if fsdp_requested() and device in FSDP_DEVICES:
+        if is_fsdp_enabled() and rank() != 0:  # RAM-efficient loading: rank 0 reads, accelerate broadcasts
+            return "meta"
+        return {"": "cpu"}
+    if processes > 1 and device == "cuda":
+        return {"": f"cuda:{local_rank()}"}
+    return None
 
 
 def training_device_args(device: str, processes: int | None = None) -> dict[str, Any]:
@@ -44,10 +93,11 @@ def cpu_engine_note(device: str) -> str | None:
         return None
     engines = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
                if os.environ.get(flag, "false").lower() == "true"]
-    if not engines:
+    if not engines or (engines == ["FSDP"] and device in FSDP_DEVICES):
         return None
     verb = "need" if len(engines) > 1 else "needs"
     return f"note: {' and '.join(engines)} {verb} GPUs; on this CPU machine the processes train as plain DDP (gloo)"
+
 
 def _shipped_configs() -> str:
     names = sorted(path.name for path in DEEPSPEED_CONFIGS.glob("*.json"))
@@ -86,11 +136,13 @@ def deepspeed_batch_problems(
     return problems
 
 
-def check_deepspeed_config(path: str, batch_size: int, micro_batch_size: int, processes: int | None = None) -> dict:
+def check_deepspeed_config(path: str, batch_size: int, micro_batch_size: int, processes: int | None = None,
+                           require_cuda: bool = True) -> dict:
     """Everything about `--deepspeed` that can be checked before the model loads; returns the parsed config.
 
     The file (exists, JSON object), its batch sizes ("auto", or equal to what the CLI gives), then the machine
-    (the deepspeed package, CUDA GPUs).
+    (the deepspeed package, CUDA GPUs: accelerate runs DeepSpeed only on accelerators; `require_cuda=False` is for
+    tests/engines_on_cpu.py, which lifts that rule).
     """
     processes = world_size() if processes is None else processes
     config = read_deepspeed_config(path)
@@ -101,9 +153,22 @@ def check_deepspeed_config(path: str, batch_size: int, micro_batch_size: int, pr
         )
     if importlib.util.find_spec("deepspeed") is None:
         raise UserError(f"--deepspeed {path} needs the deepspeed package: pip install -r requirements-gpu.txt")
-    if not torch.cuda.is_available():
+    if require_cuda and not torch.cuda.is_available():
         raise UserError(f"--deepspeed {path} needs CUDA GPUs; on this machine train without --deepspeed")
     return config
+
+
+def materialize_trainable(model: Any) -> None:
+    """On a rank that built the model on the "meta" device (FSDP RAM-efficient loading), give the trainable (LoRA)
+    weights real, empty CPU storage; rank 0's values reach them when accelerate shards the model.
+
+    accelerate's FSDP2 preparation swaps the optimizer's parameters for the sharded ones by matching data pointers;
+    on "meta" every pointer is 0, so an optimizer over meta LoRA weights would end up holding frozen base weights
+    and this rank's LoRA shards would never be updated.
+    """
+    for module in model.modules():
+        if any(p.requires_grad and p.is_meta for p in module.parameters(recurse=False)):
+            module.to_empty(device="cpu", recurse=False)
 
 
 def zero_stage(trainer: Any) -> int | None:
@@ -116,8 +181,9 @@ def zero_stage(trainer: Any) -> int | None:
 def gathered_state_dict(trainer: Any) -> dict[str, torch.Tensor] | None:
     """The trainable (LoRA) weights gathered in full when they are sharded over the ranks (ZeRO-3, FSDP), else None.
 
-    A collective: every rank must call it. Under ZeRO-3 only the trainable parameters are gathered (DeepSpeed's
-    public `zero.GatheredParameters`), never the frozen 7B base.
+    A collective: every rank must call it. Only the trainable parameters are gathered, never the frozen 7B base:
+    under ZeRO-3 with DeepSpeed's public `zero.GatheredParameters`, under FSDP with PyTorch's
+    `get_model_state_dict(ignore_frozen_params=True)`.
     """
     if zero_stage(trainer) == 3:
         import deepspeed
@@ -126,6 +192,9 @@ def gathered_state_dict(trainer: Any) -> dict[str, torch.Tensor] | None:
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
             return {name: p.detach().to("cpu", copy=True) for name, p in named}
-    if getattr(trainer, "is_fsdp_enabled", False):
-        return trainer.accelerator.get_state_dict(trainer.model)
+    if getattr(trainer, "is_fsdp_enabled", False):  # only the trainable weights, gathered to rank 0's CPU
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        return get_model_state_dict(trainer.model, options=options)
     return None
