@@ -110,8 +110,8 @@ def parse_judge_reply(text: str) -> dict[str, int]:
         raise MalformedReply(f"no JSON object in the judge's reply: {text[:200]!r}")
     try:
         data = json.loads(text[start : end + 1])
-    except json.JSONDecodeError as error:
-        raise MalformedReply(f"the judge's reply is not valid JSON ({error.msg}): {text[:200]!r}") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, a 5000-digit number, nesting too deep
+        raise MalformedReply(f"the judge's reply is not valid JSON ({str(error)[:100]}): {text[:200]!r}") from None
     if not isinstance(data, dict):
         raise MalformedReply(f"the judge's reply is not a JSON object: {text[:200]!r}")
     scores = {}

@@ -127,11 +127,13 @@ def validate_args(args: FinetuneArgs) -> None:
     problems += setup.batch_size_problems(args.batch_size, args.micro_batch_size, world_size())
     if args.load_8bit and args.load_4bit:
         problems.append("--load_8bit and --load_4bit exclude each other: choose one")
+    def output_dir() -> None:  # what an earlier run left there is looked at only in a usable folder
+        check_output_dir(args.output_dir, "--output_dir", protected={"the base model": args.base_model})
+        setup.check_restart(args.output_dir, args.resume_from_checkpoint not in (None, False, ""), args.overwrite)
+
     for check in (
         lambda: check_batching_args(args.pack_len, args.cutoff_len, args.micro_batch_tokens),
-        lambda: check_output_dir(args.output_dir, "--output_dir", protected={"the base model": args.base_model}),
-        lambda: setup.check_restart(args.output_dir, args.resume_from_checkpoint not in (None, False, ""),
-                                    args.overwrite),
+        output_dir,
         lambda: args.deepspeed and check_deepspeed_config(args.deepspeed, args.batch_size, args.micro_batch_size),
     ):
         try:

@@ -104,15 +104,19 @@ def assert_succeeded(outcome: Outcome) -> None:
 def snapshot(*roots: Path) -> dict[Path, str]:
     """Every file and folder under `roots`: content hash for files, 'dir' for folders."""
     state: dict[Path, str] = {}
+
+    def record(path: Path) -> None:
+        if path.is_symlink():
+            state[path] = f"link:{os.readlink(path)}"
+        elif path.is_dir():
+            state[path] = "dir"
+            for child in path.iterdir():
+                record(child)
+        elif path.is_file():
+            state[path] = hashlib.sha256(path.read_bytes()).hexdigest()
+
     for root in roots:
-        if root.is_file():
-            state[root] = hashlib.sha256(root.read_bytes()).hexdigest()
-            continue
-        if not root.exists():
-            continue
-        state[root] = "dir"
-        for path in root.rglob("*"):
-            state[path] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        record(root)
     return state
 
 

@@ -429,12 +429,20 @@ def _checked_path(check: Callable[[], Path], path: str | Path, flag: str) -> Pat
     except (OSError, RuntimeError) as error:  # RuntimeError: pathlib's "Symlink loop"
         reason = getattr(error, "strerror", None) or str(error)
         raise UserError(f"{flag} {path}: cannot use this path ({reason})") from None
+    except UserError as error:
+        if str(error).startswith(flag):
+            raise
+        raise UserError(f"{flag} {path}: cannot use this path ({error})") from None
 
 
 def _existing_ancestor(path: Path) -> Path:
+    """The nearest of `path` and its parents that exists; a symbolic link on the way that leads nowhere (broken, or a
+    loop) is an error: creating a folder there would fail only when the run writes its results."""
     for candidate in [path, *path.parents]:
         if candidate.exists():
             return candidate
+        if candidate.is_symlink():
+            raise UserError(f"{candidate} is a symbolic link that leads nowhere (broken, or a loop)")
     return Path(".")
 
 
