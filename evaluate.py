@@ -264,15 +264,17 @@ def check_comparable(rows_by_path: dict[str, list[dict]], golden_field: str = "o
             raise UserError(f"--compare: {path} has {len(rows)} rows but {first} has {len(rows_by_path[first])}; a "
                             "table compares models only on the same questions: answer the same --instruct_dir with "
                             "each model, or score the files one by one with --predictions")
-        keys = Counter(question_key(row, golden_field) for row in rows)
-        if keys != reference:
-            index, row = next((index, row) for index, row in enumerate(rows, start=1)
-                              if (keys - reference)[question_key(row, golden_field)] > 0)
-            question = row.get("instruction", "")
-            shown = question if len(question) <= 40 else question[:40] + "…"
-            raise UserError(f"--compare: {path} row {index} ({shown!r}) is not a question of {first} (or its golden "
-                            f"`{golden_field}` differs); a table compares models only on the same questions: answer "
-                            "the same --instruct_dir with each model, or score the files one by one with --predictions")
+        seen: Counter[tuple[str, str, str]] = Counter()
+        for index, row in enumerate(rows, start=1):
+            key = question_key(row, golden_field)
+            seen[key] += 1
+            if seen[key] > reference[key]:
+                question = row.get("instruction", "")
+                shown = question if len(question) <= 40 else question[:40] + "…"
+                raise UserError(f"--compare: {path} row {index} ({shown!r}) matches no question of {first} (its "
+                                f"question, input or golden `{golden_field}` differs, or it repeats one); a table "
+                                "compares models only on the same questions: answer the same --instruct_dir with "
+                                "each model, or score the files one by one with --predictions")
 
 
 def compare_files(
@@ -328,9 +330,11 @@ def main(
     """Print (and with --output write) the metrics JSON of --predictions, or the --compare table."""
     config: llm.ChatConfig | None = None
     comparing = compare is not None and compare is not False
+    inputs = [predictions, *(compare_paths(compare, more_files) if comparing else [])]
     if output:  # before any scoring or judging: a folder, an unwritable place or an input file is refused now
-        inputs = [predictions, judge_cache, *(compare_paths(compare, more_files) if comparing else [])]
-        check_output_file(output, "--output", inputs=[name for name in inputs if name])
+        check_output_file(output, "--output", inputs=[name for name in [*inputs, judge_cache] if name])
+    if judge and judge_cache:  # the sidecar is appended to: never an input or the metrics file
+        check_output_file(judge_cache, "--judge_cache", inputs=[name for name in [*inputs, output] if name])
     if judge:
         if judge != "openai":
             raise UserError(f"--judge must be openai (any OpenAI-compatible server), got {judge!r}")

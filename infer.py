@@ -31,7 +31,8 @@ BUILT_IN_QUESTIONS = [
 ]
 
 
-def validate_args(use_lora: bool, lora_weights: str, instruct_dir: str, output_file: str) -> None:
+def validate_args(use_lora: bool, lora_weights: str, instruct_dir: str, output_file: str, base_model: str = "",
+                  ) -> None:
     """Every problem with the options at once, before anything loads."""
     problems = []
     if use_lora and not lora_weights:
@@ -39,7 +40,8 @@ def validate_args(use_lora: bool, lora_weights: str, instruct_dir: str, output_f
                         "model, pass --use_lora False)")
     if output_file:
         try:
-            check_output_file(output_file, "--output_file", inputs=[instruct_dir] if instruct_dir else [])
+            check_output_file(output_file, "--output_file", inputs=[instruct_dir] if instruct_dir else [],
+                              protected={"the base model": base_model, "the adapter": lora_weights if use_lora else ""})
         except UserError as error:
             problems.append(str(error))
     raise_problems(problems)
@@ -134,7 +136,7 @@ def main(
     """Answer every row of --instruct_dir (or a few built-in questions) and print the original blocks."""
     from transformers import set_seed
 
-    validate_args(use_lora, lora_weights, instruct_dir, output_file)
+    validate_args(use_lora, lora_weights, instruct_dir, output_file, base_model)
     raise_problems(generation.problems())
     prompter = Prompter(prompt_template)
     rows = read_questions(instruct_dir)

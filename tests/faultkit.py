@@ -128,7 +128,14 @@ def assert_unchanged(before: dict[Path, str], *roots: Path, allow_new: bool = Fa
     assert not lost and not changed, f"[data lost] deleted: {lost[:5]}, changed: {changed[:5]}"
     if not allow_new:
         added = sorted(str(path) for path in after if path not in before)
-        assert not added, f"[data lost] a refused run created: {added[:5]}"
+        assert not added, f"[not refused] the run wrote {added[:5]}"
+
+
+def assert_refused_unchanged(outcome: Outcome, before: dict[Path, str], roots: tuple[Path, ...], *expected: str,
+                             allow_new: bool = False) -> str:
+    """`assert_refused` after `assert_unchanged`: a run that lost data is reported as that, the worst outcome."""
+    assert_unchanged(before, *roots, allow_new=allow_new)
+    return assert_refused(outcome, *expected)
 
 
 # --- faults of the machine -------------------------------------------------------------------------------------------

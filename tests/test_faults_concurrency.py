@@ -46,11 +46,11 @@ def test_a_second_finetune_into_a_held_output_dir_is_refused_naming_the_holder(t
     try:
         before = snapshot(out)
         for resume in ([], ["--resume_from_checkpoint", "True"], ["--overwrite", "True"]):
-            line = assert_refused(cli(finetune.main, "--base_model", tiny_llama, "--data_path", train_file,
-                                      "--output_dir", out, *resume, monkeypatch=monkeypatch, capsys=capsys),
-                                  "is in use by another run", f"pid {holder.pid}", ".bentsao.lock")
-            assert "checkpoint" not in line.split("(the lock")[0]  # the holder, not what it has written, is the news
+            outcome = cli(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", out,
+                          *resume, monkeypatch=monkeypatch, capsys=capsys)
             assert_unchanged(before, out)
+            line = assert_refused(outcome, "is in use by another run", f"pid {holder.pid}", ".bentsao.lock")
+            assert "checkpoint" not in line.split("(the lock")[0], f"[message] {line}"  # the holder is the news
     finally:
         holder.kill()
         holder.wait()
@@ -60,11 +60,10 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     path = tmp_path / "out" / ".bentsao.lock"
     holder = hold_lock(path)
     with pytest.raises(UserError, match=f"in use by another run \\(pid {holder.pid} on "):
-        RunLock(path, "the output").check_free()
+        RunLock(path, "the output").acquire()
     holder.send_signal(signal.SIGKILL)  # no chance to clean up: the lock file stays, the kernel drops the lock
     holder.wait()
     assert path.exists()
-    RunLock(path, "the output").check_free()
     with RunLock(path, "the output"):
         assert json.loads(path.read_text())["pid"] == os.getpid()
     assert not path.exists()
@@ -76,7 +75,7 @@ def test_the_lock_names_no_secret(tmp_path, monkeypatch):
     register_secret("sk-lock-secret-123456")
     monkeypatch.setattr(sys, "argv", ["finetune.py", "--wandb_run_name", "sk-lock-secret-123456"])
     with RunLock(tmp_path / "lock", "the output"):
-        assert "sk-lock-secret" not in (tmp_path / "lock").read_text()
+        assert "sk-lock-secret" not in (tmp_path / "lock").read_text(), "[secret] an API key in the lock file"
 
 
 @pytest.mark.slow
@@ -161,11 +160,12 @@ def test_two_build_dataset_resume_runs_into_one_output(tmp_path):
         second = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, env=environment(FAULT_KEY="sk-x"),
                                 timeout=120, check=False)
         _, first_err = first.communicate(timeout=120)
-    assert first.returncode == 0, first_err[-1500:]
-    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-1500:]
-    assert "in use by another run" in second.stderr
     rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines() if line.strip()]
-    assert rows and len({row["instruction"] for row in rows}) == len(rows)
+    assert len({row["instruction"] for row in rows}) == len(rows), "[data lost] rows written twice: every later " \
+        "--resume would refuse the file"
+    assert first.returncode == 0 and rows, f"[data lost] the first run failed: {first_err[-1500:]}"
+    assert second.returncode == 2 and "Traceback" not in second.stderr, f"[not refused] {second.stderr[-1500:]}"
+    assert "in use by another run" in second.stderr, f"[message] {second.stderr[-500:]}"
 
 
 def test_a_resumed_finetune_after_a_refused_second_run_still_works(tiny_llama, train_file, tmp_path, monkeypatch,

@@ -71,11 +71,11 @@ def test_infer_output_file_is_checked_before_the_model_loads(kind, files, tmp_pa
     output, expected = output_path(kind, files, tmp_path, "questions")
     before = snapshot(tmp_path)
     with read_only(files["locked"]):
-        line = assert_refused(cli(infer.main, "--base_model", NO_MODEL, "--use_lora", "False", "--instruct_dir",
-                                  files["questions"], "--output_file", output, monkeypatch=monkeypatch,
-                                  capsys=capsys), "--output_file", expected)
-    assert NO_MODEL not in line  # before anything of the model
+        outcome = cli(infer.main, "--base_model", NO_MODEL, "--use_lora", "False", "--instruct_dir",
+                      files["questions"], "--output_file", output, monkeypatch=monkeypatch, capsys=capsys)
     assert_unchanged(before, tmp_path)
+    line = assert_refused(outcome, "--output_file", expected)
+    assert NO_MODEL not in line  # before anything of the model
 
 
 @pytest.mark.parametrize("kind", OUTPUT_FILES)
@@ -86,9 +86,38 @@ def test_evaluate_output_is_checked_before_scoring(kind, files, tmp_path, monkey
     with read_only(files["locked"]):
         outcome = cli(evaluate.main, "--predictions", files["predictions"], "--output", output,
                       monkeypatch=monkeypatch, capsys=capsys)
+    assert_unchanged(before, tmp_path)
     assert_refused(outcome, "--output", expected)
     assert "rouge" not in outcome.out  # nothing scored, nothing printed as a result
+
+
+def test_infer_never_writes_its_answers_over_the_model_or_the_adapter(tiny_llama, tmp_path, files, monkeypatch,
+                                                                      capsys):
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text('{"peft_type": "LORA"}', encoding="utf-8")
+    before = snapshot(tmp_path, tiny_llama)
+    for output, what in ((lora / "adapter_config.json", "is the adapter"), (tiny_llama / "answers.jsonl",
+                                                                            "is the base model")):
+        outcome = cli(infer.main, "--base_model", tiny_llama, "--lora_weights", lora, "--instruct_dir",
+                      files["questions"], "--output_file", output, monkeypatch=monkeypatch, capsys=capsys)
+        assert_unchanged(before, tmp_path, tiny_llama)
+        assert_refused(outcome, "--output_file", what)
+
+
+@pytest.mark.parametrize("cache", ["the predictions", "the metrics", "a folder"])
+def test_the_judge_sidecar_is_never_an_input(cache, files, tmp_path, monkeypatch, capsys):
+    """The judge appends graded rows to --judge_cache: pointed at the predictions it would corrupt them."""
+    path, expected = {"the predictions": (files["predictions"], "is an input of this run"),
+                      "the metrics": (files["metrics"], "is an input of this run"),
+                      "a folder": (tmp_path, "is a folder")}[cache]
+    monkeypatch.setenv("FAULT_KEY", "sk-x")
+    before = snapshot(tmp_path)
+    outcome = cli(evaluate.main, "--predictions", files["predictions"], "--output", files["metrics"], "--judge",
+                  "openai", "--model", "m", "--api_base", "http://127.0.0.1:9/v1", "--api_key_env", "FAULT_KEY",
+                  "--judge_cache", path, monkeypatch=monkeypatch, capsys=capsys)
     assert_unchanged(before, tmp_path)
+    assert_refused(outcome, expected)
 
 
 @pytest.mark.parametrize("kind", ["a file", "the base", "inside the base", "under a file", "read-only",
@@ -107,9 +136,10 @@ def test_finetune_output_dir_is_checked_before_any_work(kind, tiny_llama, train_
     }[kind]
     before = snapshot(tmp_path, tiny_llama)
     with read_only(files["locked"]):
-        assert_refused(cli(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir",
-                           output, monkeypatch=monkeypatch, capsys=capsys), "--output_dir", expected)
+        outcome = cli(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", output,
+                      monkeypatch=monkeypatch, capsys=capsys)
     assert_unchanged(before, tmp_path, tiny_llama)
+    assert_refused(outcome, "--output_dir", expected)
 
 
 def test_export_into_a_read_only_folder_is_refused_before_loading(tiny_llama, tmp_path, files, monkeypatch, capsys):
@@ -128,9 +158,10 @@ def test_build_dataset_output_is_checked_before_any_work(kind, files, tmp_path, 
     kb.write_text(json.dumps(entity, ensure_ascii=False) + "\n", encoding="utf-8")
     output, expected = output_path(kind, files, tmp_path, "questions")
     before = snapshot(tmp_path)
-    assert_refused(cli({"knowledge": build_dataset.knowledge}, "knowledge", "--kb", kb, "--output", output,
-                       monkeypatch=monkeypatch, capsys=capsys), "--output", expected)
+    outcome = cli({"knowledge": build_dataset.knowledge}, "knowledge", "--kb", kb, "--output", output,
+                  monkeypatch=monkeypatch, capsys=capsys)
     assert_unchanged(before, tmp_path)
+    assert_refused(outcome, "--output", expected)
 
 
 # --- the disk fills up -----------------------------------------------------------------------------------------------
@@ -141,9 +172,9 @@ def test_a_full_disk_while_evaluate_writes_keeps_the_earlier_metrics(files, tmp_
     storage_full_at(monkeypatch, "fsync")
     outcome = cli(evaluate.main, "--predictions", files["predictions"], "--output", files["metrics"],
                   monkeypatch=monkeypatch, capsys=capsys)
-    assert_refused(outcome, "metrics.json", "the disk is full")
-    assert "rouge" not in outcome.out  # no result printed for metrics that were not saved
     assert_unchanged(before, tmp_path)  # the earlier file byte for byte, and no temporary file left behind
+    assert "rouge" not in outcome.out, "[false success] metrics printed that were not saved"
+    assert_refused(outcome, "metrics.json", "the disk is full")
 
 
 def test_a_file_size_limit_in_a_real_process_keeps_the_earlier_metrics(files, tmp_path):
@@ -151,8 +182,8 @@ def test_a_file_size_limit_in_a_real_process_keeps_the_earlier_metrics(files, tm
     before = snapshot(tmp_path)
     outcome = run("evaluate.py", "--predictions", files["predictions"], "--output", files["metrics"],
                   preexec=file_size_limit(40))
-    assert_refused(outcome, "metrics.json", "file-size limit")
     assert_unchanged(before, tmp_path)
+    assert_refused(outcome, "metrics.json", "file-size limit")
 
 
 def test_a_full_disk_while_infer_writes_keeps_the_earlier_output(tiny_llama, files, tmp_path, monkeypatch, capsys):
@@ -163,9 +194,10 @@ def test_a_full_disk_while_infer_writes_keeps_the_earlier_output(tiny_llama, fil
     outcome = cli(infer.main, "--base_model", tiny_llama, "--use_lora", "False", "--instruct_dir", files["questions"],
                   "--output_file", answers, "--max_new_tokens", "2", "--num_beams", "1", monkeypatch=monkeypatch,
                   capsys=capsys)
-    assert_refused(outcome, "answers.jsonl", "the disk is full")
-    assert "###model output###" in outcome.out and "wrote" not in outcome.out  # printed, but no false "wrote"
     assert_unchanged(before, tmp_path)
+    assert "wrote" not in outcome.out, "[false success] `wrote N answers` for answers that were not saved"
+    assert_refused(outcome, "answers.jsonl", "the disk is full")
+    assert "###model output###" in outcome.out  # the answers were printed, so not lost
 
 
 def test_a_full_disk_when_the_adapter_is_published_prints_no_success(tiny_llama, train_file, tmp_path, monkeypatch,
@@ -183,9 +215,9 @@ def test_a_full_disk_when_the_adapter_is_published_prints_no_success(tiny_llama,
     outcome = cli(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", out,
                   "--max_steps", "1", "--batch_size", "4", "--micro_batch_size", "4", "--val_set_size", "0",
                   "--cutoff_len", "64", "--save_steps", "100", monkeypatch=monkeypatch, capsys=capsys)
+    assert "adapter saved" not in outcome.out, "[false success] `adapter saved` on a full disk"
+    assert not (out / "adapter_config.json").exists() and not (out / ".tmp-adapter").exists(), "[false success]"
     assert_refused(outcome, "the disk is full")
-    assert "adapter saved" not in outcome.out
-    assert not (out / "adapter_config.json").exists() and not (out / ".tmp-adapter").exists()
 
 
 def test_a_full_disk_while_exporting_replaces_nothing(tiny_llama, tmp_path, monkeypatch, capsys):
@@ -199,9 +231,9 @@ def test_a_full_disk_while_exporting_replaces_nothing(tiny_llama, tmp_path, monk
     storage_full_at(monkeypatch, "fsync")
     outcome = cli(export_hf_checkpoint.main, "--base_model", tiny_llama, "--lora_weights", lora, "--output_dir",
                   tmp_path / "merged", monkeypatch=monkeypatch, capsys=capsys)
-    assert_refused(outcome, "the disk is full")
-    assert "saved" not in outcome.out
     assert_unchanged(before, tmp_path)
+    assert "saved" not in outcome.out, "[false success] `saved` on a full disk"
+    assert_refused(outcome, "the disk is full")
 
 
 @pytest.mark.slow
@@ -212,9 +244,9 @@ def test_a_file_size_limit_while_training_is_one_line_and_names_what_is_kept(tin
     outcome = run("finetune.py", "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", out,
                   "--max_steps", "3", "--batch_size", "4", "--micro_batch_size", "4", "--val_set_size", "0",
                   "--cutoff_len", "64", "--save_steps", "1", preexec=file_size_limit(100_000))
+    assert "adapter saved" not in outcome.out and not (out / "adapter_config.json").exists(), "[false success]"
     assert_refused(outcome, "cannot save a checkpoint", "at step 1", "file-size limit",
                    "no complete checkpoint was written yet")
-    assert "adapter saved" not in outcome.out and not (out / "adapter_config.json").exists()
 
 
 # --- a closed standard output --------------------------------------------------------------------------------------
@@ -228,8 +260,10 @@ def test_a_closed_pipe_is_no_traceback_and_the_output_file_is_written(files, tmp
                                env=dict(os.environ, HF_HUB_OFFLINE="1"))
     process.stdout.close()
     stderr = process.stderr.read().decode()
-    assert process.wait(timeout=120) in (0, 141) and "Traceback" not in stderr and "Exception ignored" not in stderr
-    assert json.loads(metrics.read_text(encoding="utf-8"))["rows"] == 1
+    code = process.wait(timeout=120)
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, f"[traceback] {stderr[-1500:]}"
+    assert metrics.is_file(), "[data lost] the metrics were not written"
+    assert code in (0, 141) and json.loads(metrics.read_text(encoding="utf-8"))["rows"] == 1
 
 
 def test_infer_keeps_answering_into_its_output_file_when_stdout_closes(tiny_llama, files, tmp_path, monkeypatch,
@@ -262,7 +296,9 @@ def test_infer_keeps_answering_into_its_output_file_when_stdout_closes(tiny_llam
     outcome = cli(infer.main, "--base_model", tiny_llama, "--use_lora", "False", "--instruct_dir", questions,
                   "--output_file", answers, "--max_new_tokens", "2", "--num_beams", "1", "--batch_size", "1",
                   monkeypatch=monkeypatch, capsys=capsys)
-    assert "Traceback" not in outcome.err and outcome.code in (0, 141)
+    assert "Traceback" not in outcome.err, f"[traceback] {outcome.err[-1500:]}"
+    assert answers.is_file(), "[data lost] the answers were generated, but never written"
+    assert outcome.code in (0, 141)
     rows = [json.loads(line) for line in answers.read_text(encoding="utf-8").splitlines()]
     assert [row["instruction"] for row in rows] == ["问题0", "问题1", "问题2"]
     assert all(isinstance(row["model_output"], str) for row in rows)

@@ -72,8 +72,9 @@ def test_bad_data_file(name, content, expected, train, tmp_path):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
     before = snapshot(tmp_path)
-    assert_refused(train(path), name, *expected)
+    outcome = train(path)
     assert_unchanged(before, tmp_path)
+    assert_refused(outcome, name, *expected)
 
 
 @pytest.mark.parametrize("kind", ["folder", "missing", "device", "fifo", "symlink-loop"])
@@ -198,6 +199,42 @@ def test_bad_predictions_for_evaluate(content, expected, tmp_path, monkeypatch, 
     metrics = tmp_path / "metrics.json"
     metrics.write_text("{}", encoding="utf-8")
     before = snapshot(tmp_path)
-    assert_refused(cli(evaluate.main, "--predictions", path, "--output", metrics, monkeypatch=monkeypatch,
-                       capsys=capsys), expected)
+    outcome = cli(evaluate.main, "--predictions", path, "--output", metrics, monkeypatch=monkeypatch, capsys=capsys)
     assert_unchanged(before, tmp_path)
+    assert_refused(outcome, expected)
+
+
+# --- standard input of the literature chat -------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def chat(tiny_llama, monkeypatch, capsys):
+    """`infer_literature.py --single_or_multi multi` with `stdin` (bytes) piped in."""
+    import io
+    import sys
+
+    import infer_literature
+
+    def run(stdin: bytes, *extra: str):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+        return cli(infer_literature.main, "--base_model", tiny_llama, "--use_lora", "False", "--single_or_multi",
+                   "multi", "--max_new_tokens", "2", "--num_beams", "1", *extra, monkeypatch=monkeypatch,
+                   capsys=capsys)
+
+    return run
+
+
+def test_a_literature_question_longer_than_the_context_gets_a_note(chat):
+    """The tiny model's context is 1,024 tokens: a 3,000-character question cannot be answered; it is named in a
+    note (not a transformers reminder), and the chat goes on with the next question."""
+    outcome = chat(("肝" * 3000 + "\n甲胎蛋白升高一定是肝癌吗？\n").encode("utf-8"))
+    assert_succeeded(outcome)
+    notes = [line for line in outcome.err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and "takes more than the" in notes[0] and "shorten it" in notes[0]
+    assert "friendly reminder" not in outcome.err  # nothing past the context was sent to generate
+    assert outcome.out.count("Response:") == 1 and "甲胎蛋白升高一定是肝癌吗？" in outcome.out
+
+
+def test_gbk_on_standard_input_is_one_line(chat):
+    outcome = chat("肝癌有哪些危险因素？\n".encode("gbk"))
+    assert_refused(outcome, "standard input line 1 is not UTF-8", "GBK", "iconv -f GBK")

@@ -139,5 +139,5 @@ def test_the_judge_against_a_misbehaving_server(name, key, tmp_path, monkeypatch
                       "--model", "judge", "--api_base", server.url, "--api_key_env", KEY_ENV, "--max_retries", "1",
                       "--retry_base_delay", "0", "--timeout", "1", "--judge_cache", tmp_path / "cache.jsonl",
                       monkeypatch=monkeypatch, capsys=capsys)
-    assert_refused(outcome, "the judge failed on row 1", "run again to continue")
     assert_unchanged(before, predictions, metrics)  # no metrics claimed for rows nobody graded
+    assert_refused(outcome, "the judge failed on row 1", "run again to continue")

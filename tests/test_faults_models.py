@@ -96,6 +96,7 @@ BASES = [
     ("unknown architecture", lambda f: edit_json(f / "config.json", lambda c: c.update(model_type="not_real")),
      ["model_type 'not_real' is not known"]),
     ("NaN weights", nan_weights, ["computes NaN/inf logits"]),
+    ("no weights", lambda f: (f / "model.safetensors").unlink(), ["could not load"]),
 ]
 
 
@@ -105,9 +106,9 @@ def test_broken_base_model(name, damage, expected, tiny_llama, tmp_path, monkeyp
     damage(base)
     before = snapshot(tmp_path)
     outcome = answer(base, None, monkeypatch, capsys)
-    assert_refused(outcome, *expected)
-    assert "###model output###" not in outcome.out  # no answer from a broken model
     assert_unchanged(before, tmp_path)
+    assert "###model output###" not in outcome.out, "[false success] an answer from a broken model"
+    assert_refused(outcome, *expected)
 
 
 def test_a_pickled_base_that_runs_code_is_refused_unread(tiny_llama, tmp_path, monkeypatch, capsys):
@@ -166,9 +167,9 @@ def test_broken_adapter(name, damage, expected, tiny_llama, adapter, tmp_path, m
     damage(lora)
     before = snapshot(tmp_path)
     outcome = answer(tiny_llama, lora, monkeypatch, capsys)
-    assert_refused(outcome, *expected)
-    assert "###model output###" not in outcome.out
     assert_unchanged(before, tmp_path)
+    assert "###model output###" not in outcome.out, "[false success] an answer from a broken adapter"
+    assert_refused(outcome, *expected)
 
 
 def test_a_pickled_adapter_that_runs_code_is_refused_unread(tiny_llama, adapter, tmp_path, monkeypatch, capsys):
@@ -188,7 +189,8 @@ def test_an_untrained_adapter_answers_with_a_warning(tiny_llama, adapter, tmp_pa
                  lambda tensors: {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()})
     outcome = answer(tiny_llama, lora, monkeypatch, capsys)
     assert_succeeded(outcome)
-    assert "warning: every lora_B weight" in outcome.err and "###model output###" in outcome.out
+    assert "warning: every lora_B weight" in outcome.err, "[message] no word that the adapter changes nothing"
+    assert "###model output###" in outcome.out
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------------------
@@ -242,8 +244,8 @@ def test_a_broken_or_different_checkpoint_is_not_resumed(name, damage, flags, ex
     outcome = cli(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", out,
                   "--max_steps", "2", *TRAIN, "--resume_from_checkpoint", checkpoint, *flags,
                   monkeypatch=monkeypatch, capsys=capsys)
-    assert_refused(outcome, *expected)
     assert_unchanged(before, tmp_path)  # nothing trained, nothing written, not even the lock file
+    assert_refused(outcome, *expected)
 
 
 def test_resume_true_skips_a_torn_newest_checkpoint(trained, tiny_llama, train_file, tmp_path, monkeypatch, capsys):
@@ -279,8 +281,8 @@ def test_a_finished_run_is_not_restarted_over(trained, tiny_llama, train_file, t
     before = snapshot(out)
     outcome = cli(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", out,
                   "--max_steps", "2", *TRAIN, monkeypatch=monkeypatch, capsys=capsys)
-    assert_refused(outcome, "already holds a finished adapter and 2 checkpoint(s)", "--overwrite True")
     assert_unchanged(before, out)
+    assert_refused(outcome, "already holds a finished adapter and 2 checkpoint(s)", "--overwrite True")
 
 
 # --- export ----------------------------------------------------------------------------------------------------------
@@ -316,8 +318,8 @@ def test_export_never_writes_over_what_it_should_not(where, tiny_llama, adapter,
     before = snapshot(tmp_path)
     outcome = export(base, lora, output, monkeypatch, capsys,
                      *(["--overwrite", "True"] if where in ("a folder of other files", "the working folder") else []))
-    assert_refused(outcome, expected)
     assert_unchanged(before, tmp_path)
+    assert_refused(outcome, expected)
 
 
 def test_export_overwrite_replaces_a_model_whole(tiny_llama, adapter, tmp_path, monkeypatch, capsys):

@@ -112,10 +112,11 @@ def test_a_bad_flag_is_one_line_before_any_work(script, flags, expected, tmp_pat
     data.write_text('{"instruction": "q", "output": "a", "model_output": "a"}\n', encoding="utf-8")
     argv = [str(data) if a == "DATA" else a.replace("OUT", str(tmp_path / "out")) for a in argv]
     before = snapshot(tmp_path)
-    line = assert_refused(cli(component, *argv, *flags, monkeypatch=monkeypatch, capsys=capsys), *expected)
-    # the flag was read first: the missing model is not mentioned, or (a script that lists every problem) after it
-    assert NO_MODEL not in line or line.index(expected[0]) < line.index(NO_MODEL), line
+    outcome = cli(component, *argv, *flags, monkeypatch=monkeypatch, capsys=capsys)
     assert_unchanged(before, tmp_path)
+    line = assert_refused(outcome, *expected)
+    # the flag was read first: the missing model is not mentioned, or (a script that lists every problem) after it
+    assert NO_MODEL not in line or line.index(expected[0]) < line.index(NO_MODEL), f"[message] {line}"
 
 
 def test_every_problem_in_one_line(tmp_path, monkeypatch, capsys):

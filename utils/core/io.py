@@ -453,13 +453,25 @@ def same_path(a: str | Path, b: str | Path) -> bool:
         return False
 
 
-def check_output_file(path: str | Path, flag: str, inputs: Sequence[str | Path] = ()) -> Path:
-    """`path` can be written: not a folder, not one of `inputs`, its folder writable (or creatable), its name one the
-    file system takes. Nothing is created."""
-    return _checked_path(lambda: _check_output_file(Path(path).expanduser(), flag, inputs), path, flag)
+def check_output_file(path: str | Path, flag: str, inputs: Sequence[str | Path] = (),
+                      protected: dict[str, str | Path] | None = None) -> Path:
+    """`path` can be written: not a folder, not one of `inputs`, not inside a `protected` folder (a model, an adapter),
+    its folder writable (or creatable), its name one the file system takes. Nothing is created."""
+    return _checked_path(lambda: _check_output_file(Path(path).expanduser(), flag, inputs, protected or {}), path,
+                         flag)
 
 
-def _check_output_file(path: Path, flag: str, inputs: Sequence[str | Path]) -> Path:
+def _inside_protected(path: Path, flag: str, protected: dict[str, str | Path]) -> None:
+    for what, folder in protected.items():
+        if folder and Path(folder).expanduser().is_dir():
+            resolved, guarded = path.resolve(), Path(folder).expanduser().resolve()
+            if resolved == guarded or guarded in resolved.parents:
+                raise UserError(f"{flag} {path}: is {what} ({folder}); writing there would change it, choose "
+                                "another folder")
+
+
+def _check_output_file(path: Path, flag: str, inputs: Sequence[str | Path], protected: dict[str, str | Path]) -> Path:
+    _inside_protected(path, flag, protected)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder, expected a file name")
     for source in inputs:
@@ -484,12 +496,7 @@ def check_output_dir(path: str | Path, flag: str, protected: dict[str, str | Pat
 
 
 def _check_output_dir(path: Path, flag: str, protected: dict[str, str | Path]) -> Path:
-    for what, folder in protected.items():
-        if folder and Path(folder).expanduser().is_dir():
-            resolved, guarded = path.resolve(), Path(folder).expanduser().resolve()
-            if resolved == guarded or guarded in resolved.parents:
-                raise UserError(f"{flag} {path}: is {what} ({folder}); writing there would change it, choose "
-                                "another folder")
+    _inside_protected(path, flag, protected)
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path}: is a file, expected a folder")
     ancestor = _existing_ancestor(path)
