@@ -232,6 +232,8 @@ def check_finite_logits(model: Any, tokenizer: Any, base_model: str, lora_weight
     encoded = tokenizer("你好", return_tensors="pt")
     embeddings = model.get_input_embeddings()
     device = embeddings.weight.device if embeddings is not None else torch.device("cpu")
+    if device.type == "meta":  # offloaded by device_map: accelerate's hooks move the inputs themselves
+        device = torch.device("cpu")
     logits = model(**{name: tensor.to(device) for name, tensor in encoded.items()}).logits
     if not torch.isfinite(logits).all():
         adapter = f" with the adapter {lora_weights}" if lora_weights else ""
