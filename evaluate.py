@@ -5,6 +5,10 @@
     OPENAI_API_KEY=... python evaluate.py --predictions outputs/med.jsonl \
         --judge openai --api_base https://api.openai.com/v1 --model gpt-4o-mini
 
+`--compare` puts files of the same questions side by side: every file must hold the same rows (instruction,
+input and golden `output`; any order). Files with different row counts or questions are refused with one error
+line, not a warning: their means would differ because the questions differ, and the table would not show it.
+
 Each row needs the golden answer (`output`) and the model's answer (`model_output`). Chinese is scored per
 character (every non-whitespace character is one token), so no word segmenter is needed and none is used;
 whitespace is dropped. Scores are averaged over rows and reported on a 0–100 scale under `bleu-4`,
@@ -27,6 +31,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,9 +39,9 @@ from typing import Any
 from tqdm import tqdm
 
 from utils import llm
-from utils.core.cli import run_cli
+from utils.core.cli import NON_NEGATIVE, POSITIVE, option_checks, run_cli
 from utils.core.errors import UserError
-from utils.core.io import read_records
+from utils.core.io import atomic_write, check_output_file, read_records
 from utils.evaluation.metrics import METRIC_NAMES, corpus_scores
 
 JUDGE_CRITERIA = {"completeness": "完整性", "depth": "深刻性", "professionalism": "专业性"}
@@ -106,8 +111,8 @@ def parse_judge_reply(text: str) -> dict[str, int]:
         raise MalformedReply(f"no JSON object in the judge's reply: {text[:200]!r}")
     try:
         data = json.loads(text[start : end + 1])
-    except json.JSONDecodeError as error:
-        raise MalformedReply(f"the judge's reply is not valid JSON ({error.msg}): {text[:200]!r}") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, a 5000-digit number, nesting too deep
+        raise MalformedReply(f"the judge's reply is not valid JSON ({str(error)[:100]}): {text[:200]!r}") from None
     if not isinstance(data, dict):
         raise MalformedReply(f"the judge's reply is not a JSON object: {text[:200]!r}")
     scores = {}
@@ -219,9 +224,11 @@ def evaluate_file(
     judge_cache: str | Path | None = None,
     golden_field: str = "output",
     answer_field: str = "model_output",
+    rows: list[dict] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of one predictions file, plus the judge's scores when a judge is configured."""
-    rows = read_predictions(path, golden_field, answer_field)
+    """Metrics of one predictions file (its `rows`, when already read), plus the judge's scores when a judge is
+    configured."""
+    rows = rows if rows is not None else read_predictions(path, golden_field, answer_field)
     metrics = overlap_scores(rows, golden_field, answer_field)
     if judge is not None:
         cache = Path(judge_cache) if judge_cache else default_judge_cache(path)
@@ -241,13 +248,46 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def question_key(row: dict, golden_field: str = "output") -> tuple[str, str, str]:
+    """What makes two rows the same test item: the question, its input and the golden answer."""
+    return str(row.get("instruction", "")), str(row.get("input") or ""), str(row[golden_field])
+
+
+def check_comparable(rows_by_path: dict[str, list[dict]], golden_field: str = "output") -> None:
+    """A comparison table is only meaningful over the same test items: every file must hold the same questions
+    (and golden answers), in any order. Different files are an error, not a warning: the means in such a table
+    would differ because the questions differ, and nothing in the table would show it."""
+    first, *others = rows_by_path
+    reference = Counter(question_key(row, golden_field) for row in rows_by_path[first])
+    for path in others:
+        rows = rows_by_path[path]
+        if len(rows) != len(rows_by_path[first]):
+            raise UserError(f"--compare: {path} has {len(rows)} rows but {first} has {len(rows_by_path[first])}; a "
+                            "table compares models only on the same questions: answer the same --instruct_dir with "
+                            "each model, or score the files one by one with --predictions")
+        seen: Counter[tuple[str, str, str]] = Counter()
+        for index, row in enumerate(rows, start=1):
+            key = question_key(row, golden_field)
+            seen[key] += 1
+            if seen[key] > reference[key]:
+                question = row.get("instruction", "")
+                shown = question if len(question) <= 40 else question[:40] + "…"
+                raise UserError(f"--compare: {path} row {index} ({shown!r}) matches no question of {first} (its "
+                                f"question, input or golden `{golden_field}` differs, or it repeats one); a table "
+                                "compares models only on the same questions: answer the same --instruct_dir with "
+                                "each model, or score the files one by one with --predictions")
+
+
 def compare_files(
     paths: list[str], judge: llm.ChatConfig | None = None, golden_field: str = "output",
     answer_field: str = "model_output",
 ) -> str:
     """The markdown table comparing predictions files (e.g. base model, alpaca adapter, medical adapter) on the
-    same questions; each file's judge sidecar is FILE.judge.jsonl."""
-    return markdown_table({path: evaluate_file(path, judge, None, golden_field, answer_field) for path in paths})
+    same questions (checked first); each file's judge sidecar is FILE.judge.jsonl."""
+    rows_by_path = {path: read_predictions(path, golden_field, answer_field) for path in paths}
+    check_comparable(rows_by_path, golden_field)
+    return markdown_table({path: evaluate_file(path, judge, None, golden_field, answer_field, rows)
+                           for path, rows in rows_by_path.items()})
 
 
 def compare_paths(compare: Any, more_files: tuple[Any, ...]) -> list[str]:
@@ -265,15 +305,18 @@ def compare_paths(compare: Any, more_files: tuple[Any, ...]) -> list[str]:
 
 
 def write_text(path: str, text: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text + "\n", encoding="utf-8")
+    """Written atomically and read back before the result is printed (a full disk fails here, not silently)."""
+    written = atomic_write(path, text + "\n")
+    if written.read_text(encoding="utf-8") != text + "\n":
+        raise UserError(f"{path}: what was written does not read back")
 
 
+@option_checks(max_retries=NON_NEGATIVE, retry_base_delay=NON_NEGATIVE, timeout=POSITIVE)
 def main(
     *more_files: str,  # the further files of --compare A.jsonl B.jsonl ...
     predictions: str = "",  # JSON Lines (or a JSON array) from `infer.py --output_file`: `output` and `model_output`
     output: str = "",  # also write the metrics JSON (or, with --compare, the table) here
-    compare: Any = None,  # --compare A.jsonl B.jsonl ...: a markdown table, one row per predictions file
+    compare: Any = None,  # --compare A.jsonl B.jsonl ...: a markdown table, one row per file (same questions in each)
     judge: str = "",  # openai: also have an LLM grade each answer 0–3 on completeness, depth, professionalism
     api_base: str | None = None,  # judge's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)
     model: str = "",  # the judge model's name at --api_base (required with --judge)
@@ -287,19 +330,23 @@ def main(
 ) -> None:
     """Print (and with --output write) the metrics JSON of --predictions, or the --compare table."""
     config: llm.ChatConfig | None = None
+    comparing = compare is not None and compare is not False
+    inputs = [predictions, *(compare_paths(compare, more_files) if comparing else [])]
+    if output:  # before any scoring or judging: a folder, an unwritable place or an input file is refused now
+        check_output_file(output, "--output", inputs=[name for name in [*inputs, judge_cache] if name])
+    if judge and judge_cache:  # the sidecar is appended to: never an input or the metrics file
+        check_output_file(judge_cache, "--judge_cache", inputs=[name for name in [*inputs, output] if name])
     if judge:
         if judge != "openai":
             raise UserError(f"--judge must be openai (any OpenAI-compatible server), got {judge!r}")
         if not model:
             raise UserError("--judge openai needs --model, the judge model's name at --api_base")
-        if not isinstance(max_retries, int) or max_retries < 0 or retry_base_delay < 0 or timeout <= 0:
-            raise UserError("--max_retries and --retry_base_delay must be >= 0 and --timeout > 0")
         llm.read_api_key(str(api_key_env))  # fail now, before any scoring, when the key is missing
         config = llm.ChatConfig(model=str(model), api_base=str(api_base) if api_base else None,
                                 api_key_env=str(api_key_env), temperature=0.0, timeout=float(timeout),
                                 max_retries=max_retries, retry_base_delay=float(retry_base_delay))
 
-    if compare is not None and compare is not False:
+    if comparing:
         if predictions:
             raise UserError("give either --predictions FILE or --compare FILE FILE ..., not both")
         if judge_cache:
@@ -308,9 +355,9 @@ def main(
         if not paths:
             raise UserError("--compare needs at least one predictions file")
         table = compare_files(paths, config, golden_field, answer_field)
-        print(table)
         if output:
             write_text(output, table)
+        print(table)
         return
     if more_files:
         unexpected = " ".join(map(str, more_files))
@@ -319,9 +366,9 @@ def main(
         raise UserError("--predictions is required: the JSON Lines file written by `infer.py --output_file`")
     metrics = evaluate_file(predictions, config, judge_cache or None, golden_field, answer_field)
     text = json.dumps(metrics, ensure_ascii=False, indent=2)
-    print(text)
     if output:
         write_text(output, text)
+    print(text)
 
 
 if __name__ == "__main__":

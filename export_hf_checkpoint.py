@@ -21,7 +21,7 @@ import torch
 
 from utils.core.cli import run_cli
 from utils.core.errors import UserError, raise_problems
-from utils.core.io import check_output_dir, replace_folder, same_path
+from utils.core.io import check_output_dir, replace_folder, write_failure
 from utils.model.checks import check_adapter, check_base_model
 from utils.model.loading import load_adapter, load_checked
 
@@ -43,13 +43,47 @@ def shard_size_bytes(max_shard_size: Any) -> int:
     return int(float(match.group(1)) * UNITS[(match.group(2) or "B").upper()])
 
 
+# What a checkpoint folder holds (save_pretrained, a tokenizer, a hub download's extras). `--overwrite` replaces the
+# whole folder, so a folder holding anything else (your notes, code, another run) is never replaced.
+CHECKPOINT_FILES = re.compile(
+    r"^(config\.json|generation_config\.json|(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)"
+    r"|(model\.safetensors|pytorch_model\.bin)\.index\.json|tokenizer(_config)?\.json|tokenizer\.model"
+    r"|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|chat_template\.(jinja|json)"
+    r"|README\.md|LICENSE(\.\w+)?|NOTICE|\.gitattributes|bentsao_training\.json)$")
+
+
 def holds_model(folder: Path) -> bool:
     return (folder / "config.json").is_file() or any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
 
 
+def output_problems(output_dir: str, base_model: str, lora_weights: str, overwrite: bool) -> list[str]:
+    """--output_dir is a new or empty folder, or (with --overwrite) one that holds a checkpoint and nothing else;
+    never the base model, the adapter, a folder inside them, or the folder this command runs in."""
+    output = Path(output_dir).expanduser()
+    try:
+        check_output_dir(output, "--output_dir", protected={"the base model": base_model, "the adapter": lora_weights})
+    except UserError as error:
+        return [str(error)]
+    if not output.is_dir():
+        return []
+    if Path.cwd().resolve().is_relative_to(output.resolve()):
+        return [f"--output_dir {output_dir}: is the folder this command runs in (or holds it); choose another folder"]
+    foreign = sorted(entry.name for entry in output.iterdir()
+                     if not entry.is_file() or not CHECKPOINT_FILES.match(entry.name))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        return [(f"--output_dir {output_dir}: holds {shown} (not part of a model checkpoint); the export replaces "
+                 "the whole folder, so choose a new or empty folder")]
+    if holds_model(output) and not overwrite:
+        return [(f"--output_dir {output_dir} already holds a model; replace it with --overwrite True, or choose "
+                 "another folder")]
+    return []
+
+
 def validate_args(base_model: str, lora_weights: str, output_dir: str, max_shard_size: Any, dtype: str,
                   overwrite: bool, trust_remote_code: bool) -> None:
-    """Every problem with the options, before anything loads: no existing model is replaced without --overwrite."""
+    """Every problem with the options, before anything loads: no existing model is replaced without --overwrite,
+    and no folder that holds anything else is replaced at all."""
     problems = []
     if not base_model:
         problems.append("--base_model (or the BASE_MODEL environment variable) is required")
@@ -57,19 +91,9 @@ def validate_args(base_model: str, lora_weights: str, output_dir: str, max_shard
         problems.append("--lora_weights is required: the adapter folder to merge")
     if dtype not in DTYPES:
         problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    output = Path(output_dir).expanduser()
-    if output.is_file():
-        problems.append(f"--output_dir {output_dir}: is a file, expected a folder")
-    elif any(same_path(output, source) for source in (base_model, lora_weights) if source):
-        problems.append(f"--output_dir {output_dir} would overwrite the base model or the adapter; choose another "
-                        "folder")
-    elif output.is_dir() and holds_model(output) and not overwrite:
-        problems.append(f"--output_dir {output_dir} already holds a model; replace it with --overwrite True, or "
-                        "choose another folder")
+    problems += output_problems(output_dir, base_model, lora_weights, overwrite)
     for check in (lambda: shard_size_bytes(max_shard_size),
-                  lambda: base_model and check_base_model(base_model, trust_remote_code),
-                  lambda: output.is_file() or check_output_dir(output.parent if output.parent != Path("") else ".",
-                                                               "--output_dir")):
+                  lambda: base_model and check_base_model(base_model, trust_remote_code)):
         try:
             check()
         except UserError as error:
@@ -120,7 +144,7 @@ def save_checked(merged: Any, tokenizer: Any, output_dir: str, max_shard_size: i
     """Write the checkpoint into a staging folder beside `output_dir`, read it back, then rename it into place."""
     from safetensors import safe_open
 
-    target = Path(output_dir).expanduser()
+    target = Path(output_dir).expanduser().resolve()
     staging = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -140,7 +164,14 @@ def save_checked(merged: Any, tokenizer: Any, output_dir: str, max_shard_size: i
         replace_folder(staging, target)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
-        raise UserError(f"cannot write {output_dir}: {error.strerror or error} (nothing was replaced)") from None
+        reason = write_failure(error) or error.strerror or str(error)
+        raise UserError(f"cannot write {output_dir}: {reason} (nothing was replaced)") from error
+    except Exception as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = write_failure(error)  # safetensors and tokenizers raise their own types for a full disk
+        if reason is None:
+            raise
+        raise UserError(f"cannot write {output_dir}: {reason} (nothing was replaced)") from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

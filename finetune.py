@@ -20,7 +20,7 @@ import os
 import pickle
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,7 +28,7 @@ import torch
 
 from utils.core.cli import AT_LEAST_ONE, DROPOUT, NON_NEGATIVE, POSITIVE, SEED, Check, dataclass_flags, run_cli
 from utils.core.errors import UserError, raise_problems
-from utils.core.io import RunLock, check_output_dir, publish_files
+from utils.core.io import RunLock, check_output_dir, publish_files, write_failure
 from utils.data import load_instruction_dataset, tokenize_dataset
 from utils.model.checks import check_attention, preflight_model
 from utils.model.loading import load_checked, load_checked_tokenizer, resolve_lora_targets
@@ -127,19 +127,24 @@ class Run:
 
 def validate_args(args: FinetuneArgs) -> None:
     """Collect every problem with the options into one error, before anything heavy runs."""
+    run_lock(args).check_free()  # another run is writing into --output_dir: that is the one thing to say
     problems = []
     if not args.base_model:
         problems.append("--base_model is required (e.g. `python -m utils.tiny_base --output_dir models/tiny-llama`)")
     if not args.data_path:
         problems.append("--data_path is required")
+    if not args.output_dir:
+        problems.append("--output_dir is required: the folder for checkpoints and the adapter")
     problems += setup.batch_size_problems(args.batch_size, args.micro_batch_size, world_size())
     if args.load_8bit and args.load_4bit:
         problems.append("--load_8bit and --load_4bit exclude each other: choose one")
+    def output_dir() -> None:  # what an earlier run left there is looked at only in a usable folder
+        check_output_dir(args.output_dir, "--output_dir", protected={"the base model": args.base_model})
+        setup.check_restart(args.output_dir, args.resume_from_checkpoint not in (None, False, ""), args.overwrite)
+
     for check in (
         lambda: check_batching_args(args.pack_len, args.cutoff_len, args.micro_batch_tokens),
-        lambda: check_output_dir(args.output_dir, "--output_dir", protected={"the base model": args.base_model}),
-        lambda: setup.check_restart(args.output_dir, args.resume_from_checkpoint not in (None, False, ""),
-                                    args.overwrite),
+        output_dir,
         lambda: args.deepspeed and check_deepspeed_config(args.deepspeed, args.batch_size, args.micro_batch_size),
     ):
         try:
@@ -147,6 +152,12 @@ def validate_args(args: FinetuneArgs) -> None:
         except UserError as error:
             problems.append(str(error))
     raise_problems(problems)
+
+
+def run_lock(args: FinetuneArgs) -> RunLock:
+    """One run at a time per --output_dir: two runs into one folder would interleave checkpoints and overwrite each
+    other's adapter."""
+    return RunLock(Path(args.output_dir) / ".bentsao.lock", f"--output_dir {args.output_dir}")
 
 
 def resolve(args: FinetuneArgs) -> Run:
@@ -169,6 +180,8 @@ def resolve(args: FinetuneArgs) -> Run:
 def read_data(args: FinetuneArgs) -> tuple[Any, int]:
     """The rows (every problem in the file reported before any weights load) and the validation size."""
     dataset = load_instruction_dataset(args.data_path)
+    if not any(output.strip() for output in dataset["output"]):
+        raise UserError(f"{args.data_path}: every row's `output` is empty, so there is nothing to learn")
     return dataset, setup.resolve_val_size(args.val_set_size, len(dataset))
 
 
@@ -327,6 +340,11 @@ def train(trainer: Any, run: Run, args: FinetuneArgs) -> Any:
             f"refusing to resume from {run.checkpoint}: a file in it is a pickle that is not plain weights "
             f"({str(error).strip().splitlines()[0][:200]}); resume only from checkpoints you wrote"
         ) from None
+    except Exception as error:
+        reason = write_failure(error)  # a full disk while saving a checkpoint (raised by torch, safetensors, ...)
+        if reason is None:
+            raise
+        raise UserError(storage_message(args.output_dir, reason, trainer.state.global_step)) from error
     finally:
         stop.restore()  # the signal handlers, also when training raised
     if guard.diverged_step is not None:
@@ -337,6 +355,14 @@ def train(trainer: Any, run: Run, args: FinetuneArgs) -> Any:
             f"checkpoint saved to {saved.resolve()}; continue with --resume_from_checkpoint True")
         sys.exit(128 + stop.received)
     return result
+
+
+def storage_message(output_dir: str, reason: str, step: int) -> str:
+    """What a storage failure during training means for the run: which checkpoint is whole, how to continue."""
+    kept = checkpoints.latest_complete(output_dir)
+    where = (f"the last complete checkpoint, {kept}, is kept: free space and continue with --resume_from_checkpoint "
+             "True" if kept is not None else "no complete checkpoint was written yet: free space and run again")
+    return f"cannot save a checkpoint in {output_dir} at step {step}: {reason}; {where}"
 
 
 def summarize(trainer: Any, result: Any, report: dict[str, Any], batching: BatchingPlan, val_data: Any,
@@ -410,12 +436,14 @@ def main(args: FinetuneArgs = DEFAULTS) -> str:
     """Train a LoRA adapter; returns the folder it was written to."""
     from transformers import set_seed
 
+    # `--output_dir=~/x` reaches us unexpanded: every stage (the checks, the lock, the Trainer) uses the same folder
+    args = replace(args, **{name: str(Path(value).expanduser()) for name, value in
+                            (("output_dir", args.output_dir), ("data_path", args.data_path)) if value})
     validate_args(args)
     run = resolve(args)
     check_launch(run)
     dataset, val_size = read_data(args)
-    lock = RunLock(Path(args.output_dir) / ".bentsao.lock", f"--output_dir {args.output_dir}")
-    with lock if is_main_process() else contextlib.nullcontext():
+    with run_lock(args) if is_main_process() else contextlib.nullcontext():
         print_parameters(args, run, val_size)
         for note in run.notes:
             log(note)

@@ -10,12 +10,14 @@ A merged checkpoint (export_hf_checkpoint.py) or a bare base runs with `--use_lo
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
-from utils.core.cli import NON_NEGATIVE, SEED, option_checks, run_cli
+from utils.core.cli import NON_NEGATIVE, SEED, option_checks, run_cli, silence_stdout
 from utils.core.errors import UserError, raise_problems
 from utils.core.io import atomic_write, check_output_file, check_string_fields, jsonl_text, read_records
 from utils.generation.args import DEFAULT_GENERATION, GenerationArgs, generation_flags
+from utils.generation.dialogue import context_length
 from utils.generation.engine import default_batch_size, generate_answers
 from utils.model.loading import load_for_inference
 from utils.prompter import Prompter
@@ -29,7 +31,8 @@ BUILT_IN_QUESTIONS = [
 ]
 
 
-def validate_args(use_lora: bool, lora_weights: str, instruct_dir: str, output_file: str) -> None:
+def validate_args(use_lora: bool, lora_weights: str, instruct_dir: str, output_file: str, base_model: str = "",
+                  ) -> None:
     """Every problem with the options at once, before anything loads."""
     problems = []
     if use_lora and not lora_weights:
@@ -37,7 +40,8 @@ def validate_args(use_lora: bool, lora_weights: str, instruct_dir: str, output_f
                         "model, pass --use_lora False)")
     if output_file:
         try:
-            check_output_file(output_file, "--output_file", inputs=[instruct_dir] if instruct_dir else [])
+            check_output_file(output_file, "--output_file", inputs=[instruct_dir] if instruct_dir else [],
+                              protected={"the base model": base_model, "the adapter": lora_weights if use_lora else ""})
         except UserError as error:
             problems.append(str(error))
     raise_problems(problems)
@@ -63,17 +67,40 @@ def print_row(row: dict[str, Any], answer: str) -> None:
     print(answer, flush=True)
 
 
+def note_long_prompts(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> None:
+    """A note for each row whose prompt leaves no room for the answer in the model's context (it is answered
+    anyway; past its context a model answers poorly, or not at all)."""
+    context = context_length(model, tokenizer)
+    for number, prompt in enumerate(prompts, start=1):
+        tokens = len(tokenizer(prompt)["input_ids"])
+        if tokens + max_new_tokens > context:
+            print(f"note: row {number}: the prompt has {tokens} tokens and the answer up to {max_new_tokens} more, "
+                  f"beyond the model's context of {context} tokens; the answer may be poor: shorten the question",
+                  file=sys.stderr, flush=True)
+
+
 def answer_in_order(model: Any, tokenizer: Any, prompts: list[str], rows: list[dict[str, Any]],
-                    generation: GenerationArgs, batch_size: int) -> list[str]:
-    """Answers for every prompt, each row printed as soon as it and the rows before it are answered."""
+                    generation: GenerationArgs, batch_size: int, keep_going: bool = False) -> list[str]:
+    """Answers for every prompt, each row printed as soon as it and the rows before it are answered.
+
+    `keep_going`: when standard output is closed (`| head`), stop printing but answer every row (they go to
+    --output_file)."""
     ready: dict[int, str] = {}
     printed = 0
+    stdout_open = True
 
     def print_in_order(index: int, answer: str) -> None:
-        nonlocal printed
+        nonlocal printed, stdout_open
         ready[index] = answer
         while printed in ready:
-            print_row(rows[printed], ready[printed])
+            if stdout_open:
+                try:
+                    print_row(rows[printed], ready[printed])
+                except BrokenPipeError:
+                    if not keep_going:
+                        raise
+                    stdout_open = False
+                    silence_stdout()
             printed += 1
 
     return generate_answers(model, tokenizer, prompts, generation.config(tokenizer), batch_size=batch_size,
@@ -85,7 +112,7 @@ def write_answers(output_file: str, rows: list[dict[str, Any]], answers: list[st
     written = atomic_write(output_file, text)
     if written.read_text(encoding="utf-8") != text:  # the success line names only what is on disk
         raise UserError(f"{output_file}: what was written does not read back")
-    print(f"wrote {len(rows)} answers to {output_file}")
+    print(f"wrote {len(rows)} answers to {output_file}", flush=True)
 
 
 @generation_flags(num_beams=4)
@@ -109,7 +136,7 @@ def main(
     """Answer every row of --instruct_dir (or a few built-in questions) and print the original blocks."""
     from transformers import set_seed
 
-    validate_args(use_lora, lora_weights, instruct_dir, output_file)
+    validate_args(use_lora, lora_weights, instruct_dir, output_file, base_model)
     raise_problems(generation.problems())
     prompter = Prompter(prompt_template)
     rows = read_questions(instruct_dir)
@@ -121,8 +148,9 @@ def main(
         load_4bit=load_4bit, trust_remote_code=trust_remote_code, device_map=device_map,
     )
     prompts = [prompter.generate_prompt(row["instruction"], row.get("input") or None) for row in rows]
+    note_long_prompts(model, tokenizer, prompts, generation.max_new_tokens)
     answers = answer_in_order(model, tokenizer, prompts, rows, generation,
-                              batch_size or default_batch_size(generation.num_beams))
+                              batch_size or default_batch_size(generation.num_beams), keep_going=bool(output_file))
     if output_file:
         write_answers(output_file, rows, answers)
 

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
+import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from tests.fake_openai import FakeOpenAI, Reply
 from utils.core.errors import UserError
-from utils.evaluation.metrics import bleu, characters, lcs_length, rouge_l, rouge_n
-
-REPO = Path(__file__).resolve().parent.parent
+from utils.evaluation.metrics import bleu, characters, corpus_scores, lcs_length, lcs_length_dp, rouge_l, rouge_n
 
 # The worked example used below. Reference r = 多喝水多休息 (6 characters), candidate c = 多休息和多喝水 (7).
 REFERENCE = "多喝水多休息"
@@ -79,15 +78,53 @@ def test_empty_texts():
     assert bleu("", REFERENCE) == rouge_l(REFERENCE, "") == rouge_n("  ", REFERENCE, 1) == 0.0
 
 
+def test_bit_parallel_lcs_equals_the_dynamic_programme_on_random_texts():
+    rng = random.Random(12)
+    alphabets = ["ab", "abcd", "多喝水休息", "".join(chr(0x4E00 + i) for i in range(300)), "甲乙 \n,，。"]
+    for _ in range(600):
+        alphabet = rng.choice(alphabets)
+        a = [rng.choice(alphabet) for _ in range(rng.randint(0, 120))]
+        b = [rng.choice(alphabet) for _ in range(rng.randint(0, 120))]
+        assert lcs_length(a, b) == lcs_length_dp(a, b) == lcs_length(b, a), (a, b)
+    for width in (63, 64, 65, 127, 128, 129):  # around machine-word boundaries of the bit rows
+        a = [rng.choice("abc") for _ in range(width)]
+        b = [rng.choice("abc") for _ in range(width + rng.randint(-2, 2))]
+        assert lcs_length(a, b) == lcs_length_dp(a, b)
+
+
+def test_a_20k_character_answer_scores_in_well_under_a_second():
+    """The pure-Python DP took 96 s on two 20,000-character texts; the bit-parallel LCS takes about 0.1 s."""
+    rng = random.Random(3)
+    alphabet = [chr(0x4E00 + i) for i in range(2000)]
+    answer = "".join(rng.choice(alphabet) for _ in range(20_000))
+    reference = "".join(rng.choice(alphabet) for _ in range(20_000))
+    started = time.perf_counter()
+    scores = corpus_scores([(answer, reference)])
+    elapsed = time.perf_counter() - started
+    assert elapsed < 3.0, f"{elapsed:.1f}s"
+    common = lcs_length(list(answer[:2000]), list(reference[:2000]))
+    assert common == lcs_length_dp(list(answer[:2000]), list(reference[:2000]))
+    assert 0 < scores["rouge-l"] < 100
+
+
 # --- the command line --------------------------------------------------------------------------------------
 
 
-def run_evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "evaluate.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, check=False)
+@pytest.fixture
+def run_evaluate(monkeypatch, capsys):
+    """`python evaluate.py args...` in-process (run_cli, the same code path): (exit code, stdout, stderr)."""
+    from faultkit import cli
+
+    import evaluate
+
+    def run(*args: str) -> SimpleNamespace:
+        outcome = cli(evaluate.main, *args, monkeypatch=monkeypatch, capsys=capsys)
+        return SimpleNamespace(returncode=outcome.code, stdout=outcome.out, stderr=outcome.err)
+
+    return run
 
 
-def test_cli_averages_rows_on_a_0_to_100_scale(tmp_path):
+def test_cli_averages_rows_on_a_0_to_100_scale(tmp_path, run_evaluate):
     predictions = write_jsonl(tmp_path / "pred.jsonl", [
         {"instruction": "q1", "output": REFERENCE, "model_output": REFERENCE},
         {"instruction": "q2", "output": REFERENCE, "model_output": CANDIDATE},
@@ -105,7 +142,7 @@ def test_cli_averages_rows_on_a_0_to_100_scale(tmp_path):
     assert metrics["bleu-4"] == pytest.approx(100 * (1 + (3 / 49) ** 0.25) / 2, abs=1e-4)
 
 
-def test_cli_compare_prints_one_table_row_per_file(tmp_path):
+def test_cli_compare_prints_one_table_row_per_file(tmp_path, run_evaluate):
     good = write_jsonl(tmp_path / "med.jsonl", [{"instruction": "q", "output": REFERENCE, "model_output": REFERENCE}])
     bad = write_jsonl(tmp_path / "base.jsonl", [{"instruction": "q", "output": REFERENCE, "model_output": "少吃盐"}])
     result = run_evaluate("--compare", str(bad), str(good))
@@ -117,7 +154,35 @@ def test_cli_compare_prints_one_table_row_per_file(tmp_path):
     assert len(lines) == 4
 
 
-def test_cli_rejects_rows_without_answers(tmp_path):
+def test_compare_takes_the_same_questions_in_any_order(tmp_path, run_evaluate):
+    rows = [{"instruction": f"q{i}", "output": REFERENCE, "model_output": REFERENCE} for i in range(3)]
+    first = write_jsonl(tmp_path / "a.jsonl", rows)
+    second = write_jsonl(tmp_path / "b.jsonl", [{**row, "model_output": "少吃盐"} for row in reversed(rows)])
+    result = run_evaluate("--compare", str(first), str(second))
+    assert result.returncode == 0, result.stderr
+    assert f"| {second} | 3 | 0.00 |" in result.stdout
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda rows: rows[:2], "b.jsonl has 2 rows but {a} has 3"),
+    (lambda rows: [*rows[:2], {**rows[2], "instruction": "另一个问题"}], "b.jsonl row 3 ('另一个问题') matches no"),
+    (lambda rows: [{**rows[0], "output": "另一个参考答案"}, *rows[1:]], "row 1 ('q0') matches no question of"),
+    (lambda rows: [rows[0], rows[0], rows[1]], "row 2 ('q0') matches no question"),
+], ids=["fewer rows", "another question", "another golden answer", "a question twice"])
+def test_compare_refuses_files_of_different_questions(change, expected, tmp_path, run_evaluate):
+    """A table over different questions compares nothing: one error line (not a warning, which a table hides)."""
+    rows = [{"instruction": f"q{i}", "output": REFERENCE, "model_output": REFERENCE} for i in range(3)]
+    first = write_jsonl(tmp_path / "a.jsonl", rows)
+    second = write_jsonl(tmp_path / "b.jsonl", change(rows))
+    table = tmp_path / "table.md"
+    result = run_evaluate("--compare", str(first), str(second), "--output", str(table))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --compare: ") and expected.format(a=first) in line, line
+    assert "--predictions" in line and result.stdout == "" and not table.exists()
+
+
+def test_cli_rejects_rows_without_answers(tmp_path, run_evaluate):
     no_answer = write_jsonl(tmp_path / "questions.jsonl", [{"instruction": "q", "output": REFERENCE}])
     result = run_evaluate("--predictions", str(no_answer))
     assert result.returncode == 2

@@ -281,7 +281,8 @@ def bloom_checkpoint(tmp: Path, ad: dict[str, Path]) -> Path:
     """A checkpoint folder whose adapter was trained on another base (resuming it must fail before training)."""
     folder = tmp / "out" / "checkpoint-2"
     shutil.copytree(ad["bloom"], folder)
-    write(folder / "trainer_state.json", json.dumps({"global_step": 2}))
+    write(folder / "trainer_state.json", json.dumps({"global_step": 2, "max_steps": 2, "train_batch_size": 4,
+                                                     "log_history": []}))
     return folder
 
 
@@ -305,7 +306,7 @@ def test_bad_input_is_one_clear_line(script, build, expected, tiny_llama, train_
 
 @pytest.mark.parametrize("script, args", [
     ("finetune.py", ["--val_set_size", "26"]),
-    ("infer.py", ["--lora_weights", "BLOOM"]),
+    pytest.param("infer.py", ["--lora_weights", "BLOOM"], marks=pytest.mark.slow),  # in-process above, too
 ])
 def test_real_processes_print_one_line_and_exit_2(script, args, tiny_llama, train_file, adapters, tmp_path):
     args = [str(adapters["bloom"]) if a == "BLOOM" else a for a in args]

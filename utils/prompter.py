@@ -81,8 +81,8 @@ def load_template(template: str) -> dict[str, str]:
     hint = f"available templates: {', '.join(available_templates())}"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"template {path}: not valid UTF-8 JSON ({error}); {hint}") from None
+    except (ValueError, RecursionError) as error:  # bad syntax or UTF-8, too deep, a too-long number
+        raise UserError(f"template {path}: not valid UTF-8 JSON ({str(error)[:200]}); {hint}") from None
     if not isinstance(data, dict):
         raise UserError(f"template {path}: expected a JSON object; {hint}")
     missing = [key for key in REQUIRED_KEYS if key not in data]

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from utils.core.errors import EXIT_USER_ERROR, UserError, redact
+from utils.core.io import write_failure
 
 _FLAG = re.compile(r"^--[A-Za-z_][\w-]*(=.*)?$")
 _VALUE_LIKE_FLAG = re.compile(r"^-[a-zA-Z]")  # fire takes `-x...` as a flag, `-1` as a value
@@ -176,6 +177,8 @@ def coerce(flag: str, value: Any, raw: str | bool | None, hint: Any) -> tuple[An
         if isinstance(value, float) and value.is_integer() and float not in allowed:
             return int(value), None
     if float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # `1e400` parses as inf: no flag means anything by it
+            return value, f"{flag} must be a finite number, got {raw if isinstance(raw, str) else value!r}"
         return float(value), None
     if str in allowed and isinstance(value, (str, int, float, bool)):
         return str(value), None
@@ -362,11 +365,40 @@ def run_cli(component: Callable[..., Any] | Mapping[str, Callable[..., Any]], ar
     except UserError as error:
         if debug:
             raise
-        print(f"error: {redact(str(error))}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
+        fail(str(error))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+    except BrokenPipeError:  # `python infer.py ... | head`: the reader left; not an error of this program
+        silence_stdout()
+        sys.exit(141)  # 128 + SIGPIPE, what a shell reports for a program that died of SIGPIPE
+    except Exception as error:
+        reason = write_failure(error)
+        if reason is None or debug:
+            raise
+        where = getattr(error, "filename", None)
+        fail(f"cannot write{f' {where}' if where else ''}: {reason} ({first_line(error)}); free space (or fix "
+             "the file system) and run again")
+
+
+def fail(message: str) -> None:
+    """Print `error: message` (secrets hidden) and exit with the user-error code."""
+    print(f"error: {redact(message)}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush does not complain about the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is not a real file (a test's capture): nothing will be flushed to the pipe
 
 
 # --- a dataclass of flags --------------------------------------------------------------------------------------------

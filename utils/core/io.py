@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -27,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Self
 
-from utils.core.errors import UserError
+from utils.core.errors import UserError, redact
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -68,6 +70,8 @@ def read_text(path: str | Path) -> str:
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path}: is a folder, expected a file")
+    if not path.is_file():  # a FIFO, a socket or a device such as /dev/zero: reading it may never end
+        raise UserError(f"{path}: is not a regular file")
     try:
         raw = path.read_bytes()
     except OSError as error:
@@ -79,7 +83,8 @@ def read_text(path: str | Path) -> str:
 
 
 def parse_json(text: str, where: str) -> Any:
-    """`json.loads`, with every failure (bad syntax, nesting too deep to parse) as one `UserError` naming `where`."""
+    """`json.loads`, with every failure (bad syntax, nesting too deep to parse, a number too long to convert) as one
+    `UserError` naming `where`."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
@@ -87,6 +92,8 @@ def parse_json(text: str, where: str) -> Any:
         raise UserError(f"{where}{line}: invalid JSON ({error.msg})") from None
     except RecursionError:
         raise UserError(f"{where}: the JSON is nested too deeply to read") from None
+    except ValueError as error:  # e.g. an integer of more than 4300 digits (Python's int conversion limit)
+        raise UserError(f"{where}: invalid JSON ({str(error).split(';')[0]})") from None
 
 
 def split_lines(text: str) -> Iterator[tuple[int, str]]:
@@ -172,7 +179,7 @@ def read_jsonl_tolerant(path: str | Path) -> list[dict[str, Any]]:
     for line in raw.split(b"\n"):
         try:
             row = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # torn, cut mid-character, or not JSON at all: redone, not fatal
             continue
         if isinstance(row, dict):
             rows.append(row)
@@ -193,15 +200,52 @@ def json_array_text(records: Sequence[dict[str, Any]]) -> str:
     return "[\n" + ",\n".join(json.dumps(record, ensure_ascii=False) for record in records) + "\n]\n"
 
 
+_WRITE_REASONS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "the file is larger than the file system or the file-size limit (ulimit -f) allows",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EISDIR: "it is a folder",
+    errno.ENOTDIR: "a part of the path is a file",
+    errno.EIO: "an input/output error (a failing disk or a lost network mount)",
+}
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
+# Libraries written in Rust (safetensors, tokenizers) or C++ (torch.save) raise their own exception types for a
+# failed write; the OS error survives only in the message: "... (os error 28)", "Os { code: 28, ... }".
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
+_TORCH_WRITE_FAILED = ("file write failed", "PytorchStreamWriter failed writing")
+
+
+def write_failure(error: BaseException) -> str | None:
+    """Why a write failed, in words, when `error` is a storage failure (a full disk, a quota, the file-size limit,
+    a read-only file system, an I/O error), also when a Rust or C++ library raised it; None for anything else."""
+    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+        return _WRITE_REASONS[error.errno]
+    if isinstance(error, OSError):
+        return None
+    text = str(error)
+    match = _OS_ERROR_IN_TEXT.search(text)
+    if match:
+        code = int(match.group(1) or match.group(2))
+        return _WRITE_REASONS[code] if code in _STORAGE_ERRNOS else None
+    if any(marker in text for marker in _TORCH_WRITE_FAILED):
+        return "the write failed (is the disk full?)"
+    return None
+
+
 def _write_error(path: Path, error: OSError) -> UserError:
     reason = error.strerror or str(error)
-    hint = {28: "the disk is full", 30: "the file system is read-only", 13: "permission denied",
-            21: "it is a folder", 20: "a part of the path is a file", 122: "the disk quota is exceeded"}
-    return UserError(f"cannot write {path}: {hint.get(error.errno or 0, reason)}")
+    return UserError(f"cannot write {path}: {_WRITE_REASONS.get(error.errno or 0, reason)}")
 
 
 def fsync_path(path: Path) -> None:
-    """Flush a file (or a folder's entries) to disk, so a rename never publishes data still in the page cache."""
+    """Flush a file (or a folder's entries) to disk, so a rename never publishes data still in the page cache.
+
+    A storage failure reported by the flush (a full disk, a quota, an I/O error: file systems with delayed
+    allocation and network file systems report them only here) raises; a file system that cannot flush a folder
+    does not matter."""
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
     try:
         descriptor = os.open(path, flags)
@@ -209,8 +253,9 @@ def fsync_path(path: Path) -> None:
         return  # folders cannot be opened on some platforms (Windows); the rename is still atomic
     try:
         os.fsync(descriptor)
-    except OSError:
-        pass
+    except OSError as error:
+        if write_failure(error):
+            raise _write_error(path, error) from error
     finally:
         os.close(descriptor)
 
@@ -320,7 +365,13 @@ def publish_files(
         write(staging)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
-        raise _write_error(Path(getattr(error, "filename", None) or output), error) from None
+        raise _write_error(Path(getattr(error, "filename", None) or output), error) from error
+    except Exception as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = write_failure(error)
+        if reason:  # safetensors/tokenizers/torch report a full disk with their own exception types
+            raise UserError(f"cannot write {output}: {reason}; nothing in it was replaced") from error
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -330,11 +381,14 @@ def publish_files(
         fsync_path(path)
     ordered = [p for p in files if p.name not in last] + [p for name in last for p in files if p.name == name]
     moved = []
-    for path in ordered:
-        target = output / path.relative_to(staging)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
-        moved.append(target)
+    try:
+        for path in ordered:
+            target = output / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            moved.append(target)
+    except OSError as error:  # a rename within one folder needs no space; this is a folder changed under us
+        raise _write_error(Path(getattr(error, "filename", None) or output), error) from error
     shutil.rmtree(staging, ignore_errors=True)
     fsync_path(output)
     return moved
@@ -343,22 +397,52 @@ def publish_files(
 # --- checking outputs before any work ----------------------------------------------------------------------------
 
 
-def _probe_writable(folder: Path) -> str | None:
-    """None when a file can be created in `folder`, else why not."""
+def _probe_writable(folder: Path, prefix: str = ".write-probe-") -> str | None:
+    """None when a file can be created in `folder` (a temporary file named like `prefix`...), else why not."""
     try:
-        descriptor, name = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        descriptor, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
         os.close(descriptor)
         os.unlink(name)
     except OSError as error:
-        return {28: "the disk is full", 30: "the file system is read-only", 13: "permission denied"}.get(
-            error.errno or 0, error.strerror or str(error))
+        return _WRITE_REASONS.get(error.errno or 0, error.strerror or str(error))
     return None
 
 
+NAME_MAX = 255  # bytes in one file or folder name on Linux, macOS and Windows file systems
+
+
+def _name_problem(path: Path, existing: Path) -> str | None:
+    """A name between `existing` and `path` (the folders still to create, the file) longer than a file system takes;
+    the temporary files of an atomic write add about 20 characters to the last one."""
+    missing = path.relative_to(existing).parts if path != existing else ()
+    for index, part in enumerate(missing):
+        room = NAME_MAX - (20 if index == len(missing) - 1 else 0)
+        if len(part.encode("utf-8")) > room:
+            return f"the name {part[:20]}… is {len(part.encode('utf-8'))} bytes long, more than a file system takes"
+    return None
+
+
+def _checked_path(check: Callable[[], Path], path: str | Path, flag: str) -> Path:
+    """Run an output check; a path the OS cannot even look at (a symlink loop, a name too long) is one line."""
+    try:
+        return check()
+    except (OSError, RuntimeError) as error:  # RuntimeError: pathlib's "Symlink loop"
+        reason = getattr(error, "strerror", None) or str(error)
+        raise UserError(f"{flag} {path}: cannot use this path ({reason})") from None
+    except UserError as error:
+        if str(error).startswith(flag):
+            raise
+        raise UserError(f"{flag} {path}: cannot use this path ({error})") from None
+
+
 def _existing_ancestor(path: Path) -> Path:
+    """The nearest of `path` and its parents that exists; a symbolic link on the way that leads nowhere (broken, or a
+    loop) is an error: creating a folder there would fail only when the run writes its results."""
     for candidate in [path, *path.parents]:
         if candidate.exists():
             return candidate
+        if candidate.is_symlink():
+            raise UserError(f"{candidate} is a symbolic link that leads nowhere (broken, or a loop)")
     return Path(".")
 
 
@@ -369,9 +453,25 @@ def same_path(a: str | Path, b: str | Path) -> bool:
         return False
 
 
-def check_output_file(path: str | Path, flag: str, inputs: Sequence[str | Path] = ()) -> Path:
-    """`path` can be written: not a folder, not one of `inputs`, its folder writable (or creatable)."""
-    path = Path(path).expanduser()
+def check_output_file(path: str | Path, flag: str, inputs: Sequence[str | Path] = (),
+                      protected: dict[str, str | Path] | None = None) -> Path:
+    """`path` can be written: not a folder, not one of `inputs`, not inside a `protected` folder (a model, an adapter),
+    its folder writable (or creatable), its name one the file system takes. Nothing is created."""
+    return _checked_path(lambda: _check_output_file(Path(path).expanduser(), flag, inputs, protected or {}), path,
+                         flag)
+
+
+def _inside_protected(path: Path, flag: str, protected: dict[str, str | Path]) -> None:
+    for what, folder in protected.items():
+        if folder and Path(folder).expanduser().is_dir():
+            resolved, guarded = path.resolve(), Path(folder).expanduser().resolve()
+            if resolved == guarded or guarded in resolved.parents:
+                raise UserError(f"{flag} {path}: is {what} ({folder}); writing there would change it, choose "
+                                "another folder")
+
+
+def _check_output_file(path: Path, flag: str, inputs: Sequence[str | Path], protected: dict[str, str | Path]) -> Path:
+    _inside_protected(path, flag, protected)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder, expected a file name")
     for source in inputs:
@@ -380,7 +480,7 @@ def check_output_file(path: str | Path, flag: str, inputs: Sequence[str | Path] 
     ancestor = _existing_ancestor(path.parent)
     if not ancestor.is_dir():
         raise UserError(f"{flag} {path}: {ancestor} is a file, not a folder")
-    reason = _probe_writable(ancestor)
+    reason = _name_problem(path, ancestor) or _probe_writable(ancestor)
     if reason:
         raise UserError(f"{flag} {path}: cannot write in {ancestor} ({reason})")
     if path.exists() and not os.access(path, os.W_OK):
@@ -392,19 +492,17 @@ def check_output_dir(path: str | Path, flag: str, protected: dict[str, str | Pat
     """`path` can take a run's output: not a file, not (inside) a protected folder such as the base model, and
     writable (or creatable: the nearest existing folder is writable). Nothing is created: a refused run changes
     nothing on disk."""
-    path = Path(path).expanduser()
-    for what, folder in (protected or {}).items():
-        if folder and Path(folder).expanduser().is_dir():
-            resolved, guarded = path.resolve(), Path(folder).expanduser().resolve()
-            if resolved == guarded or guarded in resolved.parents:
-                raise UserError(f"{flag} {path}: is {what} ({folder}); writing there would change it, choose "
-                                "another folder")
+    return _checked_path(lambda: _check_output_dir(Path(path).expanduser(), flag, protected or {}), path, flag)
+
+
+def _check_output_dir(path: Path, flag: str, protected: dict[str, str | Path]) -> Path:
+    _inside_protected(path, flag, protected)
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path}: is a file, expected a folder")
     ancestor = _existing_ancestor(path)
     if not ancestor.is_dir():
         raise UserError(f"{flag} {path}: {ancestor} is a file, not a folder")
-    reason = _probe_writable(ancestor)
+    reason = _name_problem(path, ancestor) or _probe_writable(ancestor)
     if reason:
         raise UserError(f"{flag} {path}: cannot write in {ancestor} ({reason})")
     return path
@@ -426,6 +524,28 @@ class RunLock:
         self.what = what
         self._handle: Any = None
 
+    def check_free(self) -> None:
+        """Refuse now, naming the holder, when another run holds the lock; creates nothing (so a run can check this
+        with its other options, before it decides to write anything)."""
+        try:
+            import fcntl
+        except ImportError:
+            return
+        try:
+            handle = open(self.path, encoding="utf-8")  # noqa: SIM115 - closed below
+        except OSError:
+            return  # no lock file: nobody holds it (acquire() will tell an unwritable folder)
+        with handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise self._in_use(handle.read().strip()) from None
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _in_use(self, holder: str) -> UserError:
+        return UserError(f"{self.what} is in use by another run ({self._describe(holder)}); wait for it to finish, or "
+                         f"stop it (the lock is {self.path})")
+
     def acquire(self) -> Self:
         try:
             import fcntl
@@ -446,8 +566,7 @@ class RunLock:
                 handle.seek(0)
                 holder = handle.read().strip()
                 handle.close()
-                raise UserError(f"{self.what} is in use by another run ({self._describe(holder)}); wait for it to "
-                                f"finish, or stop it (the lock is {self.path})") from None
+                raise self._in_use(holder) from None
             try:
                 same = os.fstat(handle.fileno()).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -456,7 +575,7 @@ class RunLock:
                 handle.seek(0)
                 handle.truncate()
                 handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300],
+                                         "command": redact(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))[:300],
                                          "started": time.strftime("%Y-%m-%d %H:%M:%S")}, ensure_ascii=False))
                 handle.flush()
                 self._handle = handle

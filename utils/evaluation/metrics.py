@@ -16,7 +16,8 @@ one scores 1, and a short answer that matches a few characters is not zeroed by 
 
 ROUGE-N (Lin, 2004) is the F1 of clipped n-gram overlap: P = overlap / candidate n-grams, R = overlap /
 reference n-grams, F1 = 2PR / (P + R). ROUGE-L is the F1 of the longest common subsequence (LCS):
-P = LCS / c, R = LCS / r, F1 = 2PR / (P + R) (β = 1, not the 1.2 some toolkits use).
+P = LCS / c, R = LCS / r, F1 = 2PR / (P + R) (β = 1, not the 1.2 some toolkits use). The LCS is computed
+bit-parallel, so long answers (tens of thousands of characters) score in well under a second.
 
 Edge cases: two empty texts are identical and score 1 on every metric; an empty text against a non-empty one
 scores 0.
@@ -91,7 +92,30 @@ def rouge_n(candidate: str, reference: str, n: int) -> float:
 
 
 def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence (dynamic programming, one row of memory)."""
+    """Length of the longest common subsequence, bit-parallel (Allison & Dix 1986; Hyyrö 2004).
+
+    Bit j of `row` stands for position j of the shorter text `b`; one step per item of `a` updates all of them at
+    once with a few big-integer operations, so the work is O(len(a) · len(b) / w) machine words instead of the
+    dynamic programme's O(len(a) · len(b)) Python steps: two 20,000-character answers take a fraction of a second,
+    not minutes. The result equals the textbook DP (`lcs_length_dp`, kept for the tests).
+    """
+    if len(a) < len(b):
+        a, b = b, a
+    if not b:
+        return 0
+    matches: dict[str, int] = {}  # item -> bit mask of its positions in b
+    for position, item in enumerate(b):
+        matches[item] = matches.get(item, 0) | (1 << position)
+    full = (1 << len(b)) - 1
+    row = full  # a zero bit marks a position where the LCS grew
+    for item in a:
+        hits = row & matches.get(item, 0)
+        row = ((row + hits) | (row - hits)) & full
+    return len(b) - row.bit_count()
+
+
+def lcs_length_dp(a: Sequence[str], b: Sequence[str]) -> int:
+    """The textbook dynamic programme (one row of memory): the reference `lcs_length` is tested against."""
     if len(a) < len(b):
         a, b = b, a
     previous = [0] * (len(b) + 1)

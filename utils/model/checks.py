@@ -8,6 +8,7 @@ are small: their shapes, rank and finiteness are read in full). Each check raise
 
 from __future__ import annotations
 
+import math
 import pickle
 from pathlib import Path
 from typing import Any
@@ -115,12 +116,62 @@ def _tokenizer_code(path: Path) -> list[str]:
     return [str(name) for name in (entry if isinstance(entry, list) else [entry]) if name]
 
 
+# Sizes a model config declares; each, when present, must be a positive integer (else the model is built wrong, or
+# fails deep inside a forward pass: `num_hidden_layers: -1` builds a model with no layers that crashes in generate).
+SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "intermediate_size", "max_position_embeddings", "head_dim", "n_embd", "n_layer", "n_head")
+
+
+def config_problems(config: dict[str, Any]) -> list[str]:
+    """Size fields of a config.json (and of a nested text_config) that are not positive integers."""
+    problems = []
+    for where, section in (("", config), ("text_config.", config.get("text_config"))):
+        if not isinstance(section, dict):
+            continue
+        for name in SIZE_FIELDS:
+            value = section.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                problems.append(f"`{where}{name}` must be a positive integer, got {value!r}")
+    return problems
+
+
+def check_config_loads(base_model: str, flag: str) -> None:
+    """transformers builds a config object from config.json (its own type checks run here, not after the weights)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(base_model, trust_remote_code=False)
+    except Exception as error:  # a config that transformers refuses, whatever it raises: the user's file
+        message = " ".join(str(error).split())[:300] or type(error).__name__
+        raise UserError(f"{flag} {base_model}: config.json does not load ({message})") from error
+
+
+def check_weight_files(base_model: str, flag: str) -> None:
+    """Every safetensors file of a local model folder has a header that reads back and covers the file: a download
+    or a copy cut short is found here, in milliseconds, instead of as a traceback after the tokenizer loaded."""
+    from safetensors import safe_open
+
+    folder = Path(base_model).expanduser()
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as error:  # SafetensorError, OSError: a truncated or corrupt file
+            detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            raise UserError(f"{flag} {base_model}: {path.name} is not a readable safetensors file ({detail}); is it "
+                            "truncated? copy or download it again") from error
+
+
 def check_base_model(base_model: str, trust_remote_code: bool = False, flag: str = "--base_model") -> None:
-    """A local folder with a usable config (or a usable hub id); says when a model needs `--trust_remote_code`."""
+    """A local folder with a usable config and readable weight files (or a usable hub id); says when a model needs
+    `--trust_remote_code`."""
     check_model_source(base_model, flag)
     config = local_model_config(base_model)
     if config is None:
         return
+    problems = config_problems(config)
+    if problems:
+        raise UserError(f"{flag} {base_model}: config.json: {'; '.join(problems)}")
     model_type = config.get("model_type")
     known = isinstance(model_type, str) and _known_model_type(model_type)
     auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
@@ -138,6 +189,9 @@ def check_base_model(base_model: str, trust_remote_code: bool = False, flag: str
             f"{flag} {base_model}: model_type {model_type!r} is not known to transformers {transformers.__version__}; "
             "upgrade transformers, or check that config.json belongs to a causal language model"
         )
+    if known:
+        check_config_loads(base_model, flag)
+    check_weight_files(base_model, flag)
 
 
 def embedding_rows(config: Any) -> int | None:
@@ -252,6 +306,26 @@ def _module_of(key: str) -> tuple[str, str] | None:
     return None
 
 
+def adapter_config_problems(config: dict[str, Any]) -> list[str]:
+    """Fields of adapter_config.json that peft would fail on with a traceback (or misread) when it loads them."""
+    problems = []
+    if config.get("peft_type") is None:
+        problems.append("adapter_config.json has no `peft_type` (a LoRA adapter says \"LORA\")")
+    elif config["peft_type"] != "LORA":
+        problems.append(f"a {config['peft_type']} adapter, not LoRA")
+    rank = config.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        problems.append(f"adapter_config.json's `r` must be a positive integer, got {rank!r}")
+    alpha = config.get("lora_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        problems.append(f"adapter_config.json's `lora_alpha` must be a number, got {alpha!r}")
+    targets = config.get("target_modules")
+    if not (targets is None or isinstance(targets, str)
+            or (isinstance(targets, list) and all(isinstance(name, str) for name in targets))):
+        problems.append(f"adapter_config.json's `target_modules` must be a list of module names, got {targets!r}")
+    return problems
+
+
 def adapter_weight_problems(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[str]:
     """Problems of the adapter itself: no LoRA tensors, NaN/inf values, tensors that its config does not target
     (peft would load them with a warning and silently ignore the trained weights), a rank other than `r`."""
@@ -340,19 +414,21 @@ def adapter_problems(lora_weights: str, model: Any, tensors: dict[str, torch.Ten
 
 def check_adapter(
     lora_weights: str, base_model: str | None = None, trust_remote_code: bool = False, model: Any = None
-) -> None:
+) -> dict[str, torch.Tensor] | None:
     """An adapter folder that exists, holds an adapter config and safe, finite weights, and fits the base model.
 
     `model` (a loaded base) is used when given; otherwise the base's module tree is built from its config on the
-    meta device, so a mismatch is reported before any weights load. A hub id is left to peft to fetch.
+    meta device, so a mismatch is reported before any weights load. A hub id is left to peft to fetch. Returns the
+    adapter's tensors (None for a hub id).
     """
     check_source(lora_weights, "--lora_weights", ADAPTER_CONFIG)
     if is_hub_id(lora_weights):
-        return
+        return None
     folder = Path(lora_weights).expanduser()
     config = read_json_object(folder / ADAPTER_CONFIG, ADAPTER_CONFIG)
-    if config.get("peft_type", "LORA") != "LORA":
-        raise UserError(f"--lora_weights {lora_weights}: a {config.get('peft_type')} adapter, not LoRA")
+    problems = adapter_config_problems(config)
+    if problems:
+        raise UserError(f"--lora_weights {lora_weights}: {'; '.join(problems)}")
     tensors = adapter_tensors(adapter_weights_file(lora_weights))
     problems = adapter_weight_problems(config, tensors)
     if problems:
@@ -360,7 +436,7 @@ def check_adapter(
     if model is None and base_model:
         model = meta_model(base_model, trust_remote_code)
     if model is None:
-        return
+        return tensors
     problems = adapter_problems(lora_weights, model, tensors)
     if problems:
         trained_on = config.get("base_model_name_or_path") or "an unknown base"
@@ -368,6 +444,7 @@ def check_adapter(
             f"the adapter {lora_weights} was made for another base model than {base_model or 'this one'}: "
             f"{'; '.join(problems)} (it was trained on {trained_on}); pass the --base_model it was trained on"
         )
+    return tensors
 
 
 def preflight_model(

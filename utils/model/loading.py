@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,10 @@ def load_tokenizer(base_model: str, trust_remote_code: bool = False, padding_sid
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, json.JSONDecodeError) as error:
-        raise hub_error(base_model, error) from None
+        raise hub_error(base_model, error) from error
+    except Exception as error:  # the tokenizers library raises plain Exception/KeyError for a broken tokenizer.json
+        raise UserError(f"could not load the tokenizer of {base_model}: {first_line(error)} (is tokenizer.json "
+                        "damaged or from another library version?)") from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     tokenizer.padding_side = padding_side
@@ -92,10 +96,12 @@ def load_base_model(
         raise UserError(f"refusing to load {base_model}: a weights file in it is a pickle that is not plain "
                         f"tensors ({str(error).strip().splitlines()[0][:200]}); use safetensors weights") from None
     except (OSError, ValueError, json.JSONDecodeError) as error:
-        raise hub_error(base_model, error) from None
-    except RuntimeError as error:  # a truncated or corrupt weights file
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise UserError(f"could not load the weights of {base_model}: {first} (is a file truncated?)") from None
+        raise hub_error(base_model, error) from error
+    except Exception as error:  # RuntimeError, SafetensorError, ...: a truncated, corrupt or mismatched weights file
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            raise
+        raise UserError(f"could not load the weights of {base_model}: {first_line(error)} (is a file truncated, "
+                        "or config.json from another model?)") from error
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if device_map is None and not is_deepspeed_zero3_enabled():  # ZeRO-3: zero.Init placed the partitions already
@@ -147,7 +153,11 @@ def load_adapter(model: Any, lora_weights: str, is_trainable: bool = False) -> A
     from peft import PeftModel
 
     # exists, has a config and safetensors or weights-only-loadable .bin weights, and fits this model's layers
-    check_adapter(lora_weights, getattr(model, "name_or_path", None) or None, model=model)
+    tensors = check_adapter(lora_weights, getattr(model, "name_or_path", None) or None, model=model)
+    lora_b = [tensor for name, tensor in (tensors or {}).items() if "lora_B" in name]
+    if lora_b and not any(torch.count_nonzero(tensor).item() for tensor in lora_b):
+        print(f"warning: every lora_B weight of {lora_weights} is zero, so the adapter changes nothing (an untrained "
+              "adapter?); the answers are the base model's", file=sys.stderr, flush=True)
     try:
         return PeftModel.from_pretrained(model, lora_weights, is_trainable=is_trainable)
     except pickle.UnpicklingError as error:  # peft loads .bin with weights_only=True; a hub .bin lands here
@@ -155,12 +165,12 @@ def load_adapter(model: Any, lora_weights: str, is_trainable: bool = False) -> A
             f"refusing to load the adapter {lora_weights}: its weights are a pickle that is not plain tensors "
             f"({str(error).strip().splitlines()[0][:200]})"
         ) from None
-    except (OSError, ValueError) as error:
-        raise UserError(f"could not load the adapter {lora_weights}: {str(error).strip().splitlines()[0]}") from None
     except RuntimeError as error:  # size mismatch: an adapter made for another base
         first = str(error).strip().splitlines()
         detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
-        raise UserError(f"the adapter {lora_weights} does not fit this base model ({detail})") from None
+        raise UserError(f"the adapter {lora_weights} does not fit this base model ({detail})") from error
+    except Exception as error:  # OSError, ValueError, TypeError, KeyError: peft on a config or file it cannot use
+        raise UserError(f"could not load the adapter {lora_weights}: {first_line(error)}") from error
 
 
 def load_checked_tokenizer(base_model: str, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
@@ -222,4 +232,26 @@ def load_for_inference(
     if lora_weights:
         model = load_adapter(model, lora_weights)
     model.eval()
+    check_finite_logits(model, tokenizer, base_model, lora_weights)
     return model, tokenizer, device
+
+
+@torch.inference_mode()
+def check_finite_logits(model: Any, tokenizer: Any, base_model: str, lora_weights: str | None) -> None:
+    """One short forward pass: a model that computes NaN/inf (broken weights, or a model that overflows in fp16)
+    would otherwise answer with empty strings and exit 0."""
+    encoded = tokenizer("你好", return_tensors="pt")
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device if embeddings is not None else torch.device("cpu")
+    if device.type == "meta":  # offloaded by device_map: accelerate's hooks move the inputs themselves
+        device = torch.device("cpu")
+    logits = model(**{name: tensor.to(device) for name, tensor in encoded.items()}).logits
+    if not torch.isfinite(logits).all():
+        adapter = f" with the adapter {lora_weights}" if lora_weights else ""
+        raise UserError(f"{base_model}{adapter} computes NaN/inf logits, so every answer would be empty: its weights "
+                        "are broken, or the model overflows in this precision (try --precision bf16 or fp32)")
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__

@@ -61,7 +61,7 @@ def hub_error(name: str, error: Exception) -> UserError:
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if "trust_remote_code" in str(error):
         return UserError(f"{name} ships its own modelling code; rerun with --trust_remote_code True if you trust it")
-    hint = " (HF_HUB_OFFLINE is set, so only the local cache is searched)" if offline() else ""
+    hint = " (HF_HUB_OFFLINE is set, so only the local cache is searched)" if offline() and is_hub_id(name) else ""
     return UserError(f"could not load {name}{hint}: {message}")
 
 
@@ -72,6 +72,8 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
         raise UserError(f"{path}: {what} is not valid JSON ({error.msg}, line {error.lineno})") from None
     except RecursionError:
         raise UserError(f"{path}: {what} is nested too deeply to read") from None
+    except ValueError as error:  # a number too long to convert
+        raise UserError(f"{path}: {what} is not valid JSON ({str(error).split(';')[0]})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: {what} must be a JSON object")
     return data

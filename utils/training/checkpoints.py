@@ -36,12 +36,23 @@ def checkpoint_folders(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+# What the Trainer reads from trainer_state.json when it resumes (a state without them fails deep inside `train`).
+STATE_FIELDS = {"global_step": int, "max_steps": int, "train_batch_size": int, "log_history": list}
+
+
 def read_trainer_state(folder: Path) -> dict[str, Any] | None:
+    """The checkpoint's trainer_state.json, or None when it does not read back whole (torn, or lacking a field the
+    Trainer needs to resume)."""
     try:
         state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (OSError, ValueError, RecursionError):  # ValueError: also torn UTF-8 and JSONDecodeError
         return None
-    return state if isinstance(state, dict) and isinstance(state.get("global_step"), int) else None
+    if not isinstance(state, dict):
+        return None
+    for name, kind in STATE_FIELDS.items():
+        if isinstance(state.get(name), bool) or not isinstance(state.get(name), kind):
+            return None
+    return state
 
 
 def _intact(path: Path) -> bool:
@@ -131,8 +142,10 @@ def check_same_lora(folder: Path, lora_r: int, lora_alpha: int, targets: Any) ->
     """A checkpoint trained with another LoRA shape cannot be resumed into this run's adapter."""
     try:
         config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         return  # DeepSpeed checkpoints keep the engine state instead; the Trainer reports a mismatch itself
+    if not isinstance(config, dict):
+        return  # check_adapter (in resolve) has refused it already
     problems = []
     if isinstance(config.get("r"), int) and config["r"] != lora_r:
         problems.append(f"--lora_r {config['r']} (this run: {lora_r})")

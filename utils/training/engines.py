@@ -111,8 +111,8 @@ def read_deepspeed_config(path: str) -> dict[str, Any]:
         raise UserError(f"--deepspeed {path}: no such file (the shipped configs: {_shipped_configs()})")
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"--deepspeed {path}: not valid JSON ({error})") from None
+    except (ValueError, RecursionError) as error:  # bad syntax or UTF-8, too deep, a too-long number
+        raise UserError(f"--deepspeed {path}: not valid JSON ({str(error)[:200]})") from None
     if not isinstance(config, dict):
         raise UserError(f"--deepspeed {path}: a DeepSpeed config is a JSON object, got {type(config).__name__}")
     return config

@@ -59,6 +59,7 @@ def reporters(wandb_project: str, watch: str, log_model: str, report_to: str) ->
     """The loggers: wandb only when a project is named (offline when no API key is configured, never a prompt),
     plus `--report_to` (e.g. tensorboard)."""
     names = [name.strip() for name in str(report_to).split(",") if name.strip() and name.strip() != "none"]
+    check_loggers(names)
     project = wandb_project or os.environ.get("WANDB_PROJECT", "")
     if not project:
         return names
@@ -75,6 +76,20 @@ def reporters(wandb_project: str, watch: str, log_model: str, report_to: str) ->
         log("wandb: no API key is configured (WANDB_API_KEY or `wandb login`), logging offline to ./wandb")
         os.environ["WANDB_MODE"] = "offline"
     return ["wandb", *names]
+
+
+def check_loggers(names: list[str]) -> None:
+    """`--report_to` names loggers transformers knows and this machine has installed (else the Trainer fails after
+    the model loaded)."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    unknown = [name for name in names if name not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        raise UserError(f"--report_to {','.join(unknown)}: not a logger transformers knows; known: "
+                        f"{', '.join(INTEGRATION_TO_CALLBACK)}")
+    missing = [name for name in names if name != "wandb" and name not in get_available_reporting_integrations()]
+    if missing:
+        raise UserError(f"--report_to {','.join(missing)}: its package is not installed on this machine")
 
 
 # --- what an output folder may already hold --------------------------------------------------------------------------
