@@ -194,16 +194,3 @@ def storage_full_at(monkeypatch: pytest.MonkeyPatch, function: str = "fsync",
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(os, function, full)
-
-
-def data_builder_pending() -> bool:
-    """True while build_dataset.py is the version this suite was first run against (helper "data", issue 10, owns it
-    and is rewriting it): its cases that fail there are expected failures until the rewrite lands."""
-    import build_dataset
-
-    return hasattr(build_dataset, "write_atomically")
-
-
-PENDING_DATA = pytest.mark.xfail(
-    condition=data_builder_pending(), strict=True,
-    reason="build_dataset.py before the data builder's rewrite (issue 10, helper data); passes after it lands")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from fake_openai import FakeOpenAI, Reply
-from faultkit import PENDING_DATA, REPO, assert_refused, assert_succeeded, assert_unchanged, cli, snapshot
+from faultkit import REPO, assert_refused, assert_succeeded, assert_unchanged, cli, snapshot
 
 import finetune
 from utils.core.errors import UserError
@@ -140,7 +140,6 @@ def test_a_signal_while_judging_keeps_what_was_graded_and_the_earlier_output(sig
     assert 1 <= len(graded) < len(JUDGE_ROWS) and all(entry["scores"] for entry in graded)
 
 
-@PENDING_DATA
 def test_two_build_dataset_resume_runs_into_one_output(tmp_path):
     """Two `build_dataset.py knowledge --backend openai --resume True` into one output at once: the second is refused
     (one line), and the rows of the first are each there once."""

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from faultkit import (
-    PENDING_DATA,
     REPO,
     assert_refused,
     assert_unchanged,
@@ -150,7 +149,6 @@ def test_export_into_a_read_only_folder_is_refused_before_loading(tiny_llama, tm
     assert not (files["locked"] / "merged").exists() and line
 
 
-@PENDING_DATA
 @pytest.mark.parametrize("kind", ["a folder", "under a file"])
 def test_build_dataset_output_is_checked_before_any_work(kind, files, tmp_path, monkeypatch, capsys):
     kb = tmp_path / "kb.jsonl"

@@ -150,7 +150,7 @@ def extract_json_array(text: str) -> list[Any] | None:
             continue
         try:
             value = json.loads(candidate[start : end + 1])
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # JSONDecodeError, and numbers too long to convert
             continue
         if isinstance(value, list):
             return value
