@@ -1,7 +1,14 @@
-"""Shared fixtures: tiny base models built by the project itself, small data files, a CLI runner."""
+"""Shared fixtures: tiny base models built by the project itself, small data files, a CLI runner.
+
+The tiny bases of the tests are built from text fixed in tests/fixtures/ (not data/, which the data builder
+regenerates) with `--pretrain_steps 0`: their weights are the same bits on every processor, thread count and
+ATen/MKL code path (utils/tiny_base.py says why pre-trained ones are not), so golden values hold on any machine.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -12,6 +19,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO.parent / "shared" / "reference" / "bentsao"
+FIXTURES = REPO / "tests" / "fixtures"
+QA_ROWS = FIXTURES / "qa.jsonl"  # 26 QA rows (a snapshot of data/infer.json): the small training set
+CORPUS = FIXTURES / "corpus.jsonl"  # 500 rows of the project's own QA data: what the tests' tokenizers learn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,7 +37,8 @@ def reference_file(name: str) -> Path:
 
 
 class TinyModels(dict):
-    """Tiny llama / bloom / qwen2 bases, each built with `utils.tiny_base` the first time a test asks for it."""
+    """Tiny llama / bloom / qwen2 bases, each built with `utils.tiny_base` the first time a test asks for it:
+    tokenizer from tests/fixtures, processor-independent initialisation, no pre-training (a few seconds each)."""
 
     def __init__(self, root: Path) -> None:
         super().__init__()
@@ -36,7 +47,9 @@ class TinyModels(dict):
     def __missing__(self, arch: str) -> Path:
         from utils.tiny_base import build
 
-        self[arch] = Path(build(arch=arch, output_dir=str(self.root / arch)))
+        folder = build(arch=arch, output_dir=str(self.root / arch), pretrain_steps=0,
+                       corpus_files=f"{QA_ROWS},{CORPUS}")
+        self[arch] = Path(folder)
         return self[arch]
 
 
@@ -51,10 +64,8 @@ def tiny_llama(tiny_models) -> Path:
 
 
 def project_rows() -> list[dict]:
-    """The project's own QA rows (data/infer.json), a small realistic training set."""
-    return [
-        json.loads(line) for line in (REPO / "data" / "infer.json").read_text(encoding="utf-8").splitlines() if line
-    ]
+    """The project's own QA rows (tests/fixtures/qa.jsonl), a small realistic training set."""
+    return [json.loads(line) for line in QA_ROWS.read_text(encoding="utf-8").splitlines() if line]
 
 
 @pytest.fixture(scope="session")
@@ -75,33 +86,31 @@ def run_script(
     )
 
 
+def run_in_process(main, *argv: str) -> subprocess.CompletedProcess:
+    """`python script.py argv...` in this process (no new interpreter importing torch): run_cli with `argv`, what it
+    prints captured, SystemExit as the return code."""
+    from utils.core.cli import run_cli
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            run_cli(main, [str(arg) for arg in argv])
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return subprocess.CompletedProcess([getattr(main, "__module__", "script"), *argv], code, stdout.getvalue(),
+                                       stderr.getvalue())
+
+
+TRAIN_QUICK = ("--batch_size", "8", "--micro_batch_size", "4", "--max_steps", "4", "--learning_rate", "3e-3",
+               "--cutoff_len", "128", "--save_steps", "2", "--eval_steps", "2", "--logging_steps", "1")
+
+
 def train_adapter(base: Path, data: Path, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    """A quick finetune.py run (a few steps) that must succeed."""
-    result = run_script(
-        "finetune.py",
-        "--base_model",
-        str(base),
-        "--data_path",
-        str(data),
-        "--output_dir",
-        str(output_dir),
-        "--batch_size",
-        "8",
-        "--micro_batch_size",
-        "4",
-        "--max_steps",
-        "4",
-        "--learning_rate",
-        "3e-3",
-        "--cutoff_len",
-        "128",
-        "--save_steps",
-        "2",
-        "--eval_steps",
-        "2",
-        "--logging_steps",
-        "1",
-        *extra,
-    )
+    """A quick finetune.py run (a few steps) that must succeed; in-process."""
+    import finetune
+
+    result = run_in_process(finetune.main, "--base_model", base, "--data_path", data, "--output_dir", output_dir,
+                            *TRAIN_QUICK, *extra)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

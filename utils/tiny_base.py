@@ -3,12 +3,19 @@
     python -m utils.tiny_base --arch llama --output_dir models/tiny-llama
 
 The tokenizer is a sentencepiece BPE model (byte-level BPE for qwen2, as the real family) trained on the project's
-own text (`data/`, `data_literature/`, the prompt templates); the model is randomly initialised with `--seed` and
-pre-trained for `--pretrain_steps` steps on the same text, so that fine-tuning starts from something that has seen
-Chinese. The folder loads offline with `AutoTokenizer.from_pretrained(DIR)` and
+own text (`data/`, `data_literature/`, the prompt templates; or the files `--corpus_files` names); the model is
+initialised from `--seed` and pre-trained for `--pretrain_steps` steps on the same text, so that fine-tuning starts
+from something that has seen Chinese. The folder loads offline with `AutoTokenizer.from_pretrained(DIR)` and
 `AutoModelForCausalLM.from_pretrained(DIR)`. Special tokens follow each real family: LLaMA (`<s>` prepended, no pad
 token), Bloom (`<pad>`, no `<s>` prepended), Qwen2 (`<|endoftext|>` as end and pad, no `<s>`), so scripts must read
 them from the tokenizer.
+
+Which weights depend on the processor: the initialisation does not (integers drawn from torch's Mersenne Twister,
+scaled by a power of two: no transcendental function, no vectorised kernel, so every CPU, thread count and ATen/MKL
+code path gives the same bits; torch's own `normal_` does not, its AVX2 and scalar paths differ by ~4e-8). The
+pre-training does: 120 full-parameter AdamW steps through MKL/oneDNN kernels amplify the last-bit differences
+between processors to ~0.1 in the weights. So a golden value recorded on one machine holds on another only for a
+base built with `--pretrain_steps 0`, which is what tests/ train (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from utils.core.cli import NON_NEGATIVE, Check, option_checks
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ("llama", "bloom", "qwen2")
@@ -33,15 +42,18 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def corpus(root: Path = REPO_ROOT) -> tuple[list[str], list[str]]:
-    """The project's own text in a fixed order: (lines to train the tokenizer on, QA documents to pre-train on).
+def corpus(root: Path = REPO_ROOT, files: list[Path] | None = None) -> tuple[list[str], list[str]]:
+    """Text in a fixed order: (lines to train the tokenizer on, QA documents to pre-train on).
 
-    Every string in `data/` and `data_literature/` (knowledge-base lists included) and the prompt templates feed
-    the tokenizer; rows with an answer become `instruction\nanswer` documents for pre-training.
+    By default the project's own text: every string in `data/` and `data_literature/` (knowledge-base lists
+    included) and the prompt templates; with `files`, only those JSON / JSON Lines files. Rows with an answer
+    become `instruction\nanswer` documents for pre-training.
     """
     lines: list[str] = []
     documents: list[str] = []
-    files = sorted((root / "data").glob("*.json*")) + sorted((root / "data_literature").glob("*.json*"))
+    default = files is None
+    if default:
+        files = sorted((root / "data").glob("*.json*")) + sorted((root / "data_literature").glob("*.json*"))
     for path in files:
         for row in read_rows(path):
             for value in row.values():
@@ -49,7 +61,7 @@ def corpus(root: Path = REPO_ROOT) -> tuple[list[str], list[str]]:
                 lines.extend(str(item).strip() for item in items if isinstance(item, str) and item.strip())
             if isinstance(row.get("instruction"), str) and isinstance(row.get("output"), str):
                 documents.append(f"{row['instruction'].strip()}\n{row['output'].strip()}")
-    for path in sorted((root / "templates").glob("*.json")):
+    for path in sorted((root / "templates").glob("*.json")) if default else []:
         lines.extend(v for v in json.loads(path.read_text(encoding="utf-8")).values() if isinstance(v, str) and v)
     return lines, documents
 
@@ -154,6 +166,20 @@ def make_config(arch: str, tokenizer):
     return BloomConfig(vocab_size=vocab, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS, **special)
 
 
+def portable_init(model, seed: int) -> None:
+    """Every matrix drawn again, bit-identical on any processor: uniform integers k in [-m, m] (torch's Mersenne
+    Twister, no vectorised arithmetic) times 2**-16, with m chosen for the config's `initializer_range` standard
+    deviation. Vectors (norm weights: ones, biases: zeros) keep their constant initialisation."""
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    bound = round(std * 3**0.5 * 2**16)  # a uniform on [-a, a] has standard deviation a / sqrt(3)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, parameter in sorted(model.named_parameters()):
+            if parameter.dim() >= 2:
+                draws = torch.randint(-bound, bound + 1, parameter.shape, generator=generator, dtype=torch.int64)
+                parameter.copy_(draws.to(torch.float64).mul_(2.0**-16).to(parameter.dtype))
+
+
 def pretrain(model, tokenizer, documents: list[str], steps: int, seed: int, max_len: int = 128) -> list[float]:
     """A few steps of full-parameter language modelling on the QA documents, so the base is not pure noise."""
     if steps <= 0 or not documents:
@@ -179,24 +205,26 @@ def pretrain(model, tokenizer, documents: list[str], steps: int, seed: int, max_
     return losses
 
 
+@option_checks(arch=Check(choices=ARCHS), vocab_size=Check(low=300), pretrain_steps=NON_NEGATIVE)
 def build(
-    arch: str = "llama",
-    output_dir: str = "models/tiny-llama",
-    seed: int = 42,
-    vocab_size: int = 4000,
-    pretrain_steps: int = 120,
+    arch: str = "llama",  # llama | bloom | qwen2
+    output_dir: str = "models/tiny-llama",  # the folder to write: config, safetensors weights, tokenizer
+    seed: int = 42,  # seeds the initialisation and the pre-training batches
+    vocab_size: int = 4000,  # tokenizer vocabulary
+    pretrain_steps: int = 120,  # pre-training steps on the corpus (0: the processor-independent initialisation only)
+    corpus_files: str = "",  # comma-separated JSON (Lines) files to learn from; default: data/, data_literature/
 ) -> str:
     """Build the tiny base model `arch` into `output_dir` and return the folder."""
     from transformers import AutoModelForCausalLM
 
-    if arch not in ARCHS:
-        raise SystemExit(f"error: --arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     started = time.time()
     torch.manual_seed(seed)
-    lines, documents = corpus()
+    files = [Path(name.strip()) for name in str(corpus_files).split(",") if name.strip()] or None
+    lines, documents = corpus(files=files)
     with tempfile.TemporaryDirectory() as workdir:
         tokenizer = make_tokenizer(arch, lines, Path(workdir), vocab_size)
     model = AutoModelForCausalLM.from_config(make_config(arch, tokenizer))
+    portable_init(model, seed)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
