@@ -10,17 +10,19 @@ chat is multi-turn: earlier turns are kept in the shape the literature data was 
 (` <user>: q1 <bot>: a1 <user>: q2`), and the oldest turns are dropped when the prompt would not leave room for
 the answer. Other templates answer each question on its own, as they were trained.
 
+Enter sends the question, Shift+Enter starts a new line. Stop ends the answer where it is and keeps it in the
+conversation; Clear starts a new conversation.
+
 The server listens on 127.0.0.1 only, unless `--server_name 0.0.0.0` says otherwise; `--share_gradio True`
 asks gradio for a public link (off by default); `--auth user:password` asks for a login. Research use only:
 the answers are not medical advice.
 """
 
-from __future__ import annotations
-
 import logging
 import os
 import sys
 import threading
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from utils.core.cli import PORT, SEED, option_checks, run_cli
@@ -36,6 +38,13 @@ if TYPE_CHECKING:
     import gradio as gr
 
 NO_TEXT = "（模型没有生成任何文字 / the model produced no text; try sampling or min new tokens）"
+STOPPED = "（已停止 / stopped）"
+SINGLE_TURN_NOTE = ("ℹ️ 此模板为单轮问答：每个问题单独回答，模型看不到之前的对话。"
+                    "(This template is single-turn: each question is answered on its own; the model does not see "
+                    "the earlier turns.)")
+MULTI_TURN_NOTE = ("ℹ️ 多轮对话：之前的问答按文献训练数据的格式拼入提示。"
+                   "(Multi-turn: earlier turns go into the prompt in the training data's shape.)")
+KEYS_HINT = "Enter 发送，Shift+Enter 换行 (Enter sends, Shift+Enter starts a new line)"
 DISCLAIMER = "仅供研究使用，回答不构成医疗建议；身体不适请及时就医。(Research use only; not medical advice.)"
 
 
@@ -54,6 +63,16 @@ def parse_auth(auth: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+@dataclass
+class Generation:
+    """One answer being generated for one browser session: Stop sets `stop` (and `stopped_by_user`); Clear also sets
+    `discard`, and nothing more of the answer is shown."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    stopped_by_user: bool = False
+    discard: bool = False
+
+
 def chat_messages(turns: list[dict[str, str]]) -> list[dict[str, str]]:
     """The chatbot's messages for the turns so far."""
     messages: list[dict[str, str]] = []
@@ -64,14 +83,16 @@ def chat_messages(turns: list[dict[str, str]]) -> list[dict[str, str]]:
     return messages
 
 
-def build_demo(model: Any, chat: Chat, chat_context: int, title: str, defaults: GenerationArgs) -> gr.Blocks:
+def build_demo(model: Any, chat: Chat, chat_context: int, title: str, defaults: GenerationArgs) -> "gr.Blocks":
     """The gradio page: chat, question (+ input) boxes, generation settings."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry or version check leaves the machine
     import gradio as gr
 
+    running: dict[str, Generation] = {}  # by browser session: the answer being generated, for Stop and Clear
+
     def respond(question: str, extra_input: str, turns: list[dict[str, str]], do_sample: bool, temperature: float,
                 top_p: float, top_k: int, num_beams: int, max_new_tokens: int, min_new_tokens: int,
-                repetition_penalty: float):
+                repetition_penalty: float, request: gr.Request):
         turns = list(turns or [])
         question = (question or "").strip()
         if not question:
@@ -93,10 +114,12 @@ def build_demo(model: Any, chat: Chat, chat_context: int, title: str, defaults: 
         if chat.multi_turn and len(kept) < len(history):
             gr.Info(f"对话过长，最早的 {len(history) - len(kept)} 轮不再计入 (oldest turns dropped to fit the context)")
         current = {"question": question, "input": "" if chat.multi_turn else (extra_input or "").strip(), "answer": ""}
-        stop = threading.Event()
+        run = running[request.session_hash] = Generation()
         try:
             yield chat_messages(turns + [current]), turns, ""
-            for text in stream_answer(model, chat.tokenizer, prompt, settings.config(chat.tokenizer), stop):
+            for text in stream_answer(model, chat.tokenizer, prompt, settings.config(chat.tokenizer), run.stop):
+                if run.discard:
+                    return
                 current["answer"] = text
                 yield chat_messages(turns + [current]), turns, ""
         except RuntimeError as error:
@@ -105,26 +128,46 @@ def build_demo(model: Any, chat: Chat, chat_context: int, title: str, defaults: 
             yield chat_messages(turns + [current]), turns, ""
             return
         finally:
-            stop.set()  # also when the page cancels the event (Stop button, closed tab): generation ends
+            run.stop.set()  # also when the page goes away mid-answer (closed tab): generation ends
+            if running.get(request.session_hash) is run:
+                del running[request.session_hash]
+        if run.discard:
+            return
         current["answer"] = current["answer"].strip()
         current["history_answer"] = one_line(current["answer"])
         if not current["answer"]:
             current["answer"] = NO_TEXT
+        if run.stopped_by_user:
+            current["answer"] += f" {STOPPED}"
         turns = turns + [current]
         yield chat_messages(turns), turns, ""
 
+    def stop_answer(request: gr.Request) -> None:
+        """Stop: the answer ends where it is and stays in the conversation (no cancelled event, no error)."""
+        run = running.get(request.session_hash)
+        if run is not None:
+            run.stopped_by_user = True
+            run.stop.set()
+
+    def clear_chat(request: gr.Request):
+        run = running.get(request.session_hash)
+        if run is not None:
+            run.discard = True
+            run.stop.set()
+        return [], [], ""
+
     with gr.Blocks(title="BenTsao 本草", analytics_enabled=False) as demo:
         gr.Markdown(f"## BenTsao 本草 · 医学问答\n{title}\n\n{DISCLAIMER}")
-        mode = (
-            "多轮对话：历史按文献训练数据的格式拼入提示 (multi-turn, training-data shape)"
-            if chat.multi_turn else "每个问题单独回答 (each question is answered on its own)"
-        )
+        mode = "多轮对话 (multi-turn)" if chat.multi_turn else "单轮问答 (single-turn)"
+        gr.Markdown(MULTI_TURN_NOTE if chat.multi_turn else SINGLE_TURN_NOTE, elem_id="mode-note")
         chatbot = gr.Chatbot(label=f"对话 · {mode}", elem_id="chat", height=420)
         turns_state = gr.State([])
         with gr.Row():
-            question = gr.Textbox(label="问题 (question)", placeholder="例如：高血压患者日常生活中需要注意什么？",
-                                  lines=2, scale=4, elem_id="question")
-            extra_input = gr.Textbox(label="补充信息 (input, 可选)", lines=2, scale=2, elem_id="input",
+            # lines=1 with room to grow: gradio then sends on Enter and starts a new line on Shift+Enter (a box of
+            # lines > 1 does the reverse, which no chat app does)
+            question = gr.Textbox(label="问题 (question)", lines=1, max_lines=8, scale=4, elem_id="question",
+                                  placeholder=f"例如：高血压患者日常生活中需要注意什么？ · {KEYS_HINT}")
+            extra_input = gr.Textbox(label="补充信息 (input, 可选)", lines=1, max_lines=8, scale=2, elem_id="input",
                                      visible=not chat.multi_turn)
         with gr.Row():
             submit = gr.Button("提交 (submit)", variant="primary", elem_id="submit")
@@ -148,9 +191,12 @@ def build_demo(model: Any, chat: Chat, chat_context: int, title: str, defaults: 
         inputs = [question, extra_input, turns_state, do_sample, temperature, top_p, top_k, num_beams, max_new_tokens,
                   min_new_tokens, repetition_penalty]
         outputs = [chatbot, turns_state, question]
-        events = [submit.click(respond, inputs, outputs), question.submit(respond, inputs, outputs)]
-        stop.click(None, None, None, cancels=events)
-        clear.click(lambda: ([], [], ""), None, outputs, cancels=events)
+        for trigger in (submit.click, question.submit, extra_input.submit):
+            trigger(respond, inputs, outputs)
+        # Stop and Clear reach the running answer through `running`, not by cancelling the event: a cancelled event
+        # loses its last turn and can leave gradio's red "Error" on the chat. They never wait for the model.
+        stop.click(stop_answer, None, None, concurrency_limit=None)
+        clear.click(clear_chat, None, outputs, concurrency_limit=None)
     demo.queue(default_concurrency_limit=1)  # one generation at a time on the one model
     return demo
 
@@ -215,8 +261,19 @@ def main(
     if server_name not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {server_name}, so other machines can reach this page"
               + ("" if login else "; consider --auth user:password"), file=sys.stderr, flush=True)
+    # quiet: gradio's own banner would advise `share=True` in `launch()`, which is no flag of this script
     demo.launch(server_name=server_name, server_port=server_port, share=share_gradio, auth=login,
-                show_error=True)
+                show_error=True, quiet=True, prevent_thread_lock=True)
+    print(f"* Running on local URL:  {demo.local_url}", flush=True)
+    if demo.share_url:
+        print(f"* Running on public URL: {demo.share_url} (anyone with the link reaches this page)", flush=True)
+    elif share_gradio:
+        print("warning: gradio could not create a public link (no network?); the page is local only",
+              file=sys.stderr, flush=True)
+    else:
+        print("* Only this machine can open it; --server_name 0.0.0.0 serves your network, --share_gradio True asks "
+              "gradio for a public link", flush=True)
+    demo.block_thread()
 
 
 if __name__ == "__main__":

@@ -54,13 +54,13 @@ def wait_for_page(url: str, process: subprocess.Popen, log: Path, timeout: float
 
 @pytest.fixture(scope="module")
 def webui(webui_base, tmp_path_factory) -> Iterator[dict]:
-    """generate.py in a subprocess with its default address. Greedy; --min_new_tokens keeps the tiny model, which
-    may well end its answer at once, from answering with nothing."""
+    """generate.py in a subprocess with its default address, greedy. --min_new_tokens 400: every answer is long
+    enough (seconds on the tiny model) to watch it grow and to stop it half-way."""
     port = free_port()
     log = tmp_path_factory.mktemp("webui-log") / "generate.log"
     command = [sys.executable, "generate.py", "--base_model", str(webui_base), "--use_lora", "False",
-               "--prompt_template", "med_template", "--server_port", str(port), "--max_new_tokens", "32",
-               "--min_new_tokens", "8"]
+               "--prompt_template", "med_template", "--server_port", str(port), "--max_new_tokens", "400",
+               "--min_new_tokens", "400"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     env.pop("GRADIO_SERVER_NAME", None)
     with open(log, "w") as handle:
@@ -87,37 +87,90 @@ def test_listens_on_loopback_only_by_default(webui):
     assert exposed == [], f"generate.py listens on non-loopback addresses by default: {exposed}"
 
 
+def test_banner_names_this_scripts_flags_not_gradios(webui):
+    log = webui["log"].read_text(errors="replace")
+    assert f"Running on local URL:  http://127.0.0.1:{webui['port']}" in log
+    assert "--share_gradio True" in log
+    assert "share=True" not in log  # gradio's own advice, about its launch() call
+
+
+# Records the length of the newest answer each time the chat changes: (answers on the page, its length).
+WATCH_ANSWERS = """() => {
+    window.answerLengths = [];
+    const chat = document.querySelector('#chat');
+    const record = () => {
+        const answers = chat.querySelectorAll('[data-testid="bot"]');
+        const length = answers.length ? answers[answers.length - 1].innerText.trim().length : 0;
+        const seen = window.answerLengths, last = seen[seen.length - 1];
+        if (!last || last[0] !== answers.length || last[1] !== length) seen.push([answers.length, length]);
+    };
+    new MutationObserver(record).observe(chat, {subtree: true, childList: true, characterData: true});
+}"""
+# True once the answer number `n` has been seen with three different, growing, non-empty lengths.
+ANSWER_GREW = """(n) => {
+    const lengths = window.answerLengths.filter(([count, length]) => count === n && length > 0).map(([, l]) => l);
+    return lengths.length >= 3 && lengths.every((length, i) => i === 0 || length > lengths[i - 1]);
+}"""
+
+
+def ask_with_enter_and_stop_half_way(page, question: str, number: int) -> None:
+    """Type `question`, press Enter, watch answer `number` grow, press Stop, wait until it is marked stopped."""
+    from generate import STOPPED
+
+    box = page.locator("#question textarea")
+    box.fill(question)
+    box.press("Enter")
+    page.wait_for_function(ANSWER_GREW, arg=number, timeout=60_000)
+    page.locator("#stop").click()
+    page.wait_for_function(
+        """([n, marker]) => {
+            const answers = document.querySelectorAll('#chat [data-testid="bot"]');
+            return answers.length === n && answers[n - 1].innerText.includes(marker);
+        }""", arg=[number, STOPPED], timeout=60_000)
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium: install Debian's chromium package "
                     "(`apt-get install -y chromium`; .ci/run does) to run the browser test")
-def test_question_gets_a_streamed_answer_in_the_browser(webui, tmp_path):
+def test_enter_sends_the_answer_streams_and_stop_keeps_the_conversation(webui, tmp_path):
+    """One browser session, as a user: Shift+Enter is a new line, Enter sends; the answer grows on the page in
+    several updates (streamed); Stop ends it and keeps it; the next question adds to the conversation, and no
+    error badge appears. With med_template the page says that each question is answered on its own."""
     from playwright.sync_api import sync_playwright
 
-    from generate import NO_TEXT
+    from generate import NO_TEXT, STOPPED
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 820})
             page.goto(webui["url"], wait_until="domcontentloaded", timeout=60_000)
-            page.locator("#question textarea").fill(QUESTION)
-            page.locator("#submit").click()
-            page.wait_for_function(
-                """() => {
-                    const answers = document.querySelectorAll('#chat [data-testid="bot"]');
-                    return answers.length > 0 && answers[answers.length - 1].innerText.trim().length > 0;
-                }""",
-                timeout=60_000,
-            )
-            asked = page.locator('#chat [data-testid="user"]').last.inner_text()
-            answer = page.locator('#chat [data-testid="bot"]').last.inner_text().strip()
-            assert QUESTION in asked
-            assert answer and answer != NO_TEXT
-            assert page.locator("#question textarea").input_value() == ""  # ready for the next question
+            assert "each question is answered on its own" in page.locator("#mode-note").inner_text(timeout=30_000)
+            box = page.locator("#question textarea")
+            box.fill("第一行")
+            box.press("Shift+Enter")
+            box.press_sequentially("第二行")
+            assert box.input_value() == "第一行\n第二行"  # a new line, nothing sent
+            assert page.locator('#chat [data-testid="user"]').count() == 0
+
+            page.evaluate(WATCH_ANSWERS)
+            ask_with_enter_and_stop_half_way(page, QUESTION, 1)
+            assert page.locator('#chat [data-testid="user"]').last.inner_text().strip() == QUESTION
+            first = page.locator('#chat [data-testid="bot"]').first.inner_text().strip()
+            assert first.endswith(STOPPED) and first != STOPPED and NO_TEXT not in first  # the partial answer kept
+            assert box.input_value() == ""  # ready for the next question
+
+            ask_with_enter_and_stop_half_way(page, "那饮食呢？", 2)
+            asked = [text.strip() for text in page.locator('#chat [data-testid="user"]').all_inner_texts()]
+            assert asked == [QUESTION, "那饮食呢？"]
+            assert page.locator('#chat [data-testid="bot"]').first.inner_text().strip() == first
+            assert page.get_by_text("Error", exact=True).count() == 0  # gradio's badge of a failed event
+
             page.get_by_text("生成参数 (generation settings)").click()
             page.get_by_text("max new tokens").wait_for(timeout=10_000)
-            page.get_by_text("temperature").first.wait_for(timeout=10_000)
             screenshot = tmp_path / "webui.png"
             page.screenshot(path=str(screenshot), full_page=True)
+            page.locator("#clear").click()
+            page.wait_for_function("() => !document.querySelector('#chat [data-testid=\"user\"]')", timeout=30_000)
         finally:
             browser.close()
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
