@@ -294,7 +294,7 @@ def build_trainer(args: FinetuneArgs, run: Run, model: Any, tokenizer: Any, trai
     """(the Trainer, the batch layout for this model: packed, varlen under FlashAttention, or length buckets)."""
     from transformers import DataCollatorForSeq2Seq, PrinterCallback
 
-    from utils.training.callbacks import DivergenceGuard, GracefulStop, ProgressLines
+    from utils.training.callbacks import DivergenceGuard, GracefulStop, ProgressLines, ReadableCheckpoints
     from utils.training.plotting import LossPlotCallback, run_title
     from utils.training.trainer import SafeTrainer
 
@@ -315,8 +315,8 @@ def build_trainer(args: FinetuneArgs, run: Run, model: Any, tokenizer: Any, trai
         processing_class=tokenizer,
         batching=batching,  # training batches (utils/training/batching.py); evaluation keeps data_collator
         # the guard last: it withdraws a save that a signal or the schedule asked for
-        callbacks=[GracefulStop(), ProgressLines(), LossPlotCallback(args.output_dir, run_title(args)),
-                   DivergenceGuard()],
+        callbacks=[GracefulStop(), ReadableCheckpoints(), ProgressLines(),
+                   LossPlotCallback(args.output_dir, run_title(args)), DivergenceGuard()],
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLines prints readable lines instead
     return trainer, batching

@@ -5,6 +5,8 @@
   saving that step, and tells it apart from fp16 loss-scale skips (inf gradients, finite loss, step skipped).
 - `ProgressLines`: when the output goes to a file or a pipe (nohup, sbatch, tee), the progress bar is off; this
   prints `step 90/256, 12.3 s/step, ETA 34 min` lines and one line per checkpoint saved (main process only).
+- `ReadableCheckpoints`: each `checkpoint-N` as the umask allows (safetensors writes its files 0600), so that a
+  colleague can read, resume or answer with it, as with the final adapter.
 """
 
 from __future__ import annotations
@@ -217,3 +219,14 @@ class ProgressLines(TrainerCallback):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             self._print(f"checkpoint saved: {folder}")
+
+
+class ReadableCheckpoints(TrainerCallback):
+    """Give each saved `checkpoint-N` the modes the umask allows: the Trainer's safetensors files arrive 0600."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from utils.core.io import make_readable
+
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            make_readable(folder)
