@@ -5,6 +5,7 @@ if [ -z "${PYTHON:-}" ]; then
   if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
 fi
 TINY_BASE=${TINY_BASE:-models/tiny-llama}  # where the tiny default model is built
+# TINY_BASE_FLAGS: extra flags for `python -m utils.tiny_base` (e.g. --pretrain_steps 0: seconds instead of a minute)
 
 # use_tiny_default: when BASE_MODEL is unset, build the tiny base once (offline, under a minute) and use it.
 use_tiny_default() {
@@ -14,7 +15,8 @@ use_tiny_default() {
     export HF_HUB_OFFLINE=1
     if [ ! -f "$BASE_MODEL/config.json" ]; then
       echo "BASE_MODEL is not set: building the tiny embedded default model into $BASE_MODEL" >&2
-      "$PYTHON" -m utils.tiny_base --arch llama --output_dir "$BASE_MODEL"
+      # shellcheck disable=SC2086 # TINY_BASE_FLAGS is a list of flags
+      "$PYTHON" -m utils.tiny_base --arch llama --output_dir "$BASE_MODEL" ${TINY_BASE_FLAGS:-}
     fi
   else
     USING_TINY_DEFAULT=0

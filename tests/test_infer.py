@@ -1,9 +1,12 @@
+import io
 import json
+import sys
 
 import pytest
-from conftest import run_script, train_adapter
+from conftest import run_in_process, run_script, train_adapter
 
 from utils.generation.args import GenerationArgs
+from utils.generation.dialogue import render_dialogue
 from utils.generation.engine import generate_answers
 from utils.model.loading import load_for_inference
 
@@ -65,16 +68,59 @@ def test_special_tokens_come_from_the_tokenizer(tiny_models):
     assert config.pad_token_id == tokenizer.pad_token_id == config.eos_token_id != 2  # not LLaMA's ids
 
 
-def test_literature_single_and_multi(tiny_llama, llama_adapter):
-    single = run_script("infer_literature.py", "--base_model", str(tiny_llama), "--lora_weights", str(llama_adapter),
-                        "--single_or_multi", "single", "--max_new_tokens", "8")
+def test_literature_single(tiny_llama, llama_adapter):
+    import infer_literature
+
+    single = run_in_process(infer_literature.main, "--base_model", tiny_llama, "--lora_weights", llama_adapter,
+                            "--single_or_multi", "single", "--max_new_tokens", "8")
     assert single.returncode == 0, single.stderr[-2000:]
-    assert single.stdout.count("Response:") == 5
-    multi = run_script("infer_literature.py", "--base_model", str(tiny_llama), "--lora_weights", str(llama_adapter),
-                       "--single_or_multi", "multi", "--max_new_tokens", "8",
-                       stdin="肝癌有哪些危险因素？\n怎么筛查？\nexit\n不会被读到\n")
-    assert multi.returncode == 0, multi.stderr[-2000:]
-    assert multi.stdout.count("Response:") == 2
+    lines = single.stdout.splitlines()
+    asked = [line.removeprefix("Instruction: ") for line in lines if line.startswith("Instruction:")]
+    assert asked == infer_literature.BUILT_IN_QUESTIONS
+    assert single.stdout.count("Response:") == len(asked)
+
+
+class PipedStdin(io.TextIOWrapper):
+    """Standard input from a pipe (not a terminal), as `echo ... | python infer_literature.py` gives it."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(io.BytesIO(text.encode("utf-8")), encoding="utf-8")
+
+    def isatty(self) -> bool:
+        return False
+
+
+def test_literature_multi_turn_puts_the_history_into_the_prompt(tiny_llama, llama_adapter, monkeypatch):
+    """Piped questions are printed with their answers, and each prompt holds the earlier turns, exactly the
+    question and the printed answer, in the training data's shape; `exit` ends the chat."""
+    import infer_literature
+    from utils.prompter import Prompter
+
+    prompts: list[str] = []
+    real_generate = infer_literature.generate_answers
+
+    def generate_and_record(model, tokenizer, batch, *args, **kwargs):
+        prompts.extend(batch)
+        return real_generate(model, tokenizer, batch, *args, **kwargs)
+
+    monkeypatch.setattr(infer_literature, "generate_answers", generate_and_record)
+    questions = ["肝癌有哪些危险因素？", "怎么筛查？", "多久查一次？"]
+    monkeypatch.setattr(sys, "stdin", PipedStdin("\n".join(questions) + "\nexit\n不会被读到\n"))
+    result = run_in_process(infer_literature.main, "--base_model", tiny_llama, "--lora_weights", llama_adapter,
+                            "--single_or_multi", "multi", "--max_new_tokens", "8", "--num_beams", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("Instruction:", "Response:"))]
+    assert [line.removeprefix("Instruction: ") for line in lines[0::2]] == questions  # the questions are printed
+    answers = [line.removeprefix("Response:").strip() for line in lines[1::2]]
+    assert len(answers) == 3 and len(prompts) == 3
+    prompter = Prompter("literature_template")
+    for turn, prompt in enumerate(prompts):
+        history = list(zip(questions[:turn], answers[:turn], strict=True))
+        assert prompt == prompter.generate_prompt(render_dialogue(history, questions[turn]))
+    first, second = answers[:2]
+    dialogue = (f" <user>: 肝癌有哪些危险因素？ <bot>: {first}"
+                f" <user>: 怎么筛查？ <bot>: {second} <user>: 多久查一次？")
+    assert dialogue in prompts[2]
 
 
 def test_dialogue_shape_and_trimming():

@@ -86,3 +86,10 @@ def test_cli_draws_from_a_checkpoint(tmp_path):
     (tmp_path / "broken.json").write_text("{}", encoding="utf-8")
     with pytest.raises(UserError, match="log_history"):
         main(str(tmp_path / "broken.json"))
+
+
+def test_run_title_shows_steps_when_max_steps_set_the_length():
+    args = {"learning_rate": 3e-4, "batch_size": 128, "num_epochs": 3, "lora_r": 8}
+    assert "epochs=3" in run_title({**args, "max_steps": -1}) and "steps=" not in run_title({**args, "max_steps": -1})
+    title = run_title({**args, "max_steps": 50})
+    assert "steps=50" in title and "epochs" not in title

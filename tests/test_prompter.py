@@ -1,14 +1,71 @@
+import hashlib
 import json
 import os
 from pathlib import Path
 
 import pytest
-from conftest import REPO, reference_file
+from conftest import REFERENCE, REPO, project_rows, reference_file
 
 from utils.core.errors import UserError
-from utils.prompter import Prompter, available_templates
+from utils.generation.dialogue import render_dialogue
+from utils.prompter import PUBLISHED_SHA256, Prompter, available_templates
 
 PUBLISHED = ("med_template", "bloom_deploy", "literature_template", "alpaca")
+PROMPT_KEYS = ("prompt_input", "prompt_no_input", "response_split")
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def our_template(name: str) -> dict:
+    return json.loads((REPO / "templates" / f"{name}.json").read_text(encoding="utf-8"))
+
+
+# --- compatibility with the published prompts: on any clone (hashes), and byte for byte where ../shared is ---------
+
+
+def test_every_published_template_has_its_hashes():
+    assert set(PUBLISHED_SHA256) == set(PUBLISHED)
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_prompt_strings_hash_to_the_published_ones(name):
+    """Runs on a plain clone: the strings the published adapters were trained on, by their SHA-256."""
+    ours = our_template(name)
+    assert {key for key in PROMPT_KEYS if key in ours} == set(PUBLISHED_SHA256[name])  # no key added or dropped
+    for key, digest in PUBLISHED_SHA256[name].items():
+        assert sha256(ours[key]) == digest, f"templates/{name}.json `{key}` is not the published string"
+
+
+def test_a_changed_prompt_string_is_caught(tmp_path):
+    """The hash check is not vacuous: one character more in med_template no longer matches."""
+    edited = our_template("med_template")["prompt_no_input"].replace("### 回答:", "### 回答：")
+    assert sha256(edited) != PUBLISHED_SHA256["med_template"]["prompt_no_input"]
+
+
+@pytest.mark.skipif(not REFERENCE.is_dir(), reason="../shared/reference/bentsao is absent: the hashes above cover it")
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_embedded_hashes_are_those_of_the_published_files(name):
+    published = json.loads(reference_file(f"templates/{name}.json").read_text(encoding="utf-8"))
+    assert {key: sha256(published[key]) for key in PROMPT_KEYS if key in published} == PUBLISHED_SHA256[name]
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_renders_as_the_published_scripts_did(name):
+    """Runs on a plain clone: with the hash-checked strings, Prompter renders each row as the published scripts'
+    `template[...].format(...)` did (rows with and without input, and literature dialogues), byte for byte."""
+    template = our_template(name)
+    rows = [{**row, "input": row.get("input") or ""} for row in project_rows()]
+    rows.append({"instruction": "解释这个化验结果", "input": "白细胞 12×10⁹/L，{不是占位符}", "output": "提示感染。"})
+    rows.append({"instruction": render_dialogue([("肝癌有哪些危险因素？", "乙肝病毒感染。")], "怎么筛查？"),
+                 "input": "", "output": "超声加甲胎蛋白。"})
+    prompter = Prompter(name)
+    for row in rows:
+        if row["input"] and "{input}" not in template.get("prompt_input", ""):
+            continue  # a template without {input}: the input goes on a new line (tested below), not in the original
+        expected = published_render(template, row["instruction"], row["input"]) + row["output"]
+        assert prompter.generate_prompt(row["instruction"], row["input"], row["output"]).encode() == expected.encode()
 
 
 def published_render(template: dict, instruction: str, input: str | None = None) -> str:
@@ -121,3 +178,13 @@ def test_unknown_name_lists_available():
 def test_missing_template_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         Prompter(str(Path(tmp_path) / "nope.json"))
+
+
+def test_multi_turn_is_declared_by_the_template_not_guessed_from_its_name(tmp_path):
+    assert our_template("literature_template").get("multi_turn") is True
+    assert Prompter("literature_template").multi_turn and not Prompter("med_template").multi_turn
+    copy = {key: value for key, value in our_template("literature_template").items() if key != "multi_turn"}
+    (tmp_path / "literature_template_mine.json").write_text(json.dumps(copy, ensure_ascii=False), encoding="utf-8")
+    assert not Prompter(str(tmp_path / "literature_template_mine.json")).multi_turn
+    (tmp_path / "chat.json").write_text(json.dumps({**copy, "multi_turn": True}, ensure_ascii=False), encoding="utf-8")
+    assert Prompter(str(tmp_path / "chat.json")).multi_turn

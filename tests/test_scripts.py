@@ -1,13 +1,16 @@
-"""The shell entry points, run as a user runs them."""
+"""The shell entry points, run as a user runs them: real processes whose output is a pipe, as under nohup,
+sbatch or tee."""
 
 import json
+import re
 
 from conftest import run_script
 
 
 def test_default_scripts_build_the_tiny_model_train_and_answer(train_file, tmp_path):
     """With no BASE_MODEL, finetune.sh builds the tiny default once and infer.sh answers with its adapter."""
-    env = {"TINY_BASE": str(tmp_path / "tiny"), "DATA_PATH": str(train_file), "OUTPUT_DIR": str(tmp_path / "lora")}
+    env = {"TINY_BASE": str(tmp_path / "tiny"), "DATA_PATH": str(train_file), "OUTPUT_DIR": str(tmp_path / "lora"),
+           "TINY_BASE_FLAGS": "--pretrain_steps 0"}  # the build as the user gets it, less its minute of pre-training
     env.pop("BASE_MODEL", None)
     trained = run_script(
         "bash", "scripts/finetune.sh", "--max_steps", "3", "--eval_steps", "3", "--save_steps", "3", env=env
@@ -15,6 +18,13 @@ def test_default_scripts_build_the_tiny_model_train_and_answer(train_file, tmp_p
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "building the tiny embedded default model" in trained.stderr
     assert (tmp_path / "tiny" / "config.json").is_file() and (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    # a log that is a pipe: readable progress lines, one line per checkpoint, no dicts of strings, no bar
+    log = trained.stdout
+    assert re.search(r"^step 3/3, [\d.]+ s/step, ETA \d+ s, loss \d+\.\d{4}", log, flags=re.MULTILINE), log[-3000:]
+    assert f"checkpoint saved: {tmp_path / 'lora' / 'checkpoint-3'}" in log
+    assert "'epoch':" not in log
+    assert log.count("step 3/3: validation loss") == 1  # the last step's evaluation is not repeated at the end
+    assert "FutureWarning" not in trained.stderr  # peft's is_gradient_checkpointing (utils/__init__.py)
 
     questions = tmp_path / "q.json"
     questions.write_text(
@@ -30,6 +40,7 @@ def test_default_scripts_build_the_tiny_model_train_and_answer(train_file, tmp_p
     assert answered.returncode == 0, answered.stderr[-3000:]
     assert answered.stdout.count("###model output###") == 3
     assert "building the tiny" not in answered.stderr  # built once
+    assert "Warning" not in answered.stderr, answered.stderr[-3000:]
 
     compared = run_script(
         "bash",
@@ -82,6 +93,8 @@ def test_literature_scripts(tiny_llama, tmp_path):
         stdin="肝癌有哪些危险因素？\n怎么筛查？\n",
     )
     assert multi.returncode == 0 and multi.stdout.count("Response:") == 2, multi.stderr[-3000:]
+    asked = [line for line in multi.stdout.splitlines() if line.startswith("Instruction:")]
+    assert asked == ["Instruction: 肝癌有哪些危险因素？", "Instruction: 怎么筛查？"]  # a piped chat shows its questions
 
 
 def test_missing_adapter_is_a_clear_message(tiny_llama, tmp_path):

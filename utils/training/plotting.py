@@ -130,7 +130,11 @@ class LossPlotCallback(TrainerCallback):
         return control
 
 
-def main(trainer_state: str, output: str = "", title: str = "") -> None:
+def main(
+    trainer_state: str,  # a checkpoint-N folder, or its trainer_state.json
+    output: str = "",  # where to write the PNG (default: loss.png beside trainer_state.json)
+    title: str = "",  # the plot's title (default: the checkpoint folder's name)
+) -> None:
     """Draw `loss.png` from a checkpoint's trainer_state.json (default: next to it)."""
     from utils.core.errors import UserError
 

@@ -1,0 +1,213 @@
+"""The first hour of a new user (issue 14): a mistyped flag, `--help`, a restart over an earlier run, a mistyped
+path, files colleagues can read. Each check runs in-process and fails before any model is loaded when the fix
+holds; a spy on `from_pretrained` fails the test if the script got that far."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_in_process, train_adapter
+
+import build_dataset
+import evaluate
+import export_hf_checkpoint
+import finetune
+import generate
+import infer
+import infer_literature
+from utils import tiny_base
+from utils.training import plotting
+
+# every script's entry point, a flag as a user mistypes it, and the flag it meant
+MISTYPED = [
+    ("finetune.py", finetune.main, ["--num_epoch", "1"], "--num_epochs"),
+    ("infer.py", infer.main, ["--max_new_token", "5"], "--max_new_tokens"),
+    ("infer_literature.py", infer_literature.main, ["--single_or_mult", "multi"], "--single_or_multi"),
+    ("export_hf_checkpoint.py", export_hf_checkpoint.main, ["--output_dirr", "x"], "--output_dir"),
+    ("generate.py", generate.main, ["--server_prot", "7861"], "--server_port"),
+    ("evaluate.py", evaluate.main, ["--predictoins", "p.jsonl"], "--predictions"),
+    ("build_dataset.py", {"knowledge": build_dataset.knowledge, "literature": build_dataset.literature},
+     ["knowledge", "--outptu", "o.json"], "--output"),
+    ("utils/tiny_base.py", tiny_base.build, ["--pretrain_step", "0"], "--pretrain_steps"),
+    ("utils/training/plotting.py", plotting.main, ["--outptu", "x.png"], "--output"),
+]
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if any script gets as far as loading a model or a tokenizer."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the command line was checked")
+
+    for name in ("AutoModelForCausalLM", "AutoTokenizer", "AutoConfig"):
+        monkeypatch.setattr(getattr(transformers, name), "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("script, main, argv, meant", MISTYPED, ids=[case[0] for case in MISTYPED])
+def test_a_mistyped_flag_is_refused_before_any_work(script, main, argv, meant, tiny_llama, train_file, tmp_path,
+                                                    no_model_loading):
+    # otherwise valid command lines, so that only the typo can stop them
+    valid = {
+        "finetune.py": ["--base_model", tiny_llama, "--data_path", train_file, "--output_dir", tmp_path / "out"],
+        "infer.py": ["--base_model", tiny_llama, "--use_lora", "False"],
+        "infer_literature.py": ["--base_model", tiny_llama, "--use_lora", "False"],
+        "generate.py": ["--base_model", tiny_llama, "--use_lora", "False"],
+    }.get(script, [])
+    started = time.monotonic()
+    result = run_in_process(main, *argv[:1], *valid, *argv[1:]) if script == "build_dataset.py" else \
+        run_in_process(main, *valid, *argv)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"did you mean {meant}?" in result.stderr and result.stderr.startswith("error: ")
+    assert "Traceback" not in result.stderr and time.monotonic() - started < 5
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def help_entries(text: str) -> dict[str, str]:
+    """{flag: the comment line under it} from `--help`."""
+    entries, flag = {}, None
+    for line in text.splitlines():
+        match = re.match(r"^  --(\w+) \(", line)
+        if match:
+            flag = match.group(1)
+            entries[flag] = ""
+        elif flag and line.startswith("      ") and not entries[flag]:
+            entries[flag] = line.strip()
+    return entries
+
+
+@pytest.mark.parametrize("script, main", [(case[0], case[1]) for case in MISTYPED if not isinstance(case[1], dict)],
+                         ids=[case[0] for case in MISTYPED if not isinstance(case[1], dict)])
+def test_help_shows_the_comment_beside_every_flag(script, main):
+    result = run_in_process(main, "--help")
+    assert result.returncode == 0
+    entries = help_entries(result.stdout)
+    assert entries, result.stdout
+    undocumented = [flag for flag, comment in entries.items() if not comment]
+    assert undocumented == [], f"{script} --help shows no comment for {undocumented}"
+
+
+@pytest.mark.parametrize("main", [infer.main, infer_literature.main, generate.main])
+def test_help_of_a_generating_script_explains_the_shared_generation_flags(main):
+    """The generation flags live once in utils/generation/args.py; --help shows their comments from there."""
+    source = (REPO / "utils" / "generation" / "args.py").read_text(encoding="utf-8")
+    expected = dict(re.findall(r"^    (\w+): [\w ]+ = [^#\n]+#\s*(.+)$", source, flags=re.MULTILINE))
+    entries = help_entries(run_in_process(main, "--help").stdout)
+    for flag in ("max_new_tokens", "num_beams", "temperature", "top_p", "repetition_penalty"):
+        assert entries[flag] == expected[flag].strip()
+
+
+# --- restarts --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_llama, train_file, tmp_path_factory) -> Path:
+    """A finished 4-step run: checkpoints at steps 2 and 4, the adapter, bentsao_training.json."""
+    out = tmp_path_factory.mktemp("finished") / "lora"
+    train_adapter(tiny_llama, train_file, out, "--val_set_size", "0")
+    return out
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_rerunning_a_stopped_run_without_resume_is_refused(finished_run, tiny_llama, train_file, tmp_path,
+                                                           no_model_loading):
+    stopped = tmp_path / "stopped"
+    shutil.copytree(finished_run, stopped)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "bentsao_training.json"):
+        (stopped / name).unlink()  # as a run stopped after its checkpoints, before the end
+    before = snapshot(stopped)
+    result = run_in_process(finetune.main, "--base_model", tiny_llama, "--data_path", train_file,
+                            "--output_dir", stopped, "--max_steps", "8")
+    assert result.returncode == 2
+    assert "holds" in result.stderr and "earlier run" in result.stderr
+    assert "--resume_from_checkpoint True" in result.stderr and "--overwrite True" in result.stderr
+    assert snapshot(stopped) == before  # its checkpoints are untouched
+
+
+def test_resuming_a_complete_run_says_it_is_complete(finished_run, tiny_llama, train_file, tmp_path):
+    done = tmp_path / "done"
+    shutil.copytree(finished_run, done)
+    before = snapshot(done)
+    result = run_in_process(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", done,
+                            "--batch_size", "8", "--micro_batch_size", "4", "--max_steps", "4", "--val_set_size", "0",
+                            "--cutoff_len", "128", "--resume_from_checkpoint", "True")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "is complete" in result.stderr and "nothing to resume" in result.stderr
+    assert "--max_steps" in result.stderr  # how to extend it
+    assert snapshot(done) == before  # bentsao_training.json keeps its losses (no train_loss 0.0)
+
+
+# --- mistyped paths ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--base_model", "./models/tiny-lama"], "no such folder"),
+    (["--base_model", "tiny-lama"], "no such folder"),
+    (["--lora_weights", "lora-bentsa"], "no such folder"),
+], ids=["path", "bare-name-base", "bare-name-adapter"])
+def test_a_mistyped_local_path_is_no_such_folder_at_once_even_online(argv, message, tiny_llama, monkeypatch,
+                                                                      no_model_loading):
+    """Not a hub id (no org/name): no network wait, even with the hub reachable in principle."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    args = {"--base_model": str(tiny_llama), "--lora_weights": "", "--use_lora": "True"}
+    args.update(dict(zip(argv[0::2], argv[1::2], strict=True)))
+    if args["--lora_weights"] == "":
+        args["--use_lora"] = "False"
+    started = time.monotonic()
+    result = run_in_process(infer.main, *[item for pair in args.items() for item in pair])
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert argv[1] in result.stderr and time.monotonic() - started < 5
+
+
+def test_an_uncached_hub_id_while_offline_is_refused_at_once(tiny_llama, monkeypatch, no_model_loading):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.monotonic()
+    result = run_in_process(infer.main, "--base_model", "models/tiny-lama", "--use_lora", "False")
+    assert result.returncode == 2 and "HF_HUB_OFFLINE is set" in result.stderr, result.stderr
+    assert "models/tiny-lama" in result.stderr and time.monotonic() - started < 5
+
+
+# --- files colleagues can read ----------------------------------------------------------------------------------
+
+
+def test_published_adapter_and_checkpoint_files_follow_the_umask(finished_run):
+    """Libraries write some files through 0600 temporary files; the published ones get what open() would give."""
+    from utils.core.io import FILE_MODE
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert FILE_MODE == 0o666 & ~umask
+    files = [path for path in finished_run.rglob("*") if path.is_file()]
+    assert any(path.name == "adapter_model.safetensors" for path in files)
+    assert any(path.parent.name.startswith("checkpoint-") for path in files)
+    modes = {str(path.relative_to(finished_run)): oct(stat.S_IMODE(path.stat().st_mode)) for path in files}
+    assert set(modes.values()) == {oct(FILE_MODE)}, modes
+
+
+def test_replace_folder_makes_a_private_staging_folder_readable(tmp_path):
+    """What export_hf_checkpoint.py publishes: a merged checkpoint staged with 0600 files (mkstemp)."""
+    from utils.core.io import FILE_MODE, replace_folder
+
+    staging = tmp_path / ".staging"
+    staging.mkdir(mode=0o700)
+    descriptor, name = tempfile.mkstemp(dir=staging)
+    os.write(descriptor, b"{}")
+    os.close(descriptor)
+    os.rename(name, staging / "config.json")
+    assert stat.S_IMODE((staging / "config.json").stat().st_mode) == 0o600
+    replace_folder(staging, tmp_path / "merged")
+    assert stat.S_IMODE((tmp_path / "merged" / "config.json").stat().st_mode) == FILE_MODE
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o777 & ~umask  # a folder others may enter
