@@ -33,7 +33,8 @@ def test_golden_loss(tiny_llama, train_file, tmp_path, packing):
     train = [round(entry["loss"], 4) for entry in history if "loss" in entry]
     evals = [round(entry["eval_loss"], 4) for entry in history if "eval_loss" in entry]
     if os.environ.get("GOLDEN_RECORD"):
-        print(f'\n    "{packing}": ({train}, {evals}),')
+        full = [entry.get("loss", entry.get("eval_loss")) for entry in history if {"loss", "eval_loss"} & set(entry)]
+        print(f'\n    "{packing}": ({train}, {evals}),  # unrounded, in log order: {full}')
         pytest.skip("recorded golden losses; paste them into GOLDEN")
     golden_train, golden_evals = GOLDEN[packing]
     assert len(train) == 4 and len(evals) == 3  # steps 1-4; evaluations at the start, step 2 and step 4

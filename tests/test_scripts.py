@@ -4,7 +4,7 @@ sbatch or tee."""
 import json
 import re
 
-from conftest import run_script
+from conftest import REPO, run_script, train_adapter
 
 
 def test_default_scripts_build_the_tiny_model_train_and_answer(train_file, tmp_path):
@@ -13,7 +13,8 @@ def test_default_scripts_build_the_tiny_model_train_and_answer(train_file, tmp_p
            "TINY_BASE_FLAGS": "--pretrain_steps 0"}  # the build as the user gets it, less its minute of pre-training
     env.pop("BASE_MODEL", None)
     trained = run_script(
-        "bash", "scripts/finetune.sh", "--max_steps", "3", "--eval_steps", "3", "--save_steps", "3", env=env
+        "bash", "scripts/finetune.sh", "--max_steps", "3", "--eval_steps", "3", "--save_steps", "3",
+        "--logging_steps", "1", env=env,
     )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "building the tiny embedded default model" in trained.stderr
@@ -61,27 +62,11 @@ def test_default_scripts_build_the_tiny_model_train_and_answer(train_file, tmp_p
 
 
 def test_literature_scripts(tiny_llama, tmp_path):
-    env = {
-        "BASE_MODEL": str(tiny_llama),
-        "OUTPUT_DIR": str(tmp_path / "lit"),
-        "PROMPT_TEMPLATE": "literature_template",
-        "DATA_PATH": "data_literature/liver_cancer.json",
-    }
-    trained = run_script(
-        "bash",
-        "scripts/finetune.sh",
-        "--max_steps",
-        "2",
-        "--micro_batch_size",
-        "8",
-        "--batch_size",
-        "8",
-        "--val_set_size",
-        "0",
-        env=env,
-    )
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    env["LORA_WEIGHTS"] = str(tmp_path / "lit")
+    """The two literature scripts on an adapter trained (in-process) on the literature data and template."""
+    train_adapter(tiny_llama, REPO / "data_literature" / "liver_cancer.json", tmp_path / "lit", "--max_steps", "2",
+                  "--micro_batch_size", "8", "--batch_size", "8", "--val_set_size", "0",
+                  "--prompt_template_name", "literature_template")
+    env = {"BASE_MODEL": str(tiny_llama), "LORA_WEIGHTS": str(tmp_path / "lit")}
     single = run_script("bash", "scripts/infer-literature-single.sh", "--max_new_tokens", "8", env=env)
     assert single.returncode == 0 and single.stdout.count("Response:") == 5, single.stderr[-3000:]
     multi = run_script(
