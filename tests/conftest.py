@@ -7,8 +7,6 @@ ATen/MKL code path (utils/tiny_base.py says why pre-trained ones are not), so go
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -16,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from in_process import Result, run_main
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO.parent / "shared" / "reference" / "bentsao"
@@ -86,31 +85,15 @@ def run_script(
     )
 
 
-def run_in_process(main, *argv: str) -> subprocess.CompletedProcess:
-    """`python script.py argv...` in this process (no new interpreter importing torch): run_cli with `argv`, what it
-    prints captured, SystemExit as the return code."""
-    from utils.core.cli import run_cli
-
-    stdout, stderr = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            run_cli(main, [str(arg) for arg in argv])
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-    return subprocess.CompletedProcess([getattr(main, "__module__", "script"), *argv], code, stdout.getvalue(),
-                                       stderr.getvalue())
-
-
 TRAIN_QUICK = ("--batch_size", "8", "--micro_batch_size", "4", "--max_steps", "4", "--learning_rate", "3e-3",
                "--cutoff_len", "128", "--save_steps", "2", "--eval_steps", "2", "--logging_steps", "1")
 
 
-def train_adapter(base: Path, data: Path, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    """A quick finetune.py run (a few steps) that must succeed; in-process."""
+def train_adapter(base: Path, data: Path, output_dir: Path, *extra: str) -> Result:
+    """A quick finetune.py run (a few steps) that must succeed; in-process (tests/in_process.py)."""
     import finetune
 
-    result = run_in_process(finetune.main, "--base_model", base, "--data_path", data, "--output_dir", output_dir,
-                            *TRAIN_QUICK, *extra)
+    result = run_main(finetune.main, "--base_model", base, "--data_path", data, "--output_dir", output_dir,
+                      *TRAIN_QUICK, *extra)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

@@ -28,7 +28,7 @@ def run_main(main: Callable[..., Any], *argv: str) -> Result:
 
     out, err = io.StringIO(), io.StringIO()
     saved = sys.argv
-    sys.argv = [f"{main.__module__}.py", *map(str, argv)]
+    sys.argv = [f"{getattr(main, '__module__', 'script')}.py", *map(str, argv)]  # a dict: subcommands
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

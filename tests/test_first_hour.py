@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_in_process, train_adapter
+from conftest import REPO, train_adapter
+from in_process import run_main
 
 import build_dataset
 import evaluate
@@ -63,8 +64,8 @@ def test_a_mistyped_flag_is_refused_before_any_work(script, main, argv, meant, t
         "generate.py": ["--base_model", tiny_llama, "--use_lora", "False"],
     }.get(script, [])
     started = time.monotonic()
-    result = run_in_process(main, *argv[:1], *valid, *argv[1:]) if script == "build_dataset.py" else \
-        run_in_process(main, *valid, *argv)
+    result = run_main(main, *argv[:1], *valid, *argv[1:]) if script == "build_dataset.py" else \
+        run_main(main, *valid, *argv)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"did you mean {meant}?" in result.stderr and result.stderr.startswith("error: ")
     assert "Traceback" not in result.stderr and time.monotonic() - started < 5
@@ -87,7 +88,7 @@ def help_entries(text: str) -> dict[str, str]:
 @pytest.mark.parametrize("script, main", [(case[0], case[1]) for case in MISTYPED if not isinstance(case[1], dict)],
                          ids=[case[0] for case in MISTYPED if not isinstance(case[1], dict)])
 def test_help_shows_the_comment_beside_every_flag(script, main):
-    result = run_in_process(main, "--help")
+    result = run_main(main, "--help")
     assert result.returncode == 0
     entries = help_entries(result.stdout)
     assert entries, result.stdout
@@ -100,7 +101,7 @@ def test_help_of_a_generating_script_explains_the_shared_generation_flags(main):
     """The generation flags live once in utils/generation/args.py; --help shows their comments from there."""
     source = (REPO / "utils" / "generation" / "args.py").read_text(encoding="utf-8")
     expected = dict(re.findall(r"^    (\w+): [\w ]+ = [^#\n]+#\s*(.+)$", source, flags=re.MULTILINE))
-    entries = help_entries(run_in_process(main, "--help").stdout)
+    entries = help_entries(run_main(main, "--help").stdout)
     for flag in ("max_new_tokens", "num_beams", "temperature", "top_p", "repetition_penalty"):
         assert entries[flag] == expected[flag].strip()
 
@@ -127,7 +128,7 @@ def test_rerunning_a_stopped_run_without_resume_is_refused(finished_run, tiny_ll
     for name in ("adapter_model.safetensors", "adapter_config.json", "bentsao_training.json"):
         (stopped / name).unlink()  # as a run stopped after its checkpoints, before the end
     before = snapshot(stopped)
-    result = run_in_process(finetune.main, "--base_model", tiny_llama, "--data_path", train_file,
+    result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file,
                             "--output_dir", stopped, "--max_steps", "8")
     assert result.returncode == 2
     assert "holds" in result.stderr and "earlier run" in result.stderr
@@ -139,7 +140,7 @@ def test_resuming_a_complete_run_says_it_is_complete(finished_run, tiny_llama, t
     done = tmp_path / "done"
     shutil.copytree(finished_run, done)
     before = snapshot(done)
-    result = run_in_process(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", done,
+    result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", done,
                             "--batch_size", "8", "--micro_batch_size", "4", "--max_steps", "4", "--val_set_size", "0",
                             "--cutoff_len", "128", "--resume_from_checkpoint", "True")
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
@@ -165,7 +166,7 @@ def test_a_mistyped_local_path_is_no_such_folder_at_once_even_online(argv, messa
     if args["--lora_weights"] == "":
         args["--use_lora"] = "False"
     started = time.monotonic()
-    result = run_in_process(infer.main, *[item for pair in args.items() for item in pair])
+    result = run_main(infer.main, *[item for pair in args.items() for item in pair])
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert argv[1] in result.stderr and time.monotonic() - started < 5
 
@@ -173,7 +174,7 @@ def test_a_mistyped_local_path_is_no_such_folder_at_once_even_online(argv, messa
 def test_an_uncached_hub_id_while_offline_is_refused_at_once(tiny_llama, monkeypatch, no_model_loading):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     started = time.monotonic()
-    result = run_in_process(infer.main, "--base_model", "models/tiny-lama", "--use_lora", "False")
+    result = run_main(infer.main, "--base_model", "models/tiny-lama", "--use_lora", "False")
     assert result.returncode == 2 and "HF_HUB_OFFLINE is set" in result.stderr, result.stderr
     assert "models/tiny-lama" in result.stderr and time.monotonic() - started < 5
 
@@ -211,3 +212,27 @@ def test_replace_folder_makes_a_private_staging_folder_readable(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o777 & ~umask  # a folder others may enter
+
+
+# --- no library deprecation noise from our own calls ---------------------------------------------------------
+
+
+def test_gradient_checkpointing_and_lora_print_no_future_warning(tiny_llama):
+    """`--gradient_checkpointing True` goes through transformers 5's activation_checkpointing_enable (its old name
+    warns), and peft's read of the deprecated is_gradient_checkpointing is silenced (utils/__init__.py)."""
+    import warnings
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from utils.training.setup import build_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    args = SimpleNamespace(load_8bit=False, load_4bit=False, gradient_checkpointing=True, lora_r=4, lora_alpha=8,
+                           lora_dropout=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = build_peft_model(model, ["q_proj", "v_proj"], args)
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+    assert peft_model.get_base_model().is_activation_checkpointing

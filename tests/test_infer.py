@@ -3,7 +3,8 @@ import json
 import sys
 
 import pytest
-from conftest import run_in_process, run_script, train_adapter
+from conftest import run_script, train_adapter
+from in_process import run_main
 
 from utils.generation.args import GenerationArgs
 from utils.generation.dialogue import render_dialogue
@@ -71,7 +72,7 @@ def test_special_tokens_come_from_the_tokenizer(tiny_models):
 def test_literature_single(tiny_llama, llama_adapter):
     import infer_literature
 
-    single = run_in_process(infer_literature.main, "--base_model", tiny_llama, "--lora_weights", llama_adapter,
+    single = run_main(infer_literature.main, "--base_model", tiny_llama, "--lora_weights", llama_adapter,
                             "--single_or_multi", "single", "--max_new_tokens", "8")
     assert single.returncode == 0, single.stderr[-2000:]
     lines = single.stdout.splitlines()
@@ -106,7 +107,7 @@ def test_literature_multi_turn_puts_the_history_into_the_prompt(tiny_llama, llam
     monkeypatch.setattr(infer_literature, "generate_answers", generate_and_record)
     questions = ["肝癌有哪些危险因素？", "怎么筛查？", "多久查一次？"]
     monkeypatch.setattr(sys, "stdin", PipedStdin("\n".join(questions) + "\nexit\n不会被读到\n"))
-    result = run_in_process(infer_literature.main, "--base_model", tiny_llama, "--lora_weights", llama_adapter,
+    result = run_main(infer_literature.main, "--base_model", tiny_llama, "--lora_weights", llama_adapter,
                             "--single_or_multi", "multi", "--max_new_tokens", "8", "--num_beams", "1")
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith(("Instruction:", "Response:"))]

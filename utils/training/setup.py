@@ -148,7 +148,7 @@ def build_peft_model(model: Any, targets: list[str] | str, args: Any) -> Any:
     if args.load_8bit or args.load_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
     elif args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets,
                         lora_dropout=args.lora_dropout, bias="none", task_type="CAUSAL_LM")
