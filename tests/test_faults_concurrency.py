@@ -108,6 +108,8 @@ def test_two_real_finetune_runs_into_one_output_dir(tiny_llama, train_file, tmp_
 
 # --- signals ---------------------------------------------------------------------------------------------------------
 
+SIGINT_AS_IN_A_TERMINAL = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                           "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 JUDGE_ROWS = [{"instruction": f"问题{i}", "output": "参考答案", "model_output": "回答"} for i in range(40)]
 SCORES = '{"completeness": 2, "depth": 1, "professionalism": 3}'
 
@@ -121,10 +123,12 @@ def test_a_signal_while_judging_keeps_what_was_graded_and_the_earlier_output(sig
     metrics.write_text('{"note": "an earlier run"}\n', encoding="utf-8")
     cache = tmp_path / "judge.jsonl"
     with FakeOpenAI(lambda body: Reply(content=SCORES, delay=0.05)) as server:
+        # A shell that starts pytest in the background ignores SIGINT, and children inherit that: the child gets
+        # Python's own Ctrl-C handler back first, as it would have in a terminal.
         process = subprocess.Popen(
-            [sys.executable, "evaluate.py", "--predictions", str(predictions), "--output", str(metrics), "--judge",
-             "openai", "--model", "judge", "--api_base", server.url, "--api_key_env", "FAULT_KEY", "--judge_cache",
-             str(cache), "--retry_base_delay", "0"],
+            [sys.executable, "-c", SIGINT_AS_IN_A_TERMINAL, "evaluate.py", "--predictions", str(predictions),
+             "--output", str(metrics), "--judge", "openai", "--model", "judge", "--api_base", server.url,
+             "--api_key_env", "FAULT_KEY", "--judge_cache", str(cache), "--retry_base_delay", "0"],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(FAULT_KEY="sk-x"))
         deadline = time.monotonic() + 60
         while len(server.requests) < 5 and process.poll() is None and time.monotonic() < deadline:
