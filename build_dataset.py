@@ -27,16 +27,16 @@ from utils.builder.graph import load_entities
 from utils.builder.knowledge import TemplateOptions, template_rows
 from utils.builder.literature import dialogue_turns, literature_item, load_documents
 from utils.builder.literature import template_rows as literature_template_rows
+from utils.builder.llm_backend import DEFAULT_SERVER, ServerArgs
 from utils.builder.report import row_metrics, summary_lines, top
 from utils.builder.rows import Row
 from utils.core.cli import (
     AT_LEAST_ONE,
     DROPOUT,
     FRACTION,
-    NON_NEGATIVE,
-    POSITIVE,
     SEED,
     choices,
+    dataclass_flags,
     option_checks,
     run_cli,
 )
@@ -61,17 +61,6 @@ def check_paths(source: str, source_flag: str, output: str, extra_inputs: list[s
         problems.append("--output is required (the file to write)")
     raise_problems(problems)
     return check_output_file(output, "--output", [source, *extra_inputs])
-
-
-def chat_config(backend: str, model: str, api_base: str, api_key_env: str, timeout: float, max_retries: int,
-                retry_base_delay: float, temperature: float, dry_run: bool) -> llm.ChatConfig | None:
-    if backend != "openai":
-        return None
-    if not model and not dry_run:
-        raise UserError("--backend openai needs --model (the model name the server serves)")
-    return llm.ChatConfig(model=model or "(dry run)", api_base=api_base or None, api_key_env=api_key_env,
-                          temperature=temperature, timeout=timeout, max_retries=max_retries,
-                          retry_base_delay=retry_base_delay)
 
 
 def eval_questions(exclude_questions: str) -> tuple[list[str], str]:
@@ -150,13 +139,18 @@ def run_llm(items: list[llm_backend.Item], output: Path, config: llm.ChatConfig,
     return rows, done, counts
 
 
-def keep_or_refuse(output: Path, resume: bool, counts: llm_backend.RunCounts) -> None:
-    """A fresh run that could not ask everything never replaces an existing output (it would lose rows)."""
+def keep_or_refuse(output: Path, resume: bool, counts: llm_backend.RunCounts, kept: list[Row]) -> None:
+    """A fresh run that could not ask everything never replaces an existing output (it would lose rows), and a run
+    whose every request failed writes nothing (an empty file is no success)."""
     existing = output.is_file() and output.read_text(encoding="utf-8").strip() not in ("", "[]")
     if existing and not resume and counts.skipped:
         raise UserError(f"{counts.skipped} of {counts.items} requests failed, so {output} was left as it was; this "
                         f"run's answers are kept in {llm_backend.sidecar(output, '.work.jsonl')}: rerun with "
                         "--resume True to ask the failed ones again and write the output")
+    if counts.skipped and not kept:
+        raise UserError(f"all {counts.skipped} requests that were asked failed and no earlier answers are kept, so "
+                        f"nothing was written to {output}; see the lines above for why, then rerun (--resume True "
+                        "keeps whatever a later run gets)")
 
 
 def manifest_for(command: str, config: llm.ChatConfig, items: list[llm_backend.Item], **settings: Any,
@@ -169,10 +163,28 @@ def manifest_for(command: str, config: llm.ChatConfig, items: list[llm_backend.I
 # --- commands ------------------------------------------------------------------------------------------------------
 
 
-@option_checks(seed=SEED, per_entity=AT_LEAST_ONE, turns=AT_LEAST_ONE, concurrency=AT_LEAST_ONE,
-               max_retries=NON_NEGATIVE, retry_base_delay=NON_NEGATIVE, timeout=POSITIVE, temperature=NON_NEGATIVE,
-               near_duplicate=FRACTION, leak_threshold=FRACTION, val_fraction=DROPOUT,
-               input_price=NON_NEGATIVE, output_price=NON_NEGATIVE, backend=choices(*BACKENDS))
+def knowledge_rows(entities: Any, output: Path, server: ServerArgs, config: llm.ChatConfig | None, kinds: list[str],
+                   options: TemplateOptions, leaks: LeakIndex, near_duplicate: float, counts: GateCounts,
+                   ) -> tuple[list[Row], dict[str, Any]] | None:
+    """The gated rows (template, or asked of the server) and the report's extra part; None after a dry run."""
+    if config is None:
+        rows = template_rows(entities, options, progress=True)
+        return apply_gates(rows, leaks, near_duplicate, counts), {}
+    items = llm_backend.knowledge_items(entities, kinds, options.per_entity)
+    if server.dry_run:
+        print("\n".join(llm_backend.dry_run_lines(items, options.per_entity, server.input_price, server.output_price)))
+        return None
+    manifest = manifest_for("knowledge", config, items, prompt_version=resources.prompts()["version"],
+                            prompt_kinds=kinds, per_entity=options.per_entity)
+    rows, done, run_counts = run_llm(items, output, config, manifest, server.concurrency, server.resume)
+    kept = apply_gates(rows, leaks, near_duplicate, counts, check_content=False)
+    keep_or_refuse(output, server.resume, run_counts, kept)
+    return kept, {"llm": llm_backend.usage_report(items, done, server.input_price, server.output_price)}
+
+
+@option_checks(seed=SEED, per_entity=AT_LEAST_ONE, turns=AT_LEAST_ONE, near_duplicate=FRACTION,
+               leak_threshold=FRACTION, val_fraction=DROPOUT, backend=choices(*BACKENDS))
+@dataclass_flags("server", ServerArgs)
 def knowledge(
     kb: str = "",  # the graph: `cmekg` (the one pycmekg ships), FILE.pkl (a cMeKG-style pickle) or FILE.jsonl
     output: str = "",  # the rows to write (JSON Lines), e.g. data/llama_data.json; report: OUTPUT.report.json
@@ -185,19 +197,8 @@ def knowledge(
     val_fraction: float = 0.0,  # also write this share of the rows to OUTPUT's .val file (e.g. llama_data.val.json)
     hf_dataset: str = "",  # also save a Hugging Face `datasets` folder here (save_to_disk; train and validation)
     backend: str = "template",  # template (offline, deterministic) or openai (an OpenAI-compatible server)
-    api_base: str = "",  # openai: the server's base URL, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)
-    model: str = "",  # openai: the model name the server serves
-    api_key_env: str = llm.DEFAULT_API_KEY_ENV,  # openai: environment variable holding the API key (never printed)
     prompt_kinds: str = PROMPT_KINDS,  # openai: the prompt kinds to ask per entity, comma-separated
-    concurrency: int = 4,  # openai: requests in flight at once
-    resume: bool = False,  # openai: keep the earlier run's answers (same settings only) and ask only the rest
-    max_retries: int = 5,  # openai: retries of a request that failed with 429, 5xx, a timeout or a dropped connection
-    retry_base_delay: float = 1.0,  # openai: seconds before asking again after an unusable reply
-    timeout: float = 120.0,  # openai: seconds to wait for one reply
-    temperature: float = 0.7,  # openai: sampling temperature
-    input_price: float = 0.0,  # openai: USD per million prompt tokens, for the cost estimate
-    output_price: float = 0.0,  # openai: USD per million completion tokens, for the cost estimate
-    dry_run: bool = False,  # openai: print the requests and their estimated tokens and cost; send and write nothing
+    server: ServerArgs = DEFAULT_SERVER,
 ) -> None:
     """Knowledge graph -> instruction rows (JSON Lines) and a report."""
     started = time.monotonic()
@@ -205,8 +206,7 @@ def knowledge(
     unknown = [kind for kind in kinds if kind not in llm_backend.prompt_kinds()]
     raise_problems([f"--prompt_kinds: unknown kind {', '.join(unknown)} (known: "
                     f"{', '.join(llm_backend.prompt_kinds())})" if unknown else ""])
-    config = chat_config(backend, model, api_base, api_key_env, timeout, max_retries, retry_base_delay, temperature,
-                         dry_run)
+    config = server.chat_config(backend)
     output_path = check_paths(kb, "--kb", output, [] if exclude_questions == "none" else [exclude_questions])
     if hf_dataset:
         check_output_dir(hf_dataset, "--hf_dataset")
@@ -214,21 +214,11 @@ def knowledge(
     with RunLock(f"{output_path}.lock", f"--output {output_path}"):
         entities, stats = load_entities(kb, progress=True)
         counts = GateCounts()
-        report_extra: dict[str, Any] = {}
-        if config is None:
-            rows = template_rows(entities, TemplateOptions(seed, per_entity, turns), progress=True)
-            kept = apply_gates(rows, LeakIndex(questions, leak_threshold), near_duplicate, counts)
-        else:
-            items = llm_backend.knowledge_items(entities, kinds, per_entity)
-            if dry_run:
-                print("\n".join(llm_backend.dry_run_lines(items, per_entity, input_price, output_price)))
-                return
-            manifest = manifest_for("knowledge", config, items, prompt_version=resources.prompts()["version"],
-                                    prompt_kinds=kinds, per_entity=per_entity)
-            rows, done, run_counts = run_llm(items, output_path, config, manifest, concurrency, resume)
-            kept = apply_gates(rows, LeakIndex(questions, leak_threshold), near_duplicate, counts, check_content=False)
-            keep_or_refuse(output_path, resume, run_counts)
-            report_extra["llm"] = llm_backend.usage_report(items, done, input_price, output_price)
+        built = knowledge_rows(entities, output_path, server, config, kinds, TemplateOptions(seed, per_entity, turns),
+                               LeakIndex(questions, leak_threshold), near_duplicate, counts)
+        if built is None:
+            return
+        kept, report_extra = built
         records = [row.record() for row in kept]
         train, validation = out.split_validation(records, val_fraction, seed)
         written = write_and_verify(output_path, train, validation, as_array=False)
@@ -237,10 +227,30 @@ def knowledge(
     print(f"took {time.monotonic() - started:.1f}s")
 
 
-@option_checks(seed=SEED, turns=AT_LEAST_ONE, concurrency=AT_LEAST_ONE, pairs_per_document=AT_LEAST_ONE,
-               max_retries=NON_NEGATIVE, retry_base_delay=NON_NEGATIVE, timeout=POSITIVE, temperature=NON_NEGATIVE,
-               min_overlap=FRACTION, near_duplicate=FRACTION, input_price=NON_NEGATIVE, output_price=NON_NEGATIVE,
-               backend=choices(*BACKENDS))
+def literature_rows(documents: list[Any], output: Path, server: ServerArgs, config: llm.ChatConfig | None,
+                    turns: int, seed: int, pairs_per_document: int, min_overlap: float, near_duplicate: float,
+                    counts: GateCounts) -> tuple[list[Row], dict[str, Any]] | None:
+    """The gated dialogue rows (template, or asked of the server) and the report's extra part; None after a dry run.
+    The answers are the document's own sentences: no fact gate (a screening interval is no graph dose)."""
+    no_leaks = LeakIndex([], 1.0)
+    if config is None:
+        rows = literature_template_rows(documents, turns, seed)
+        return apply_gates(rows, no_leaks, near_duplicate, counts, check_content=False, unique_answers=False), {}
+    items = [literature_item(d, pairs_per_document, turns, min_overlap, seed) for d in documents if d.text]
+    if server.dry_run:
+        print("\n".join(llm_backend.dry_run_lines(items, pairs_per_document, server.input_price, server.output_price)))
+        return None
+    manifest = manifest_for("literature", config, items, prompt_version=resources.literature()["prompt_version"],
+                            pairs_per_document=pairs_per_document, min_overlap=min_overlap, turns=turns)
+    rows, done, run_counts = run_llm(items, output, config, manifest, server.concurrency, server.resume)
+    kept = apply_gates(rows, no_leaks, near_duplicate, counts, check_content=False, unique_answers=False)
+    keep_or_refuse(output, server.resume, run_counts, kept)
+    return kept, {"llm": llm_backend.usage_report(items, done, server.input_price, server.output_price)}
+
+
+@option_checks(seed=SEED, turns=AT_LEAST_ONE, pairs_per_document=AT_LEAST_ONE, min_overlap=FRACTION,
+               near_duplicate=FRACTION, backend=choices(*BACKENDS))
+@dataclass_flags("server", ServerArgs)
 def literature(
     docs: str = "",  # the documents: JSON Lines of {"title", "text"}, e.g. data_literature/documents.jsonl
     output: str = "",  # the dialogues to write (a JSON array, the published shape), e.g. data_literature/x.json
@@ -250,54 +260,30 @@ def literature(
     backend: str = "template",  # template (answers composed of the document's sentences) or openai
     pairs_per_document: int = 6,  # openai: dialogue turns asked for per document
     min_overlap: float = 0.5,  # openai: share of an answer's character bigrams that must occur in the document
-    api_base: str = "",  # openai: the server's base URL (default: OpenAI)
-    model: str = "",  # openai: the model name the server serves
-    api_key_env: str = llm.DEFAULT_API_KEY_ENV,  # openai: environment variable holding the API key (never printed)
-    concurrency: int = 4,  # openai: requests in flight at once
-    resume: bool = False,  # openai: keep the earlier run's dialogues (same settings only) and ask only the rest
-    max_retries: int = 5,  # openai: retries of a request that failed with 429, 5xx, a timeout or a dropped connection
-    retry_base_delay: float = 1.0,  # openai: seconds before asking again after an unusable reply
-    timeout: float = 120.0,  # openai: seconds to wait for one reply
-    temperature: float = 0.7,  # openai: sampling temperature
-    input_price: float = 0.0,  # openai: USD per million prompt tokens, for the cost estimate
-    output_price: float = 0.0,  # openai: USD per million completion tokens, for the cost estimate
-    dry_run: bool = False,  # openai: print the requests and their estimated tokens and cost; send and write nothing
+    server: ServerArgs = DEFAULT_SERVER,
 ) -> None:
     """Documents (JSON Lines of {"title", "text"}) -> literature dialogues (a JSON array in the published shape)."""
-    config = chat_config(backend, model, api_base, api_key_env, timeout, max_retries, retry_base_delay, temperature,
-                         dry_run)
+    config = server.chat_config(backend)
     output_path = check_paths(docs, "--docs", output, [])
     documents = load_documents(docs)
     with RunLock(f"{output_path}.lock", f"--output {output_path}"):
         counts = GateCounts()
-        report: dict[str, Any] = {"command": "literature", "source": docs, "backend": backend, "seed": seed,
-                                  "documents": {"read": len(documents),
-                                                "empty": sum(1 for d in documents if not d.text)}}
-        if config is None:
-            rows = literature_template_rows(documents, turns, seed)
-            # the answers are the document's own sentences: no fact gate (a screening interval is no graph dose)
-            kept = apply_gates(rows, LeakIndex([], 1.0), near_duplicate, counts, check_content=False,
-                               unique_answers=False)
-        else:
-            items = [literature_item(d, pairs_per_document, turns, min_overlap, seed) for d in documents if d.text]
-            if dry_run:
-                print("\n".join(llm_backend.dry_run_lines(items, pairs_per_document, input_price, output_price)))
-                return
-            version = resources.literature()["prompt_version"]
-            manifest = manifest_for("literature", config, items, prompt_version=version,
-                                    pairs_per_document=pairs_per_document, min_overlap=min_overlap, turns=turns)
-            rows, done, run_counts = run_llm(items, output_path, config, manifest, concurrency, resume)
-            kept = apply_gates(rows, LeakIndex([], 1.0), near_duplicate, counts, check_content=False,
-                               unique_answers=False)
-            keep_or_refuse(output_path, resume, run_counts)
-            report["llm"] = llm_backend.usage_report(items, done, input_price, output_price)
+        built = literature_rows(documents, output_path, server, config, turns, seed, pairs_per_document, min_overlap,
+                                near_duplicate, counts)
+        if built is None:
+            return
+        kept, report = built
         records = [row.record() for row in kept]
         bad = next((r for r in records if dialogue_turns(r["instruction"]) is None), None)
         if bad is not None:
             raise UserError(f"a dialogue is not in the shape ` <user>: ... <bot>: ... <user>: ...`: "
                             f"{bad['instruction']!r}")
-        report["removed"] = {"content": dict(counts.rejected), "duplicate_questions": counts.duplicate_questions,
-                             "duplicate_answers": counts.duplicate_answers, "near_duplicates": counts.near_duplicates}
+        report = {"command": "literature", "source": docs, "backend": backend, "seed": seed,
+                  "documents": {"read": len(documents), "empty": sum(1 for d in documents if not d.text)},
+                  **report,
+                  "removed": {"content": dict(counts.rejected), "duplicate_questions": counts.duplicate_questions,
+                              "duplicate_answers": counts.duplicate_answers,
+                              "near_duplicates": counts.near_duplicates}}
         written = write_and_verify(output_path, records, [], as_array=True)
         finish(output_path, report, records, written, "", [])
 

@@ -148,6 +148,15 @@ def test_a_failing_rerun_without_resume_keeps_the_rows_it_had(tmp_path: Path, ap
     assert out.read_bytes() == kept
 
 
+def test_a_fresh_run_whose_every_request_fails_writes_nothing_and_says_so(tmp_path: Path, api_env: str) -> None:
+    kb = write_jsonl(tmp_path / "kb.jsonl", KB)
+    out = tmp_path / "rows.json"
+    with FakeOpenAI(lambda body: Reply(status=500)) as server, pytest.raises(
+            UserError, match="requests that were asked failed .* nothing was written"):
+        run(server, kb, out, api_env, max_retries=0)
+    assert not out.exists()
+
+
 def test_a_second_run_into_the_same_output_is_refused(tmp_path: Path, api_env: str) -> None:
     kb = write_jsonl(tmp_path / "kb.jsonl", KB)
     out = tmp_path / "rows.json"
