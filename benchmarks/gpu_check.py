@@ -32,10 +32,8 @@ failed. A check whose library or hardware is missing here is "unavailable" (exit
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
-import io
 import json
 import math
 import platform
@@ -339,20 +337,10 @@ def shape_checks(report: Report, shape: str, args: argparse.Namespace, device: s
 
 def cli(main: Callable[..., Any], *argv: str) -> tuple[int, str, str]:
     """`python script.py argv...` in this process: (exit code, stdout, stderr)."""
-    from utils.core.cli import run_cli
+    from utils.core.cli import run_in_process
 
-    out, err = io.StringIO(), io.StringIO()
-    saved = sys.argv
-    sys.argv = [f"{main.__module__}.py", *argv]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            run_cli(main)
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = saved
-    return code, out.getvalue(), err.getvalue()
+    outcome = run_in_process(main, *argv)
+    return outcome.returncode, outcome.stdout, outcome.stderr
 
 
 def succeeded(result: tuple[int, str, str], what: str) -> str:

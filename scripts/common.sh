@@ -30,3 +30,20 @@ require_adapter() {
     exit 2
   fi
 }
+
+# run_literature MODE ARGS...: infer_literature.py in MODE (single or multi) with a literature adapter
+# (LORA_WEIGHTS, default lora-literature) on BASE_MODEL (default: the tiny embedded model).
+run_literature() {
+  local mode=$1
+  shift
+  use_tiny_default
+  LORA_WEIGHTS=${LORA_WEIGHTS:-lora-literature}
+  require_adapter "$LORA_WEIGHTS" "train one with: DATA_PATH=data_literature/liver_cancer.json PROMPT_TEMPLATE=literature_template OUTPUT_DIR=lora-literature bash scripts/finetune.sh"
+  "$PYTHON" infer_literature.py \
+    --base_model "$BASE_MODEL" \
+    --lora_weights "$LORA_WEIGHTS" \
+    --use_lora True \
+    --single_or_multi "$mode" \
+    --prompt_template literature_template \
+    "$@"
+}

@@ -7,7 +7,8 @@
 #   DATA_PATH=data_literature/liver_cancer.json PROMPT_TEMPLATE=literature_template \
 #     OUTPUT_DIR=lora-literature bash scripts/finetune.sh      # the literature adapter
 #
-# Environment: BASE_MODEL, DATA_PATH, OUTPUT_DIR, PROMPT_TEMPLATE, PYTHON. Extra flags are passed to finetune.py
+# Environment: BASE_MODEL, DATA_PATH, OUTPUT_DIR, PROMPT_TEMPLATE, PYTHON, NPROC (processes; default: one per visible
+# GPU, started with torchrun when more than one). Extra flags are passed to finetune.py
 # (e.g. --resume_from_checkpoint True, --overwrite True, --lora_target_modules all-linear).
 # With a real model this uses the published BenTsao recipe (10 epochs, lr 3e-4, cutoff 256, batch 128).
 set -euo pipefail
@@ -26,7 +27,18 @@ else
           --val_set_size 120)
 fi
 
-"$PYTHON" finetune.py \
+# One process per GPU: finetune.py refuses one process driving several GPUs (the Trainer's nn.DataParallel would
+# split packed batches wrongly). Under torchrun or Slurm already (LOCAL_RANK set), run as we are.
+if [ -z "${NPROC:-}" ] && [ -z "${LOCAL_RANK:-}" ] && command -v nvidia-smi >/dev/null 2>&1; then
+  NPROC=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 1)
+fi
+LAUNCH=("$PYTHON")
+if [ "${NPROC:-1}" -gt 1 ] && [ -z "${LOCAL_RANK:-}" ]; then
+  LAUNCH=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC")
+  echo "starting $NPROC processes, one per GPU: ${LAUNCH[*]} finetune.py ..." >&2
+fi
+
+"${LAUNCH[@]}" finetune.py \
   --base_model "$BASE_MODEL" \
   --data_path "$DATA_PATH" \
   --output_dir "$OUTPUT_DIR" \

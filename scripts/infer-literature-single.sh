@@ -8,14 +8,4 @@
 #   OUTPUT_DIR=lora-literature bash scripts/finetune.sh
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-use_tiny_default
-LORA_WEIGHTS=${LORA_WEIGHTS:-lora-literature}
-require_adapter "$LORA_WEIGHTS" "train one with: DATA_PATH=data_literature/liver_cancer.json PROMPT_TEMPLATE=literature_template OUTPUT_DIR=lora-literature bash scripts/finetune.sh"
-
-"$PYTHON" infer_literature.py \
-  --base_model "$BASE_MODEL" \
-  --lora_weights "$LORA_WEIGHTS" \
-  --use_lora True \
-  --single_or_multi single \
-  --prompt_template literature_template \
-  "$@"
+run_literature single "$@"

@@ -4,40 +4,15 @@ fixture that keeps tiny models on one torch thread (import it into a test module
 
 from __future__ import annotations
 
-import contextlib
-import io
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
 
+from utils.core.cli import Outcome, run_in_process
 
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_main(main: Callable[..., Any], *argv: str) -> Result:
-    """`python <script>.py argv...` in-process: exit code, stdout and stderr."""
-    from utils.core.cli import run_cli
-
-    out, err = io.StringIO(), io.StringIO()
-    saved = sys.argv
-    sys.argv = [f"{getattr(main, '__module__', 'script')}.py", *map(str, argv)]  # a dict: subcommands
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            run_cli(main)
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = saved
-    return Result(code, out.getvalue(), err.getvalue())
+Result = Outcome  # returncode, stdout, stderr
+run_main = run_in_process  # `python <script>.py argv...` in this process
 
 
 def finetune(base: Any, data: Any, output_dir: Any, *extra: str) -> Result:

@@ -148,11 +148,11 @@ def test_check_deepspeed_config_errors(tmp_path):
         check_deepspeed_config("nope.json", 8, 2, 1)
     broken = tmp_path / "broken.json"
     broken.write_text('{"zero_optimization": {"stage": 2},}')
-    with pytest.raises(UserError, match="not valid JSON"):
+    with pytest.raises(UserError, match="--deepspeed .*: invalid JSON"):
         check_deepspeed_config(str(broken), 8, 2, 1)
     listed = tmp_path / "list.json"
     listed.write_text("[]")
-    with pytest.raises(UserError, match="a DeepSpeed config is a JSON object"):
+    with pytest.raises(UserError, match="--deepspeed .* must be a JSON object"):
         check_deepspeed_config(str(listed), 8, 2, 1)
 
 

@@ -103,10 +103,10 @@ TEMPLATES = [
     ("no instruction", {"prompt_no_input": "hello", "response_split": "###"}, ["no {instruction} placeholder"]),
     ("not a string", {"prompt_no_input": 3, "response_split": "###"}, ["must be a string"]),
     ("missing split", {"prompt_no_input": "{instruction}"}, ["missing key `response_split`"]),
-    ("a list", [1], ["expected a JSON object"]),
-    ("not JSON", "{oops", ["not valid UTF-8 JSON"]),
-    ("nested", nested(100_000), ["not valid UTF-8 JSON"]),
-    ("GBK", '{"prompt_no_input": "问题：{instruction}", "response_split": "回答"}'.encode("gbk"), ["not valid UTF-8"]),
+    ("a list", [1], ["must be a JSON object, got list"]),
+    ("not JSON", "{oops", ["invalid JSON"]),
+    ("nested", nested(100_000), ["nested too deeply"]),
+    ("GBK", '{"prompt_no_input": "问题：{instruction}", "response_split": "回答"}'.encode("gbk"), ["not UTF-8", "GBK"]),
 ]
 
 

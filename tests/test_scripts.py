@@ -87,3 +87,14 @@ def test_missing_adapter_is_a_clear_message(tiny_llama, tmp_path):
         "bash", "scripts/infer.sh", env={"BASE_MODEL": str(tiny_llama), "LORA_WEIGHTS": str(tmp_path / "none")}
     )
     assert result.returncode == 2 and "no adapter in" in result.stderr and "scripts/finetune.sh" in result.stderr
+
+
+def test_finetune_sh_starts_one_process_per_gpu_through_torchrun():
+    """With several GPUs (NPROC, by default the count torch sees), finetune.sh launches torchrun instead of one
+    process that finetune.py would refuse; both ranks start finetune.py with the script's flags."""
+    started = run_script("bash", "scripts/finetune.sh", "--help", env={"NPROC": "2", "BASE_MODEL": "unused"},
+                         timeout=300)
+    assert started.returncode == 0, started.stderr[-3000:]
+    assert "starting 2 processes, one per GPU:" in started.stderr
+    assert "-m torch.distributed.run --standalone --nproc_per_node 2 finetune.py" in started.stderr
+    assert started.stdout.count("--resume_from_checkpoint") == 2  # each rank printed finetune.py's --help

@@ -9,11 +9,11 @@ trained on them: `PUBLISHED_SHA256` holds their hashes, so that a plain clone ca
 
 from __future__ import annotations
 
-import json
 import string
 from pathlib import Path
 
 from utils.core.errors import UserError
+from utils.core.io import read_json_object
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 REQUIRED_KEYS = ("prompt_no_input", "response_split")
@@ -79,12 +79,7 @@ def resolve_template_path(template: str) -> Path:
 def load_template(template: str) -> dict[str, str]:
     path = resolve_template_path(template)
     hint = f"available templates: {', '.join(available_templates())}"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as error:  # bad syntax or UTF-8, too deep, a too-long number
-        raise UserError(f"template {path}: not valid UTF-8 JSON ({str(error)[:200]}); {hint}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"template {path}: expected a JSON object; {hint}")
+    data = read_json_object(path, f"template {path}", hint)
     missing = [key for key in REQUIRED_KEYS if key not in data]
     if missing:
         raise UserError(f"template {path}: missing key {', '.join(f'`{k}`' for k in missing)}; {hint}")

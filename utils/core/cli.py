@@ -381,6 +381,35 @@ def run_cli(component: Callable[..., Any] | Mapping[str, Callable[..., Any]], ar
              "the file system) and run again")
 
 
+@dataclass
+class Outcome:
+    """What `python <script>.py argv...` ended with."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_in_process(component: Callable[..., Any] | Mapping[str, Callable[..., Any]], *argv: Any) -> Outcome:
+    """`python <script>.py argv...` in this process (the same `run_cli` entry point), without paying for a fresh
+    interpreter and a torch import: for tests and gpu_check. `component` as for `run_cli` (a dict: subcommands)."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv
+    sys.argv = [f"{getattr(component, '__module__', 'script')}.py", *map(str, argv)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run_cli(component)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = saved
+    return Outcome(code, out.getvalue(), err.getvalue())
+
+
 def fail(message: str) -> None:
     """Print `error: message` (secrets hidden) and exit with the user-error code."""
     print(f"error: {redact(message)}", file=sys.stderr, flush=True)

@@ -96,6 +96,27 @@ def parse_json(text: str, where: str) -> Any:
         raise UserError(f"{where}: invalid JSON ({str(error).split(';')[0]})") from None
 
 
+def read_json_object(path: str | Path, where: str = "", hint: str = "") -> dict[str, Any]:
+    """A JSON file that must hold one object (a config, a template): the object, or one `UserError` that starts with
+    `where` (default: the path; e.g. "--deepspeed x.json") for a missing or unreadable file, bad JSON or another
+    type, and ends with `hint` (e.g. which files would do)."""
+    where = where or str(path)
+    tail = f"; {hint}" if hint else ""
+    try:
+        text = read_text(path)
+    except UserError as error:
+        message, named = str(error), str(Path(path))
+        message = where + message[len(named):] if message.startswith(named) else f"{where}: {message}"
+        raise UserError(message + tail) from None
+    try:
+        data = parse_json(text, where)
+    except UserError as error:
+        raise UserError(f"{error}{tail}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must be a JSON object, got {type(data).__name__}{tail}")
+    return data
+
+
 def split_lines(text: str) -> Iterator[tuple[int, str]]:
     """(line number, line) on `\\n` only (a trailing `\\r` dropped): JSON strings may hold U+2028, U+2029, U+0085."""
     for number, line in enumerate(text.split("\n"), start=1):

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from utils.core.errors import UserError, raise_problems
-from utils.model.source import check_model_source, check_source, is_hub_id, local_model_config, read_json_object
+from utils.core.io import read_json_object
+from utils.model.source import check_model_source, check_source, is_hub_id, local_model_config
 from utils.runtime import resolve_device, resolve_precision, torch_dtype
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -103,7 +104,7 @@ def _tokenizer_code(path: Path) -> list[str]:
     """The code a tokenizer_config.json's `auto_map` names for a tokenizer class transformers does not have."""
     if not path.is_file():
         return []
-    tokenizer_config = read_json_object(path, "tokenizer_config.json")
+    tokenizer_config = read_json_object(path)
     auto_map = tokenizer_config.get("auto_map")
     entry = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None
     if not entry:
@@ -363,7 +364,7 @@ def adapter_problems(lora_weights: str, model: Any, tensors: dict[str, torch.Ten
     attaches to.
     """
     folder = Path(lora_weights).expanduser()
-    config = read_json_object(folder / ADAPTER_CONFIG, ADAPTER_CONFIG)
+    config = read_json_object(folder / ADAPTER_CONFIG)
     base_config = model.config
     problems: list[str] = []
 
@@ -380,7 +381,7 @@ def adapter_problems(lora_weights: str, model: Any, tensors: dict[str, torch.Ten
 
     metadata_path = folder / TRAINING_METADATA
     if metadata_path.is_file():
-        metadata = read_json_object(metadata_path, TRAINING_METADATA)
+        metadata = read_json_object(metadata_path)
         text_config = base_config.get_text_config() if hasattr(base_config, "get_text_config") else base_config
         base_values = {
             "model_type": getattr(base_config, "model_type", None),
@@ -425,7 +426,7 @@ def check_adapter(
     if is_hub_id(lora_weights):
         return None
     folder = Path(lora_weights).expanduser()
-    config = read_json_object(folder / ADAPTER_CONFIG, ADAPTER_CONFIG)
+    config = read_json_object(folder / ADAPTER_CONFIG)
     problems = adapter_config_problems(config)
     if problems:
         raise UserError(f"--lora_weights {lora_weights}: {'; '.join(problems)}")

@@ -8,14 +8,13 @@ in the local hub cache.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 from utils.core.errors import UserError
-from utils.core.io import read_text
+from utils.core.io import read_json_object
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -65,23 +64,9 @@ def hub_error(name: str, error: Exception) -> UserError:
     return UserError(f"could not load {name}{hint}: {message}")
 
 
-def read_json_object(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(read_text(path))
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}: {what} is not valid JSON ({error.msg}, line {error.lineno})") from None
-    except RecursionError:
-        raise UserError(f"{path}: {what} is nested too deeply to read") from None
-    except ValueError as error:  # a number too long to convert
-        raise UserError(f"{path}: {what} is not valid JSON ({str(error).split(';')[0]})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: {what} must be a JSON object")
-    return data
-
-
 def local_model_config(base_model: str) -> dict[str, Any] | None:
     """The base model's `config.json` as a dict; None for a hub id (read when the model is loaded)."""
     path = Path(base_model).expanduser()
     if not path.is_dir():
         return None
-    return read_json_object(path / "config.json", "the model's config.json")
+    return read_json_object(path / "config.json")

@@ -23,7 +23,6 @@ FSDP through accelerate); this module holds the few decisions around it:
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from utils.core.errors import UserError
+from utils.core.io import read_json_object
 from utils.runtime import local_rank, rank, world_size
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -109,13 +109,7 @@ def read_deepspeed_config(path: str) -> dict[str, Any]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise UserError(f"--deepspeed {path}: no such file (the shipped configs: {_shipped_configs()})")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as error:  # bad syntax or UTF-8, too deep, a too-long number
-        raise UserError(f"--deepspeed {path}: not valid JSON ({str(error)[:200]})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"--deepspeed {path}: a DeepSpeed config is a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(file, f"--deepspeed {path}")
 
 
 def deepspeed_batch_problems(
