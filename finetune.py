@@ -22,11 +22,11 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from utils.core.cli import AT_LEAST_ONE, DROPOUT, NON_NEGATIVE, POSITIVE, SEED, Check, dataclass_flags, run_cli
+from utils.core.cli import dataclass_flags, run_cli
 from utils.core.errors import UserError, raise_problems
 from utils.core.io import RunLock, check_output_dir, publish_files, write_failure
 from utils.data import load_instruction_dataset, tokenize_dataset
@@ -34,7 +34,8 @@ from utils.model.checks import check_attention, preflight_model
 from utils.model.loading import load_checked, load_checked_tokenizer, resolve_lora_targets
 from utils.prompter import Prompter
 from utils.runtime import is_main_process, log, world_size
-from utils.training import checkpoints, setup
+from utils.training import checkpoints, results, setup
+from utils.training.args import DEFAULTS, FinetuneArgs
 from utils.training.batching import BatchingPlan, check_batching_args, micro_batches_per_step, plan_batching
 from utils.training.engines import (
     check_deepspeed_config,
@@ -42,74 +43,8 @@ from utils.training.engines import (
     cpu_engine_note,
     gathered_state_dict,
     materialize_trainable,
-    training_device_args,
     weights_placement,
 )
-
-
-@dataclass(frozen=True)
-class FinetuneArgs:
-    """The flags of finetune.py (the original BenTsao / alpaca-lora names); `--help` shows each comment."""
-
-    # model/data params
-    base_model: str = ""  # local folder or Hugging Face hub id (org/name) of the base model (required)
-    data_path: str = "data/llama_data.json"  # JSON Lines or JSON array of {instruction, input, output}
-    output_dir: str = "./lora-bentsao"  # where checkpoints and the final adapter go
-    # training hyperparams
-    batch_size: int = 128  # rows per optimizer step (the effective batch, over all processes)
-    micro_batch_size: int = 4  # rows per forward pass on one device; batch_size / this = accumulation
-    num_epochs: float = 3  # passes over the training rows
-    learning_rate: float = 3e-4  # peak learning rate (linear warm-up, then linear decay)
-    cutoff_len: int = 256  # tokens per row; longer rows are cut (and counted)
-    val_set_size: float | None = None  # validation rows: a count, a fraction (<1) or 0; default 500 (or a tenth)
-    max_steps: int = -1  # stop after this many optimizer steps (-1: run num_epochs)
-    warmup_steps: int = 100  # linear warm-up steps (capped at a fifth of the run)
-    seed: int = 42  # seeds the split, the sampling order, LoRA init and dropout
-    save_steps: int = 200  # checkpoint every N optimizer steps
-    eval_steps: int = 200  # validation every N optimizer steps
-    logging_steps: int = 10  # log the training loss (and a progress line) every N optimizer steps
-    save_total_limit: int = 3  # keep at most this many checkpoint-N folders
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: native bf16 on the GPU, else fp16; fp32 on CPU)
-    gradient_checkpointing: bool = False  # recompute activations: less memory, ~30% slower
-    attn_implementation: str = ""  # sdpa | eager | flash_attention_2 (packed rows run as varlen) | ...; "": default
-    load_8bit: bool = False  # load the frozen base in 8-bit (CUDA + bitsandbytes)
-    load_4bit: bool = False  # QLoRA: load the frozen base in 4-bit nf4 (CUDA + bitsandbytes)
-    deepspeed: str = ""  # DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json (launch with torchrun/accelerate)
-    # lora hyperparams
-    lora_r: int = 8  # LoRA rank
-    lora_alpha: float = 16  # LoRA scaling numerator (scale = alpha / r)
-    lora_dropout: float = 0.05  # dropout on the LoRA input, in [0, 1)
-    lora_target_modules: str | list[str] | None = None  # e.g. q_proj,v_proj or all-linear; default by architecture
-    # llm hyperparams
-    train_on_inputs: bool = False  # also learn the prompt tokens (default: only the answer counts in the loss)
-    group_by_length: bool = False  # with --packing False: batch rows of similar length (less padding)
-    packing: bool = True  # same rows per step, packed (Bloom: length buckets); False: the original padded batches
-    pack_len: int = 0  # tokens per packed row (0: --cutoff_len)
-    micro_batch_tokens: int = 0  # with packing: split a step into more micro-batches above this many tokens (0: never)
-    # wandb params
-    wandb_project: str = ""  # report to this wandb project (or set WANDB_PROJECT); off by default
-    wandb_run_name: str = ""  # run name shown in wandb
-    wandb_watch: str = ""  # false | gradients | all
-    wandb_log_model: str = ""  # false | true: upload checkpoints to wandb
-    report_to: str = ""  # extra loggers, e.g. tensorboard
-    # runs
-    resume_from_checkpoint: str | bool | None = None  # a checkpoint-N folder, or True for the newest in output_dir
-    resume_weights_only: bool = False  # resume a checkpoint that lacks its optimizer/scheduler/RNG state anyway
-    prompt_template_name: str = "med_template"  # a name in templates/ or a path to a template JSON
-    trust_remote_code: bool = False  # allow a hub model's own Python code to run
-    overwrite: bool = False  # replace an earlier run's adapter and checkpoints in output_dir
-
-    __option_checks__: ClassVar[dict[str, Check]] = {
-        "batch_size": AT_LEAST_ONE, "micro_batch_size": AT_LEAST_ONE, "num_epochs": POSITIVE,
-        "learning_rate": POSITIVE, "cutoff_len": AT_LEAST_ONE, "val_set_size": NON_NEGATIVE,
-        "max_steps": Check(low=-1), "warmup_steps": NON_NEGATIVE, "seed": SEED, "save_steps": AT_LEAST_ONE,
-        "eval_steps": AT_LEAST_ONE, "logging_steps": AT_LEAST_ONE, "save_total_limit": NON_NEGATIVE,
-        "lora_r": AT_LEAST_ONE, "lora_alpha": POSITIVE, "lora_dropout": DROPOUT, "pack_len": NON_NEGATIVE,
-        "micro_batch_tokens": NON_NEGATIVE,
-    }
-
-
-DEFAULTS = FinetuneArgs()
 
 
 @dataclass
@@ -227,45 +162,14 @@ def plan(args: FinetuneArgs, run: Run, train_data: Any, val_data: Any) -> Any:
     `from_pretrained` partition a ZeRO-3 model while it loads, and sets up the process group FSDP loading needs.
     Keep the returned object alive while the model loads (transformers holds the DeepSpeed config weakly).
     """
-    from transformers import TrainingArguments
-
     lengths = [len(ids) for ids in train_data["input_ids"]]
     accumulation = micro_batches_per_step(lengths, args.batch_size, args.micro_batch_size, run.processes,
                                           packing=args.packing, micro_batch_tokens=args.micro_batch_tokens)
     steps = setup.total_steps(len(train_data), args.batch_size, args.num_epochs, args.max_steps)
     if run.checkpoint is not None:
         setup.check_not_complete(run.checkpoint, steps)
-    return TrainingArguments(
-        output_dir=args.output_dir,
-        per_device_train_batch_size=max(1, args.batch_size // (accumulation * run.processes)),
-        per_device_eval_batch_size=args.micro_batch_size,
-        gradient_accumulation_steps=accumulation,
-        num_train_epochs=args.num_epochs,
-        max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="linear",
-        warmup_steps=setup.warmup(args.warmup_steps, steps),
-        bf16=run.precision == "bf16" and run.device != "cpu",
-        fp16=run.precision == "fp16",
-        logging_steps=args.logging_steps,
-        eval_strategy="steps" if val_data is not None else "no",
-        eval_steps=args.eval_steps,
-        eval_on_start=val_data is not None,  # the starting validation loss, so the curve shows the fall
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit or None,
-        seed=args.seed,
-        data_seed=args.seed,
-        train_sampling_strategy="group_by_length" if args.group_by_length and not args.packing else "random",
-        ddp_find_unused_parameters=False if run.processes > 1 else None,
-        deepspeed=args.deepspeed or None,
-        **training_device_args(run.device, run.processes),  # CPU: use_cpu, and gloo when several processes run
-        dataloader_pin_memory=run.device == "cuda",
-        report_to=run.reporters or "none",
-        run_name=args.wandb_run_name or None,
-        disable_tqdm=not sys.stderr.isatty(),  # a log file gets ProgressLines instead
-        remove_unused_columns=False,
-    )
+    return setup.training_arguments(args, run.device, run.precision, run.processes, run.reporters, accumulation,
+                                    steps, has_validation=val_data is not None)
 
 
 def load_model(args: FinetuneArgs, run: Run, tokenizer: Any) -> tuple[Any, Any]:
@@ -344,7 +248,7 @@ def train(trainer: Any, run: Run, args: FinetuneArgs) -> Any:
         reason = write_failure(error)  # a full disk while saving a checkpoint (raised by torch, safetensors, ...)
         if reason is None:
             raise
-        raise UserError(storage_message(args.output_dir, reason, trainer.state.global_step)) from error
+        raise UserError(results.storage_message(args.output_dir, reason, trainer.state.global_step)) from error
     finally:
         stop.restore()  # the signal handlers, also when training raised
     if guard.diverged_step is not None:
@@ -357,47 +261,6 @@ def train(trainer: Any, run: Run, args: FinetuneArgs) -> Any:
     return result
 
 
-def storage_message(output_dir: str, reason: str, step: int) -> str:
-    """What a storage failure during training means for the run: which checkpoint is whole, how to continue."""
-    kept = checkpoints.latest_complete(output_dir)
-    where = (f"the last complete checkpoint, {kept}, is kept: free space and continue with --resume_from_checkpoint "
-             "True" if kept is not None else "no complete checkpoint was written yet: free space and run again")
-    return f"cannot save a checkpoint in {output_dir} at step {step}: {reason}; {where}"
-
-
-def summarize(trainer: Any, result: Any, report: dict[str, Any], batching: BatchingPlan, val_data: Any,
-              started: float) -> dict[str, Any]:
-    summary: dict[str, Any] = {
-        "train_loss": round(result.training_loss, 4),
-        "steps": trainer.state.global_step,
-        "train_runtime_s": round(time.time() - started, 1),
-        "train_rows": report["rows"],
-        "truncated_rows": report["truncated"],
-        "batching": batching.mode,
-        "pad_fraction": round(batching.stats.pad_fraction, 4),  # padding share of the training tensors (this process)
-        "tokens_per_s": round(batching.stats.real_tokens / max(result.metrics["train_runtime"], 1e-9), 1),
-        "train_loop_s": round(result.metrics["train_runtime"], 1),  # trainer.train's own runtime
-    }
-    if val_data is not None:  # the last evaluation, when the schedule ran one at the last step; else one now
-        last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
-        if last is None or last.get("step") != trainer.state.global_step:
-            last = trainer.evaluate()
-        summary["eval_loss"] = round(last["eval_loss"], 4)
-    return summary
-
-
-def adapter_problems(state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """An all-zero lora_B changes nothing (the classic alpaca-lora bug); NaN/inf weights answer nothing."""
-    lora_b = [tensor for name, tensor in state_dict.items() if "lora_B" in name and tensor.numel() > 0]
-    problems = []
-    if lora_b and all(torch.count_nonzero(tensor).item() == 0 for tensor in lora_b):
-        problems.append("training left every lora_B at zero, so the adapter would change nothing; check "
-                        "--learning_rate, --max_steps and that the data has answers")
-    if any(not torch.isfinite(tensor).all() for tensor in state_dict.values() if tensor.is_floating_point()):
-        problems.append("the trained adapter holds NaN/inf weights; lower --learning_rate or use --precision bf16")
-    return problems
-
-
 def finish(args: FinetuneArgs, trainer: Any, tokenizer: Any, targets: Any, summary: dict[str, Any]) -> None:
     """Check the trained weights, publish the adapter atomically (adapter_config.json last), verify it on disk."""
     from peft import get_peft_model_state_dict
@@ -407,7 +270,7 @@ def finish(args: FinetuneArgs, trainer: Any, tokenizer: Any, targets: Any, summa
     if not is_main_process():
         return
     lora = get_peft_model_state_dict(model, state_dict=gathered)
-    raise_problems(adapter_problems(lora))
+    raise_problems(results.adapter_problems(lora))
 
     def write_adapter(folder: Path) -> None:
         model.save_pretrained(folder, state_dict=gathered)
@@ -455,7 +318,8 @@ def main(args: FinetuneArgs = DEFAULTS) -> str:
         trainer, batching = build_trainer(args, run, model, tokenizer, train_data, val_data, training_args)
         started = time.time()
         result = train(trainer, run, args)
-        finish(args, trainer, tokenizer, targets, summarize(trainer, result, report, batching, val_data, started))
+        summary = results.run_summary(trainer, result, report, batching, val_data, started)
+        finish(args, trainer, tokenizer, targets, summary)
     return args.output_dir
 
 

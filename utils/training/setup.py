@@ -181,3 +181,47 @@ def write_training_metadata(folder: str | Path, model: Any, tokenizer: Any, args
         "summary": summary,
     }
     atomic_write_json(Path(folder) / TRAINING_METADATA, metadata)
+
+
+def training_arguments(args: Any, device: str, precision: str, processes: int, reporters: list[str],
+                       accumulation: int, steps: int, has_validation: bool) -> Any:
+    """The Trainer's arguments for finetune.py's flags `args` on this machine: steps, schedule, precision, saving,
+    logging and the engine (DDP, DeepSpeed, FSDP). `TrainingArguments(deepspeed=...)` registers the DeepSpeed config
+    that makes `from_pretrained` partition a ZeRO-3 model while it loads: build this before the weights load."""
+    import sys
+
+    from transformers import TrainingArguments
+
+    from utils.training.engines import training_device_args
+
+    return TrainingArguments(
+        output_dir=args.output_dir,
+        per_device_train_batch_size=max(1, args.batch_size // (accumulation * processes)),
+        per_device_eval_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=accumulation,
+        num_train_epochs=args.num_epochs,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=warmup(args.warmup_steps, steps),
+        bf16=precision == "bf16" and device != "cpu",
+        fp16=precision == "fp16",
+        logging_steps=args.logging_steps,
+        eval_strategy="steps" if has_validation else "no",
+        eval_steps=args.eval_steps,
+        eval_on_start=has_validation,  # the starting validation loss, so the curve shows the fall
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit or None,
+        seed=args.seed,
+        data_seed=args.seed,
+        train_sampling_strategy="group_by_length" if args.group_by_length and not args.packing else "random",
+        ddp_find_unused_parameters=False if processes > 1 else None,
+        deepspeed=args.deepspeed or None,
+        **training_device_args(device, processes),  # CPU: use_cpu, and gloo when several processes run
+        dataloader_pin_memory=device == "cuda",
+        report_to=reporters or "none",
+        run_name=args.wandb_run_name or None,
+        disable_tqdm=not sys.stderr.isatty(),  # a log file gets ProgressLines instead
+        remove_unused_columns=False,
+    )
