@@ -116,12 +116,54 @@ def merge_limit(dtype: torch.dtype, scale: float) -> float:
     return max(1e-3, ROUNDING_UNITS * torch.finfo(dtype).eps / 2 * scale)
 
 
+def sampled_lora_layers(model: Any, most: int = 4) -> list[tuple[str, Any]]:
+    """Up to `most` LoRA-wrapped layers, spread over the depth (the first, the last and between)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    if len(layers) <= most:
+        return layers
+    return [layers[round(i * (len(layers) - 1) / (most - 1))] for i in range(most)]
+
+
+def expected_merges(model: Any) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """For a few LoRA layers, before merging: (name in the merged model, base weight, the adapter's delta W), in
+    fp32, where the weights are real tensors (not offloaded to the meta device)."""
+    expected = []
+    for name, layer in sampled_lora_layers(model):
+        weight = layer.get_base_layer().weight
+        if weight.device.type == "meta" or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            continue  # offloaded or quantized: the logits check covers them
+        delta = sum(layer.get_delta_weight(adapter) for adapter in layer.active_adapters)
+        expected.append((name.removeprefix("base_model.model."), weight.detach().float().clone(),
+                         torch.as_tensor(delta).detach().float()))
+    return expected
+
+
+def weights_problem(merged: Any, expected: list[tuple[str, torch.Tensor, torch.Tensor]]) -> str | None:
+    """Whether each sampled merged weight is W + ΔW (closer to it than to the bare W), wherever ΔW stands out of the
+    dtype's rounding of W + ΔW: a check that does not depend on the logits' scale, so a small adapter lost in the
+    merge is caught also in bf16."""
+    for name, base, delta in expected:
+        weight = merged.get_submodule(name).weight.detach().float()
+        rounding = torch.finfo(merged.get_submodule(name).weight.dtype).eps / 2 * (base + delta).norm().item()
+        if delta.norm().item() <= 4 * rounding:
+            continue  # the adapter's change here is within one rounding of the weights: nothing to tell apart
+        kept, dropped = (weight - base - delta).norm().item(), (weight - base).norm().item()
+        if not kept < dropped:
+            return (f"{name}: the merged weight is not base + adapter (|W_merged - W - ΔW| = {kept:.2e}, "
+                    f"|ΔW| = {delta.norm().item():.2e})")
+    return None
+
+
 def merge_checked(model: Any, tokenizer: Any) -> Any:
     """peft's `merge_and_unload`, accepted only when the merged logits are finite, equal base + adapter within the
-    rounding of the dtype, and keep the adapter's effect (closer to base + adapter than the bare base is)."""
+    rounding of the dtype, and keep the adapter's effect: in the logits (closer to base + adapter than the bare base
+    is) and in a few merged weights (W + ΔW, in fp32)."""
     expected = probe_logits(model, tokenizer)
     with model.disable_adapter():
         bare = probe_logits(model, tokenizer)
+    weights = expected_merges(model)
     merged = model.merge_and_unload()
     actual = probe_logits(merged, tokenizer)
     if not torch.isfinite(actual).all() or not torch.isfinite(expected).all():
@@ -132,11 +174,12 @@ def merge_checked(model: Any, tokenizer: Any) -> Any:
     if not difference <= limit:
         raise UserError(f"the merged model's logits differ from base + adapter by {difference:.2e} (> {limit:.1e}, "
                         f"what {str(merged.dtype).removeprefix('torch.')} rounding explains); nothing saved")
-    if effect > limit and not difference <= effect / 2:
-        raise UserError(f"the merge lost the adapter's effect (merged vs base + adapter {difference:.2e}, adapter "
-                        f"effect {effect:.2e}); nothing saved")
+    lost = weights_problem(merged, weights)
+    if lost or (effect > limit and not difference <= effect / 2):
+        raise UserError(f"the merge lost the adapter's effect ({lost or f'merged vs base + adapter {difference:.2e}'}"
+                        f", adapter effect on the logits {effect:.2e}); nothing saved")
     print(f"merge check: max |logit difference| = {difference:.2e} on the probe (limit {limit:.1e}; the adapter "
-          f"moves the logits by {effect:.2e})")
+          f"moves the logits by {effect:.2e}); {len(weights)} merged weights equal W + ΔW")
     return merged
 
 

@@ -62,7 +62,8 @@ class Run:
 
 def validate_args(args: FinetuneArgs) -> None:
     """Collect every problem with the options into one error, before anything heavy runs."""
-    run_lock(args).check_free()  # another run is writing into --output_dir: that is the one thing to say
+    if is_main_process():  # rank 0 alone takes the lock (main), so a slower rank must not find it taken
+        run_lock(args).check_free()  # another run is writing into --output_dir: that is the one thing to say
     problems = []
     if not args.base_model:
         problems.append("--base_model is required (e.g. `python -m utils.tiny_base --output_dir models/tiny-llama`)")

@@ -313,3 +313,18 @@ def test_sharded_engine_loads_on_rank_0_only_trains_saves_and_resumes(engine, ti
     assert_same_adapter(resumed, whole, 1e-6)
     lora = load_file(str(whole / "adapter_model.safetensors"))
     assert any(t.abs().max() > 0 for name, t in lora.items() if "lora_B" in name)  # it trained
+
+
+def test_a_rank_other_than_0_does_not_find_rank_0s_run_lock_taken(tiny_llama, rows_file, tmp_path, monkeypatch):
+    """Rank 0 takes --output_dir's run lock; a rank that reaches validate_args after it (a slower process of the
+    same launch) must not refuse the run as "in use by another run", while a second launch (its rank 0) still must."""
+    from utils.core.errors import UserError
+    from utils.training.args import FinetuneArgs
+
+    args = FinetuneArgs(base_model=str(tiny_llama), data_path=str(rows_file), output_dir=str(tmp_path / "run"))
+    with finetune.run_lock(args):  # what rank 0 holds while the run lasts
+        monkeypatch.setenv("RANK", "1")
+        finetune.validate_args(args)
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(UserError, match="in use by another run"):
+            finetune.validate_args(args)

@@ -76,3 +76,29 @@ def test_bf16_base_exports_and_keeps_the_adapter(tiny_llama, tmp_path):
     difference, effect = (actual - expected).abs().max().item(), (expected - before).abs().max().item()
     assert difference <= export_hf_checkpoint.merge_limit(torch.bfloat16, scale), (difference, scale)
     assert effect > 4 * difference, (effect, difference)  # the merged model carries the adapter
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.01], ids=["adapter", "small-adapter"])
+def test_a_bf16_merge_that_drops_the_adapter_is_refused(tiny_llama, tmp_path, monkeypatch, scale):
+    """A merge that loses the adapter (peft's merge_and_unload standing in for a broken one by unloading without
+    merging) saves nothing, also when the adapter moves the logits by less than bf16 rounding at their scale (the
+    logits alone cannot tell; the merged weights can)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import BaseTuner
+
+    base = bf16_base_with_realistic_logits(tiny_llama, tmp_path / "bf16-base")
+    torch.manual_seed(0)
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(scale)
+    adapter = tmp_path / "adapter"
+    lora.save_pretrained(adapter)
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, *args, **kwargs: self.unload())
+    result = run_main(export_hf_checkpoint.main, "--base_model", base, "--lora_weights", adapter,
+                      "--output_dir", tmp_path / "merged")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "nothing saved" in result.stderr  # a large adapter: its logits differ; a small one: its weights
+    assert not (tmp_path / "merged").exists()

@@ -117,13 +117,28 @@ def test_gpu_check_flash_attention_check_runs_the_varlen_layout():
     assert details["logit_difference"] <= 1e-4 * details["largest_logit"] < details["leak_difference"]
 
 
-def test_gpu_check_without_a_gpu_says_how_to_dry_run(capsys):
+def test_gpu_check_without_a_gpu_says_how_to_dry_run(capsys, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     sys.path.insert(0, str(REPO / "benchmarks"))
     import gpu_check
 
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # main() narrows it to one GPU; restored after
     assert gpu_check.main([]) == 2 and "--dry_run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("visible, chosen, after", [
+    (None, "0", "0"), ("2,3", "2", "2"), ("1", None, "1"), ("", None, ""),
+])
+def test_gpu_check_runs_on_one_gpu(visible, chosen, after):
+    """On a machine with several GPUs gpu_check narrows CUDA_VISIBLE_DEVICES to the first before CUDA starts: its
+    in-process finetune.py runs are one process, which finetune.py refuses with several GPUs visible."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    environ = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    assert gpu_check.one_gpu(environ) == chosen
+    assert environ["CUDA_VISIBLE_DEVICES"] == after
 
 
 # --- on a CUDA GPU ------------------------------------------------------------------------------------------------

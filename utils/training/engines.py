@@ -31,7 +31,7 @@ import torch
 
 from utils.core.errors import UserError
 from utils.core.io import read_json_object
-from utils.runtime import local_rank, rank, world_size
+from utils.runtime import local_rank, world_size
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEEPSPEED_CONFIGS = REPO_ROOT / "configs" / "deepspeed"
@@ -70,7 +70,7 @@ def weights_placement(device: str, processes: int) -> Any:
     if is_deepspeed_zero3_enabled():  # zero.Init partitions while loading; no device_map is allowed
         return None
     if fsdp_requested() and device in FSDP_DEVICES:
-        if is_fsdp_enabled() and rank() != 0:  # RAM-efficient loading: rank 0 reads, accelerate broadcasts
+        if is_fsdp_enabled() and local_rank() != 0:  # as transformers decides: local rank 0 of each node reads
             return "meta"
         return {"": "cpu"}
     if processes > 1 and device == "cuda":
