@@ -18,18 +18,14 @@ asks gradio for a public link (off by default); `--auth user:password` asks for 
 the answers are not medical advice.
 """
 
-import logging
 import os
 import sys
-import threading
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from utils.core.cli import PORT, SEED, option_checks, run_cli
 from utils.core.errors import UserError, raise_problems
 from utils.generation.args import DEFAULT_GENERATION, GenerationArgs, generation_flags
 from utils.generation.dialogue import Chat, context_length
-from utils.generation.engine import stream_answer
 from utils.model.loading import load_for_inference
 from utils.prompter import Prompter
 from utils.runtime import parse_device_map
@@ -37,8 +33,6 @@ from utils.runtime import parse_device_map
 if TYPE_CHECKING:
     import gradio as gr
 
-NO_TEXT = "（模型没有生成任何文字 / the model produced no text; try sampling or min new tokens）"
-STOPPED = "（已停止 / stopped）"
 SINGLE_TURN_NOTE = ("ℹ️ 此模板为单轮问答：每个问题单独回答，模型看不到之前的对话。"
                     "(This template is single-turn: each question is answered on its own; the model does not see "
                     "the earlier turns.)")
@@ -46,11 +40,6 @@ MULTI_TURN_NOTE = ("ℹ️ 多轮对话：之前的问答按文献训练数据�
                    "(Multi-turn: earlier turns go into the prompt in the training data's shape.)")
 KEYS_HINT = "Enter 发送，Shift+Enter 换行 (Enter sends, Shift+Enter starts a new line)"
 DISCLAIMER = "仅供研究使用，回答不构成医疗建议；身体不适请及时就医。(Research use only; not medical advice.)"
-
-
-def one_line(text: str) -> str:
-    """A reply as the literature data keeps it in the history: one line, single spaces."""
-    return " ".join(text.split())
 
 
 def parse_auth(auth: str | None) -> tuple[str, str] | None:
@@ -63,99 +52,35 @@ def parse_auth(auth: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-@dataclass
-class Generation:
-    """One answer being generated for one browser session: Stop sets `stop` (and `stopped_by_user`); Clear also sets
-    `discard`, and nothing more of the answer is shown."""
-
-    stop: threading.Event = field(default_factory=threading.Event)
-    stopped_by_user: bool = False
-    discard: bool = False
-
-
-def chat_messages(turns: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The chatbot's messages for the turns so far."""
-    messages: list[dict[str, str]] = []
-    for turn in turns:
-        shown = turn["question"] + (f"\n\n{turn['input']}" if turn.get("input") else "")
-        messages.append({"role": "user", "content": shown})
-        messages.append({"role": "assistant", "content": turn["answer"]})
-    return messages
+def generation_controls(gr: Any, defaults: GenerationArgs) -> list[Any]:
+    """The generation settings panel; its controls in the order `ChatSessions.respond` takes them."""
+    with gr.Accordion("生成参数 (generation settings)", open=False):
+        with gr.Row():
+            do_sample = gr.Checkbox(value=defaults.do_sample, label="采样 (sample; else greedy/beam search)")
+            temperature = gr.Slider(0.01, 2.0, value=defaults.temperature, step=0.01, label="temperature")
+            top_p = gr.Slider(0.0, 1.0, value=defaults.top_p, step=0.01, label="top-p")
+            top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="top-k")
+        with gr.Row():
+            num_beams = gr.Slider(1, max(8, defaults.num_beams), value=defaults.num_beams, step=1,
+                                  label="beams (>1: shown when complete, not streamed)")
+            max_new_tokens = gr.Slider(1, max(2048, defaults.max_new_tokens), value=defaults.max_new_tokens,
+                                       step=1, label="max new tokens")
+            min_new_tokens = gr.Slider(0, max(256, defaults.min_new_tokens), value=defaults.min_new_tokens,
+                                       step=1, label="min new tokens")
+            repetition_penalty = gr.Slider(1.0, 2.0, value=defaults.repetition_penalty, step=0.01,
+                                           label="repetition penalty")
+    return [do_sample, temperature, top_p, top_k, num_beams, max_new_tokens, min_new_tokens, repetition_penalty]
 
 
 def build_demo(model: Any, chat: Chat, chat_context: int, title: str, defaults: GenerationArgs) -> "gr.Blocks":
-    """The gradio page: chat, question (+ input) boxes, generation settings."""
+    """The gradio page: chat, question (+ input) boxes, buttons, generation settings; the behaviour is
+    utils/generation/webchat.py's."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry or version check leaves the machine
     import gradio as gr
 
-    running: dict[str, Generation] = {}  # by browser session: the answer being generated, for Stop and Clear
+    from utils.generation.webchat import ChatSessions
 
-    def respond(question: str, extra_input: str, turns: list[dict[str, str]], do_sample: bool, temperature: float,
-                top_p: float, top_k: int, num_beams: int, max_new_tokens: int, min_new_tokens: int,
-                repetition_penalty: float, request: gr.Request):
-        turns = list(turns or [])
-        question = (question or "").strip()
-        if not question:
-            gr.Warning("请输入问题 (type a question first)")
-            yield chat_messages(turns), turns, question
-            return
-        settings = GenerationArgs(
-            max_new_tokens=int(max_new_tokens), min_new_tokens=min(int(min_new_tokens), int(max_new_tokens)),
-            num_beams=int(num_beams), do_sample=bool(do_sample), temperature=float(temperature), top_p=float(top_p),
-            top_k=int(top_k), repetition_penalty=float(repetition_penalty),
-        )
-        history = [(turn["question"], turn["history_answer"]) for turn in turns]
-        chat.budget = max(1, chat_context - settings.max_new_tokens)
-        prompt, kept = chat.prompt(question, history, (extra_input or "").strip())
-        if prompt is None:
-            gr.Warning("问题太长，超出了模型的上下文 (the question alone does not fit the model's context)")
-            yield chat_messages(turns), turns, question
-            return
-        if chat.multi_turn and len(kept) < len(history):
-            gr.Info(f"对话过长，最早的 {len(history) - len(kept)} 轮不再计入 (oldest turns dropped to fit the context)")
-        current = {"question": question, "input": "" if chat.multi_turn else (extra_input or "").strip(), "answer": ""}
-        run = running[request.session_hash] = Generation()
-        try:
-            yield chat_messages(turns + [current]), turns, ""
-            for text in stream_answer(model, chat.tokenizer, prompt, settings.config(chat.tokenizer), run.stop):
-                if run.discard:
-                    return
-                current["answer"] = text
-                yield chat_messages(turns + [current]), turns, ""
-        except RuntimeError as error:
-            logging.getLogger(__name__).error("%s", error)
-            current["answer"] = f"⚠️ {error}"
-            yield chat_messages(turns + [current]), turns, ""
-            return
-        finally:
-            run.stop.set()  # also when the page goes away mid-answer (closed tab): generation ends
-            if running.get(request.session_hash) is run:
-                del running[request.session_hash]
-        if run.discard:
-            return
-        current["answer"] = current["answer"].strip()
-        current["history_answer"] = one_line(current["answer"])
-        if not current["answer"]:
-            current["answer"] = NO_TEXT
-        if run.stopped_by_user:
-            current["answer"] += f" {STOPPED}"
-        turns = turns + [current]
-        yield chat_messages(turns), turns, ""
-
-    def stop_answer(request: gr.Request) -> None:
-        """Stop: the answer ends where it is and stays in the conversation (no cancelled event, no error)."""
-        run = running.get(request.session_hash)
-        if run is not None:
-            run.stopped_by_user = True
-            run.stop.set()
-
-    def clear_chat(request: gr.Request):
-        run = running.get(request.session_hash)
-        if run is not None:
-            run.discard = True
-            run.stop.set()
-        return [], [], ""
-
+    sessions = ChatSessions(model, chat, chat_context)
     with gr.Blocks(title="BenTsao 本草", analytics_enabled=False) as demo:
         gr.Markdown(f"## BenTsao 本草 · 医学问答\n{title}\n\n{DISCLAIMER}")
         mode = "多轮对话 (multi-turn)" if chat.multi_turn else "单轮问答 (single-turn)"
@@ -173,30 +98,12 @@ def build_demo(model: Any, chat: Chat, chat_context: int, title: str, defaults: 
             submit = gr.Button("提交 (submit)", variant="primary", elem_id="submit")
             stop = gr.Button("停止 (stop)", elem_id="stop")
             clear = gr.Button("清空对话 (clear)", elem_id="clear")
-        with gr.Accordion("生成参数 (generation settings)", open=False):
-            with gr.Row():
-                do_sample = gr.Checkbox(value=defaults.do_sample, label="采样 (sample; else greedy/beam search)")
-                temperature = gr.Slider(0.01, 2.0, value=defaults.temperature, step=0.01, label="temperature")
-                top_p = gr.Slider(0.0, 1.0, value=defaults.top_p, step=0.01, label="top-p")
-                top_k = gr.Slider(0, 200, value=defaults.top_k, step=1, label="top-k")
-            with gr.Row():
-                num_beams = gr.Slider(1, max(8, defaults.num_beams), value=defaults.num_beams, step=1,
-                                      label="beams (>1: shown when complete, not streamed)")
-                max_new_tokens = gr.Slider(1, max(2048, defaults.max_new_tokens), value=defaults.max_new_tokens,
-                                           step=1, label="max new tokens")
-                min_new_tokens = gr.Slider(0, max(256, defaults.min_new_tokens), value=defaults.min_new_tokens,
-                                           step=1, label="min new tokens")
-                repetition_penalty = gr.Slider(1.0, 2.0, value=defaults.repetition_penalty, step=0.01,
-                                               label="repetition penalty")
-        inputs = [question, extra_input, turns_state, do_sample, temperature, top_p, top_k, num_beams, max_new_tokens,
-                  min_new_tokens, repetition_penalty]
+        inputs = [question, extra_input, turns_state, *generation_controls(gr, defaults)]
         outputs = [chatbot, turns_state, question]
         for trigger in (submit.click, question.submit, extra_input.submit):
-            trigger(respond, inputs, outputs)
-        # Stop and Clear reach the running answer through `running`, not by cancelling the event: a cancelled event
-        # loses its last turn and can leave gradio's red "Error" on the chat. They never wait for the model.
-        stop.click(stop_answer, None, None, concurrency_limit=None)
-        clear.click(clear_chat, None, outputs, concurrency_limit=None)
+            trigger(sessions.respond, inputs, outputs)
+        stop.click(sessions.stop_answer, None, None, concurrency_limit=None)
+        clear.click(sessions.clear_chat, None, outputs, concurrency_limit=None)
     demo.queue(default_concurrency_limit=1)  # one generation at a time on the one model
     return demo
 

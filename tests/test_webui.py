@@ -115,7 +115,7 @@ ANSWER_GREW = """(n) => {
 
 def ask_with_enter_and_stop_half_way(page, question: str, number: int) -> None:
     """Type `question`, press Enter, watch answer `number` grow, press Stop, wait until it is marked stopped."""
-    from generate import STOPPED
+    from utils.generation.webchat import STOPPED
 
     box = page.locator("#question textarea")
     box.fill(question)
@@ -137,7 +137,7 @@ def test_enter_sends_the_answer_streams_and_stop_keeps_the_conversation(webui, t
     error badge appears. With med_template the page says that each question is answered on its own."""
     from playwright.sync_api import sync_playwright
 
-    from generate import NO_TEXT, STOPPED
+    from utils.generation.webchat import NO_TEXT, STOPPED
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
@@ -220,8 +220,9 @@ def test_single_turn_template_answers_each_question_alone(webui_base):
 
 
 def test_auth_and_one_line_history():
-    from generate import one_line, parse_auth
+    from generate import parse_auth
     from utils.core.errors import UserError
+    from utils.generation.webchat import one_line
 
     assert parse_auth("") is None
     assert parse_auth("doctor:s3cret:x") == ("doctor", "s3cret:x")
