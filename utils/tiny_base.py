@@ -139,30 +139,13 @@ def make_config(arch: str, tokenizer):
         "pad_token_id": tokenizer.pad_token_id,
     }
     vocab = len(tokenizer)
+    decoder = {"vocab_size": vocab, "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE,
+               "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+               "max_position_embeddings": MAX_POSITIONS}
     if arch == "llama":
-        return LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=HIDDEN,
-            intermediate_size=INTERMEDIATE,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=KV_HEADS,
-            max_position_embeddings=MAX_POSITIONS,
-            tie_word_embeddings=False,
-            **special,
-        )
+        return LlamaConfig(**decoder, tie_word_embeddings=False, **special)
     if arch == "qwen2":
-        return Qwen2Config(
-            vocab_size=vocab,
-            hidden_size=HIDDEN,
-            intermediate_size=INTERMEDIATE,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=KV_HEADS,
-            max_position_embeddings=MAX_POSITIONS,
-            tie_word_embeddings=True,
-            **special,
-        )
+        return Qwen2Config(**decoder, tie_word_embeddings=True, **special)
     return BloomConfig(vocab_size=vocab, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS, **special)
 
 
