@@ -308,6 +308,8 @@ def main(args: FinetuneArgs = DEFAULTS) -> str:
     check_launch(run)
     dataset, val_size = read_data(args)
     with run_lock(args) if is_main_process() else contextlib.nullcontext():
+        if is_main_process():  # another run may have finished into --output_dir since validate_args looked
+            setup.check_restart(args.output_dir, run.checkpoint is not None, args.overwrite)
         print_parameters(args, run, val_size)
         for note in run.notes:
             log(note)

@@ -56,6 +56,27 @@ def test_a_second_finetune_into_a_held_output_dir_is_refused_naming_the_holder(t
         holder.wait()
 
 
+def test_a_run_that_finished_into_the_output_dir_while_this_one_read_its_data_is_not_overwritten(
+        tiny_llama, train_file, tmp_path, monkeypatch, capsys):
+    """The race of two runs started moments apart: the second passes its checks while the folder is empty, and the
+    first finishes (its adapter published, its lock released) while the second still reads its data. Once the
+    second holds the lock it looks again and refuses, instead of training over the finished adapter."""
+    out = tmp_path / "out"
+    read_data = finetune.read_data
+
+    def meanwhile_the_first_run_finishes(args):
+        out.mkdir(exist_ok=True)
+        (out / "adapter_config.json").write_text('{"peft_type": "LORA"}', encoding="utf-8")
+        (out / "adapter_model.safetensors").write_bytes(b"the first run's adapter")
+        return read_data(args)
+
+    monkeypatch.setattr(finetune, "read_data", meanwhile_the_first_run_finishes)
+    outcome = cli(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", out,
+                  monkeypatch=monkeypatch, capsys=capsys)
+    assert_refused(outcome, "already holds a finished adapter")
+    assert (out / "adapter_model.safetensors").read_bytes() == b"the first run's adapter"
+
+
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     path = tmp_path / "out" / ".bentsao.lock"
     holder = hold_lock(path)

@@ -49,7 +49,13 @@ def files(tmp_path) -> dict[str, Path]:
 
 
 def output_path(kind: str, files: dict[str, Path], tmp_path: Path, input_name: str) -> tuple[Path, str]:
+    if kind == "a symlink to a file":  # an atomic write would replace the link and leave its target as it was
+        (tmp_path / "link.json").symlink_to(files["file"])
+    if kind == "a pipe":  # a plain file would take the FIFO's place
+        os.mkfifo(tmp_path / "pipe.json")
     return {
+        "a symlink to a file": (tmp_path / "link.json", "is a symbolic link"),
+        "a pipe": (tmp_path / "pipe.json", "is not a regular file"),
         "a folder": (tmp_path, "is a folder, expected a file name"),
         "the input": (files[input_name], "is an input of this run"),
         "under a file": (files["file"] / "out.json", "is a file, not a folder"),
@@ -61,7 +67,7 @@ def output_path(kind: str, files: dict[str, Path], tmp_path: Path, input_name: s
 
 
 OUTPUT_FILES = ["a folder", "the input", "under a file", "read-only", "a name too long",
-                "a name too long for a temporary file", "a symlink loop"]
+                "a name too long for a temporary file", "a symlink loop", "a symlink to a file", "a pipe"]
 
 
 @pytest.mark.parametrize("kind", OUTPUT_FILES)

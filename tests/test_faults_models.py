@@ -213,6 +213,11 @@ def write_state(folder: Path, state: object) -> None:
     (folder / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
 
 
+def edit_state(folder: Path, **fields: object) -> None:
+    state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    write_state(folder, {**state, **fields})
+
+
 CHECKPOINTS = [
     ("no optimizer", lambda c: (c / "optimizer.pt").unlink(), [], ["optimizer.pt is missing",
                                                                   "--resume_weights_only True"]),
@@ -225,6 +230,9 @@ CHECKPOINTS = [
     ("trainer_state a list", lambda c: write_state(c, []), [], ["does not read back"]),
     ("trainer_state without fields", lambda c: write_state(c, {"global_step": 1}), [], ["does not read back"]),
     ("no trainer_state", lambda c: (c / "trainer_state.json").unlink(), [], ["has no trainer_state.json"]),
+    ("negative step", lambda c: edit_state(c, global_step=-5), [], ["says step -5 of 2"]),
+    ("step past the end", lambda c: edit_state(c, global_step=9), [], ["says step 9 of 2"]),
+    ("step not the folder's", lambda c: edit_state(c, global_step=2), [], ["step 2, but the folder is checkpoint-1"]),
     ("truncated adapter", lambda c: truncate(c / "adapter_model.safetensors"), [], ["not a readable safetensors"]),
     ("adapter config a list", lambda c: (c / "adapter_config.json").write_text("[]"), [], ["must be a JSON object"]),
     ("other rank", lambda c: None, ["--lora_r", "16"], ["was trained with --lora_r 8 (this run: 16)"]),

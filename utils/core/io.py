@@ -495,6 +495,11 @@ def _check_output_file(path: Path, flag: str, inputs: Sequence[str | Path], prot
     _inside_protected(path, flag, protected)
     if path.is_dir():
         raise UserError(f"{flag} {path}: is a folder, expected a file name")
+    if path.is_symlink() and path.exists():  # an atomic write replaces the link itself, never its target
+        raise UserError(f"{flag} {path}: is a symbolic link (to {os.readlink(path)}); writing would replace the link, "
+                        "not the file it points to: name the file itself")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{flag} {path}: is not a regular file (a pipe, socket or device); name a file to write")
     for source in inputs:
         if source and same_path(path, source):
             raise UserError(f"{flag} {path}: is an input of this run; choose another file")

@@ -40,9 +40,8 @@ def checkpoint_folders(output_dir: str | Path) -> list[tuple[int, Path]]:
 STATE_FIELDS = {"global_step": int, "max_steps": int, "train_batch_size": int, "log_history": list}
 
 
-def read_trainer_state(folder: Path) -> dict[str, Any] | None:
-    """The checkpoint's trainer_state.json, or None when it does not read back whole (torn, or lacking a field the
-    Trainer needs to resume)."""
+def _load_state(folder: Path) -> dict[str, Any] | None:
+    """trainer_state.json as a dict with every field the Trainer needs to resume, or None (torn, or lacking one)."""
     try:
         state = json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):  # ValueError: also torn UTF-8 and JSONDecodeError
@@ -53,6 +52,25 @@ def read_trainer_state(folder: Path) -> dict[str, Any] | None:
         if isinstance(state.get(name), bool) or not isinstance(state.get(name), kind):
             return None
     return state
+
+
+def _inconsistent(folder: Path, state: dict[str, Any]) -> str | None:
+    """Steps that no Trainer wrote: resuming from them would name new checkpoints after nonsense steps and overwrite
+    others (a negative step, one past the run's end, or another step than the folder's name)."""
+    step, last = state["global_step"], state["max_steps"]
+    if step < 0 or (last > 0 and step > last):
+        return f"says step {step} of {last}"
+    match = CHECKPOINT_NAME.match(folder.name)
+    if match and int(match.group(1)) != step:
+        return f"says step {step}, but the folder is {folder.name}"
+    return None
+
+
+def read_trainer_state(folder: Path) -> dict[str, Any] | None:
+    """The checkpoint's trainer_state.json, or None when it does not read back whole (torn, lacking a field the
+    Trainer needs to resume) or its steps are impossible."""
+    state = _load_state(folder)
+    return state if state is not None and _inconsistent(folder, state) is None else None
 
 
 def _intact(path: Path) -> bool:
@@ -89,8 +107,10 @@ def checkpoint_problems(folder: Path) -> list[str]:
     problems = []
     if not (folder / TRAINER_STATE).is_file():
         problems.append(f"it has no {TRAINER_STATE} (an interrupted save?)")
-    elif read_trainer_state(folder) is None:
+    elif (state := _load_state(folder)) is None:
         problems.append(f"its {TRAINER_STATE} does not read back (torn by a crash?)")
+    elif (why := _inconsistent(folder, state)) is not None:
+        problems.append(f"its {TRAINER_STATE} {why}")
     deepspeed = any(path.is_dir() and path.name.startswith("global_step") for path in folder.iterdir())
     if not deepspeed and not any((folder / name).is_file() for name in ADAPTER_FILES):
         problems.append("it has no adapter weights")
