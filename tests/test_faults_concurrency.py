@@ -90,6 +90,17 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     assert not path.exists()
 
 
+def test_a_run_that_wrote_nothing_leaves_no_empty_output_folder(tmp_path):
+    """The lock creates the output folder; a run refused after taking it (say, every row too long for the template)
+    removes the folders it made and left empty, and keeps any the run wrote into."""
+    with RunLock(tmp_path / "new" / "out" / ".lock", "the output"):
+        assert (tmp_path / "new" / "out").is_dir()
+    assert not (tmp_path / "new").exists()
+    with RunLock(tmp_path / "kept" / ".lock", "the output"):
+        (tmp_path / "kept" / "adapter_config.json").write_text("{}", encoding="utf-8")
+    assert (tmp_path / "kept" / "adapter_config.json").is_file()
+
+
 def test_the_lock_names_no_secret(tmp_path, monkeypatch):
     from utils.core.errors import register_secret
 

@@ -549,6 +549,7 @@ class RunLock:
         self.path = Path(path)
         self.what = what
         self._handle: Any = None
+        self._made: list[Path] = []  # the folders acquire() created, removed again if the run left them empty
 
     def check_free(self) -> None:
         """Refuse now, naming the holder, when another run holds the lock; creates nothing (so a run can check this
@@ -577,10 +578,12 @@ class RunLock:
             import fcntl
         except ImportError:  # Windows: no advisory locks here
             return self
+        missing = [folder for folder in (self.path.parent, *self.path.parent.parents) if not folder.exists()]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise _write_error(self.path, error) from None
+        self._made = missing
         for _ in range(10):  # the holder may remove the file between our open and our lock: try again
             try:
                 handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
@@ -624,6 +627,10 @@ class RunLock:
             self.path.unlink()
         self._handle.close()  # closing drops the flock
         self._handle = None
+        for folder in self._made:  # innermost first: a refused run leaves no empty output folder behind
+            with contextlib.suppress(OSError):  # not empty: the run wrote there; keep it
+                folder.rmdir()
+        self._made = []
 
     def __enter__(self) -> Self:
         return self.acquire()
