@@ -13,7 +13,7 @@ Each row needs the golden answer (`output`) and the model's answer (`model_outpu
 character (every non-whitespace character is one token), so no word segmenter is needed and none is used;
 whitespace is dropped. Scores are averaged over rows and reported on a 0–100 scale under `bleu-4`,
 `rouge-1`, `rouge-2`, `rouge-l` (F1), with `rows`. BLEU-4 uses add-one smoothing on 2- to 4-grams and the
-usual brevity penalty; utils/metrics.py documents the formulas.
+usual brevity penalty; utils/evaluation/metrics.py documents the formulas.
 
 `--judge openai` also asks an OpenAI-compatible chat-completions endpoint to grade each answer 0–3 on
 完整性 (completeness), 深刻性 (depth) and 专业性 (professionalism), the CMCOQA rubric, and averages each (0–3).

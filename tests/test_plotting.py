@@ -1,4 +1,4 @@
-"""utils/plotting.py: loss.png from a log_history, and the callback that writes it during training."""
+"""utils/training/plotting.py: loss.png from a log_history, and the callback that writes it during training."""
 
 from __future__ import annotations
 
