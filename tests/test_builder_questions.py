@@ -7,7 +7,7 @@ import random
 import re
 
 import pytest
-from builder_support import SUBSET_STEP, cmekg_raw, cmekg_subset, entities_from
+from builder_support import SUBSET_STEP, cmekg_neighbourhood, cmekg_raw, cmekg_subset, entities_from
 
 from utils.builder import resources
 from utils.builder.crossing import GraphIndex, comparison_rows, multi_hop_rows, vignette_rows
@@ -186,6 +186,22 @@ def test_one_symptom_set_gets_one_answer_in_every_row(cmekg_rows: list) -> None:
         answer = ("vignette", row.entities[0]) if row.kind == "vignette" else ("differential", row.entities[:5])
         answers.setdefault(shown, set()).add(answer)
     assert read > 400
+    conflicting = {tuple(sorted(shown)): found for shown, found in answers.items() if len(found) > 1}
+    assert not conflicting, list(conflicting.items())[:5]
+
+
+def test_one_symptom_set_gets_one_answer_around_the_oesophagus() -> None:
+    """The audit's case on the real subjects involved: 吞咽疼痛和吞咽困难 is one value of one disease in cMeKG, so
+    吞咽疼痛、吞咽困难 and 呕血 got 原发性食管恶性黑色素瘤 in one row and 食管炎 in another."""
+    entities = list(cmekg_neighbourhood("吞咽疼痛", "吞咽困难", "呕血"))
+    index = GraphIndex(entities)
+    answers: dict[frozenset[str], set[tuple]] = {}
+    for entity in index.diseases:
+        for seed in range(6):
+            for row in vignette_rows(entity, index, seed, 8):
+                answer = ("vignette", row.entities[0]) if row.kind == "vignette" else ("differential", row.entities[:5])
+                answers.setdefault(shown_symptoms(row), set()).add(answer)
+    assert len(answers) > 200
     conflicting = {tuple(sorted(shown)): found for shown, found in answers.items() if len(found) > 1}
     assert not conflicting, list(conflicting.items())[:5]
 
