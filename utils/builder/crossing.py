@@ -227,12 +227,14 @@ REVERSE_KIND = {"adverse": "drug", "drug_class": "drug", "indication": "drug", "
 REVERSE_MAX_HOLDERS = {"adverse": 40, "indication": 40, "drug_class": 200, "symptom": 60}
 
 
-def reverse_rows(entities: Sequence[Entity], seed: int) -> list[Row]:
+def reverse_rows(entities: Sequence[Entity], seed: int, progress: bool = False) -> list[Row]:
     """From a value back to the entities holding it: `哪些疾病会出现咯血？`, `哪些药物可能引起便秘？`."""
+    from tqdm import tqdm
+
     specs = resources.phrasings()["reverse"]
     vague = frozenset(resources.cleaning()["vague_symptoms"])
     rows: list[Row] = []
-    for relation, spec in specs.items():
+    for relation, spec in tqdm(specs.items(), desc="reverse look-ups", unit="relation", disable=not progress):
         kind = REVERSE_KIND.get(relation, "disease")
         holders: dict[str, list[Entity]] = {}
         for entity in entities:
