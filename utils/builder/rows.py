@@ -141,5 +141,7 @@ def emergency_tail(entity: Entity, relations: Sequence[str]) -> str:
     entity itself, count when one of them is an emergency relation (symptom, department)."""
     if not emergencies().relations & set(relations):
         return ""
+    if entity.kind == "disease" and is_emergency_disease(entity.name):  # the disease first: 急性心肌梗死属于急危重症
+        return emergency_sentence(diseases=[entity.name])
     shown = [value for relation in relations if relation == "symptom" for value in capped(entity, relation)]
-    return emergency_sentence(shown, [entity.name] if entity.kind == "disease" else [])
+    return emergency_sentence(shown)
