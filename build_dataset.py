@@ -169,7 +169,7 @@ def knowledge_rows(entities: Any, output: Path, server: ServerArgs, config: llm.
     """The gated rows (template, or asked of the server) and the report's extra part; None after a dry run."""
     if config is None:
         rows = template_rows(entities, options, progress=True)
-        return apply_gates(rows, leaks, near_duplicate, counts), {}
+        return apply_gates(rows, leaks, near_duplicate, counts, progress=True), {}
     items = llm_backend.knowledge_items(entities, kinds, options.per_entity)
     if server.dry_run:
         print("\n".join(llm_backend.dry_run_lines(items, options.per_entity, server.input_price, server.output_price)))

@@ -34,6 +34,17 @@ def cmekg_subset() -> tuple[Entity, ...]:
     return tuple(entity for entity in entities if entity is not None)
 
 
+@cache
+def cmekg_neighbourhood(*words: str) -> tuple[Entity, ...]:
+    """The real subjects of cMeKG whose symptom values mention one of `words` (as the source writes them)."""
+    wanted = set(predicate_map().relations["symptom"].predicates)
+    stats = GraphStats()
+    raws = [raw for raw in cmekg_raw() if any(word in value for predicate, values in raw.predicates
+                                               if predicate in wanted for value in values for word in words)]
+    entities = (build_entity(raw, predicate_map(), stats) for raw in raws)
+    return tuple(entity for entity in entities if entity is not None)
+
+
 def entities_from(graph: dict[str, dict[str, list[str]]]) -> list[Entity]:
     """Clean entities of a hand-made {subject: {predicate: [values]}} graph (cMeKG's shape)."""
     stats = GraphStats()

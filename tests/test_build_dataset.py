@@ -157,6 +157,27 @@ def test_every_bad_option_is_one_clear_line(argv: list[str], expected: str, tmp_
     assert "Traceback" not in err and not (tmp_path / "out.json").exists()
 
 
+class RunsCode:
+    """Unpickling this would call os.system (it creates a marker file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_an_evil_pickle_as_kb_is_one_error_line_and_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"甲病": {"常见症状": ["发热"]}, "x": RunsCode(marker)}))
+    result = build("knowledge", "--kb", str(evil), "--output", str(tmp_path / "out.json"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert f"{evil}: refused to unpickle: it refers to" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists() and not (tmp_path / "out.json").exists()
+
+
 def test_a_folder_as_output_and_a_second_run_into_one_output_are_refused(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch,
                                                                          capsys) -> None:

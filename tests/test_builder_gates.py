@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from utils.builder.gates import GateCounts, LeakIndex, apply_gates, content_gate, exact_gate, leak_gate, near_gate
+from utils.builder.gates import (
+    GateCounts,
+    LeakIndex,
+    apply_gates,
+    content_gate,
+    exact_gate,
+    leak_gate,
+    near_duplicate_flags,
+    near_gate,
+)
 from utils.builder.report import distinct_bigram_ratio, duplicate_rate
 from utils.builder.rows import Row
 
@@ -72,3 +81,11 @@ def test_metrics_are_defined_as_documented() -> None:
     # distinct bigrams / all bigrams: 甲乙丙 -> 甲乙, 乙丙; 甲乙 -> 甲乙: 2 distinct of 3
     assert distinct_bigram_ratio(["甲乙丙", "甲 乙"]) == round(2 / 3, 4)
     assert duplicate_rate(["a", "a", "b", "c"]) == 0.25
+
+
+def test_the_near_duplicate_gate_shows_progress(capsys) -> None:
+    texts = [f"第{n}种病有哪些症状？第{n}种病的症状包括发热。" for n in range(5000)]  # more than one chunk
+    flags = near_duplicate_flags(texts, 0.8, progress=True)
+    assert len(flags) == len(texts)
+    err = capsys.readouterr().err
+    assert "near duplicates" in err and "5000/5000" in err

@@ -107,14 +107,38 @@ def test_kinds_come_from_the_type_or_the_predicates() -> None:
     ("complication", ["心力衰竭等并发症", "可并发急性肾衰竭"], ["心力衰竭", "急性肾衰竭"]),
     ("department", ["内科；皮肤科", "GP"], ["内科", "皮肤科"]),
     ("adverse", ["腹痛（3%）", "恶心（25%）", "未见明显的不良反应"], ["腹痛", "恶心"]),
-    ("ingredient", ["水", "阿莫西林", "淀粉", "克拉维酸钾"], ["克拉维酸钾"]),  # excipients; part of the name
+    # excipients go; the active ingredient named in the product's name stays
+    ("ingredient", ["水", "阿莫西林", "淀粉", "克拉维酸钾", "羧甲基纤维素钠", "聚乙二醇", "吐温80", "无辅料"],
+     ["阿莫西林", "克拉维酸钾"]),
+    ("ingredient", ["阿莫西林胶囊"], []),  # the whole name is no ingredient
     ("contraindication", ["尚不明确", "对本品过敏者禁用", "孕妇禁用"], ["孕妇禁用"]),
     ("indication", ["口服，一次3～9克，一日2次", "用于失眠少寝"], ["失眠少寝"]),
     ("cause", ["A16.2", "遗传因素"], ["遗传因素"]),
+    # one symptom per value, split on the conjunctions; 触及 is no conjunction; body parts and vague words go
+    ("symptom", ["吞咽疼痛和吞咽困难", "呕血与黑便", "发热伴畏寒", "咳痰及咯血", "可触及包块", "多伴有低钾血症"],
+     ["吞咽疼痛", "吞咽困难", "呕血", "黑便", "发热", "畏寒", "咳痰", "咯血", "可触及包块", "低钾血症"]),
+    ("symptom", ["脊柱和四肢畸形", "黏膜", "变小", "充血", "坏死", "感染", "出血"], ["四肢畸形"]),
+    # a study's wording is no adverse effect
+    ("adverse", ["为期52周的研究", "双盲", "为期12周研究中", "用药4周后", "头晕"], ["头晕"]),
 ])
 def test_values_are_cleaned(relation: str, values: list[str], expected: list[str]) -> None:
     dropped: Counter[str] = Counter()
     assert clean_values(relation, values, "阿莫西林胶囊", dropped) == expected
+
+
+@pytest.mark.parametrize(("relation", "entity", "values", "expected"), [
+    ("parent", "瘢痕性脱发", ["瘢痕性脱发[瘢痕性毛发缺失]", "毛发疾病"], ["毛发疾病"]),
+    ("cause", "胆汁性肝硬化", ["原发性胆汁性肝硬化", "胆道梗阻"], ["胆道梗阻"]),
+    ("treatment", "脐疝", ["婴儿脐疝", "成人脐疝", "腹带加压"], ["腹带加压"]),
+    ("surgery", "腹股沟疝", ["腹股沟疝修补术", "疝囊高位结扎术"], ["疝囊高位结扎术"]),
+    ("test", "贫血", ["血常规", "贫血"], ["血常规"]),
+    # who gets it: groups of people only, never a department, a place or a risk factor
+    ("population", "儿童肾性贫血", ["肾内科", "儿童", "农村"], ["儿童"]),
+    ("population", "癌症", ["喝酒者", "抽烟", "男性多于女性", "老年人"], ["喝酒者", "老年人"]),
+])
+def test_tautologies_and_mismatched_kinds_are_dropped(relation: str, entity: str, values: list[str],
+                                                      expected: list[str]) -> None:
+    assert clean_values(relation, values, entity) == expected
 
 
 def test_label_relations_keep_one_clear_label() -> None:

@@ -76,6 +76,19 @@ def test_grounding_rejects_daily_methotrexate_invented_doses_absolutes_and_forei
     assert reasons[BAD_MTX[4][1]].startswith("not grounded")
     # 遵医嘱 is a fact of the drug, but generic: alone it grounds nothing; nor does one 2-character fact alone.
     assert grounding_problem("甲氨蝶呤的用法：遵医嘱。", mtx, lexicon) is not None
+    # loopholes an audit found: a daily schedule without a number, risky instructions, a term the graph lacks
+    assert "天天" in grounding_problem("甲氨蝶呤用于类风湿关节炎，天天吃就行，可能引起肝功能损害。", mtx, lexicon)
+    assert "每晚" in grounding_problem("甲氨蝶呤用于类风湿关节炎，每晚吃，可能引起肝功能损害。", mtx, lexicon)
+    for answer, risky in (("甲氨蝶呤用于类风湿关节炎，服药后可以喝酒，注意肝功能损害。", "喝酒"),
+                          ("甲氨蝶呤用于类风湿关节炎，可以放心使用，偶有肝功能损害。", "放心使用"),
+                          ("甲氨蝶呤用于类风湿关节炎，症状好转就自行停药，注意肝功能损害。", "自行停药"),
+                          ("甲氨蝶呤用于类风湿关节炎，和退热药可以同服，注意骨髓抑制。", "可以同服"),
+                          ("甲氨蝶呤用于类风湿关节炎，效果不好可以加量，注意骨髓抑制。", "加量")):
+        assert grounding_problem(answer, mtx, lexicon) == f"risky instruction ({risky})", answer
+    assert "过敏性休克" in grounding_problem("甲氨蝶呤用于类风湿关节炎，可能引起肝功能损害和过敏性休克。", mtx, lexicon)
+    # the same words, negated, are sound advice
+    assert grounding_problem("甲氨蝶呤用于类风湿关节炎，服药期间避免饮酒，不要自行停药，注意肝功能损害。", mtx,
+                             lexicon) is None
 
 
 def test_only_trusted_answers_are_kept_from_several_prompt_kinds(tmp_path: Path, api_env: str,

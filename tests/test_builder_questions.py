@@ -4,16 +4,20 @@ the quality of rows built from a deterministic subset of the real cMeKG graph.""
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
-from builder_support import cmekg_subset, entities_from
+from builder_support import SUBSET_STEP, cmekg_neighbourhood, cmekg_raw, cmekg_subset, entities_from
 
+from utils.builder import resources
 from utils.builder.crossing import GraphIndex, comparison_rows, multi_hop_rows, vignette_rows
 from utils.builder.gates import GateCounts, LeakIndex, apply_gates
+from utils.builder.graph import predicate_map
 from utils.builder.knowledge import TemplateOptions, entity_rows, template_rows
 from utils.builder.literature import dialogue_turns
 from utils.builder.questions import fact_rows
 from utils.builder.report import SAMPLE_ROWS, distinct_bigram_ratio, duplicate_rate, sample
+from utils.builder.rows import is_emergency_disease
 from utils.builder.safety import contentless, dose_or_frequency
 
 GRAPH = {
@@ -142,3 +146,135 @@ def test_no_vignette_names_one_disease_when_the_graph_has_several(cmekg_rows: li
     for row in vignettes:
         shown = [value for value in row.values if value in row.instruction and value in index.symptom_holders]
         assert index.candidates(shown) == list(row.entities), row
+
+
+# --- clinical checks on the real graph, independent of the builder's own look-ups ---------------------------------
+
+_TEMPLATE_SLOT = re.compile(r"\\\{([a-z])\\\}")
+
+
+def _template_regex(template: str) -> str:
+    """A phrasing template as a regular expression: `{s}` (and `{a}`, `{b}`) capture, `{p}` matches the patient."""
+    return _TEMPLATE_SLOT.sub(lambda m: f"(?P<{m.group(1)}>.+?)", re.escape(template))
+
+
+def shown_symptoms(row) -> frozenset[str] | None:
+    """The symptom set a vignette or a shared-symptom question shows, read back from its text: `甲、乙和丙` -> {甲, 乙,
+    丙}. A value that itself joins symptoms with 和 falls apart here, as a reader would take it."""
+    data = resources.phrasings()
+    openings = sorted(data["vignette"]["openings"], key=len, reverse=True)
+    endings = "|".join(map(re.escape, data["vignette"]["endings"].values()))
+    patterns = [f"^{_template_regex(opening)}(?:{endings})$" for opening in openings]
+    patterns += [f"^{_template_regex(question)}$" for question in data["shared_symptoms"]["questions"]]
+    for pattern in patterns:
+        match = re.match(pattern, row.instruction)
+        if match:
+            text = "和".join(match.group(slot) for slot in ("s", "a", "b") if slot in match.groupdict())
+            return frozenset(part for part in re.split("[、和]", text) if part)
+    return None
+
+
+def test_one_symptom_set_gets_one_answer_in_every_row(cmekg_rows: list) -> None:
+    answers: dict[frozenset[str], set[tuple]] = {}
+    read = 0
+    for row in cmekg_rows:
+        if row.kind not in ("vignette", "differential") or row.relation != "symptom":
+            continue
+        shown = shown_symptoms(row)
+        assert shown is not None, row.instruction
+        read += 1
+        answer = ("vignette", row.entities[0]) if row.kind == "vignette" else ("differential", row.entities[:5])
+        answers.setdefault(shown, set()).add(answer)
+    assert read > 400
+    conflicting = {tuple(sorted(shown)): found for shown, found in answers.items() if len(found) > 1}
+    assert not conflicting, list(conflicting.items())[:5]
+
+
+def test_one_symptom_set_gets_one_answer_around_the_oesophagus() -> None:
+    """The audit's case on the real subjects involved: 吞咽疼痛和吞咽困难 is one value of one disease in cMeKG, so
+    吞咽疼痛、吞咽困难 and 呕血 got 原发性食管恶性黑色素瘤 in one row and 食管炎 in another."""
+    entities = list(cmekg_neighbourhood("吞咽疼痛", "吞咽困难", "呕血"))
+    index = GraphIndex(entities)
+    answers: dict[frozenset[str], set[tuple]] = {}
+    for entity in index.diseases:
+        for seed in range(6):
+            for row in vignette_rows(entity, index, seed, 8):
+                answer = ("vignette", row.entities[0]) if row.kind == "vignette" else ("differential", row.entities[:5])
+                answers.setdefault(shown_symptoms(row), set()).add(answer)
+    assert len(answers) > 200
+    conflicting = {tuple(sorted(shown)): found for shown, found in answers.items() if len(found) > 1}
+    assert not conflicting, list(conflicting.items())[:5]
+
+
+def test_a_single_diagnosis_fits_no_other_subject_of_the_raw_graph(cmekg_rows: list) -> None:
+    """Against the source itself: no other subject of the graph the rows were built from lists (as a substring of
+    its symptom values as written) every symptom a single-diagnosis vignette shows."""
+    wanted = set(predicate_map().relations["symptom"].predicates)
+    subjects = [(raw.name, "\n".join(v for p, values in raw.predicates if p in wanted for v in values))
+                for raw in cmekg_raw()[::SUBSET_STEP]]
+    subjects = [(name, text) for name, text in subjects if text]
+    vignettes = [row for row in cmekg_rows if row.kind == "vignette"]
+    assert len(vignettes) > 100
+    violations = []
+    for row in vignettes:
+        shown = shown_symptoms(row)
+        assert shown is not None, row.instruction
+        others = [name for name, text in subjects if name != row.entities[0] and all(s in text for s in shown)]
+        if others:
+            violations.append((row.instruction, row.entities[0], others[:3]))
+    assert not violations, (len(violations), len(vignettes), violations[:5])
+
+
+def test_rows_showing_alarm_signs_say_seek_care_now(cmekg_rows: list) -> None:
+    """Every row that shows symptoms (a vignette, a differential, a symptom list, a reverse look-up, a dialogue or a
+    two-step question ending in symptoms) and shows an alarm sign, or is about an emergency disease, says 120."""
+    data = resources.emergencies()
+    missing = []
+    for row in cmekg_rows:
+        relations = re.split("[+→]", row.relation)
+        if row.kind not in ("vignette", "differential") and "symptom" not in relations:
+            continue
+        question = row.instruction.rsplit("<user>:", 1)[-1]
+        text = question + row.output
+        for name in sorted(row.entities, key=len, reverse=True):  # a disease named 小儿便血 is no shown sign
+            text = text.replace(name, "")
+        alarms = [key for key in data["symptoms"] if key in text]
+        alarms += ["+".join(picture) for picture in data["symptom_pictures"] if all(key in text for key in picture)]
+        subjects = row.entities if row.kind in ("vignette", "differential", "reverse") else row.entities[-1:]
+        urgent = [name for name in subjects if is_emergency_disease(name)]
+        if (alarms or urgent) and not ("立即就医" in row.output and "120" in row.output):
+            missing.append((row.kind, row.instruction[-60:], row.output[-80:], alarms, urgent))
+    assert not missing, (len(missing), missing[:5])
+
+
+@pytest.mark.parametrize(("name", "urgent"), [
+    ("急性心肌梗死", True), ("小儿一氧化碳中毒", True), ("甲亢危象", True), ("失血性休克", True), ("急性脑疝", True),
+    ("胃十二指肠溃疡大出血", True), ("大面积脑梗死", True), ("糖尿病酮症酸中毒", True),
+    ("慢性铅中毒", False), ("陈旧性心肌梗死", False), ("肾小管性酸中毒", False), ("电休克", False),
+    ("中毒性弱视", False), ("细菌性食物中毒检测", False), ("偏头痛", False),
+])
+def test_emergency_diseases_are_found_by_pattern_unless_chronic(name: str, urgent: bool) -> None:
+    assert is_emergency_disease(name) is urgent
+
+
+def test_alarm_signs_pictures_and_patients_say_120() -> None:
+    entities = entities_from({
+        "眼部肿瘤": {"常见症状": ["头痛", "眼压升高", "瞳孔散大"], "就诊科室": ["眼科"]},
+        "乙眼病": {"常见症状": ["头痛", "眼压升高"], "就诊科室": ["眼科"]},
+        "丙病": {"常见症状": ["偏侧瘫痪", "失语", "黑便"], "就诊科室": ["神经内科"]},
+        "丁病": {"常见症状": ["乏力", "皮疹"], "就诊科室": ["皮肤科"], "多发群体": ["昏迷病人"]},
+        "戊病": {"常见症状": ["乏力", "皮疹", "低热"], "就诊科室": ["皮肤科"]},
+        "有机磷农药中毒": {"常见症状": ["流涎", "多汗"], "就诊科室": ["急诊科"]},
+    })
+    index = GraphIndex(entities)
+    for name in ("眼部肿瘤", "丙病", "有机磷农药中毒"):
+        row = next(row for row in fact_rows(named(entities, name), random.Random(0)) if row.relation == "symptom")
+        assert "立即就医" in row.output and "120" in row.output, row.output
+    glaucoma = [row for seed in range(30) for row in vignette_rows(named(entities, "眼部肿瘤"), index, seed, 8)
+                if "瞳孔散大" in row.instruction and "眼压升高" in row.instruction]
+    assert glaucoma and all("120" in row.output for row in glaucoma)
+    comatose = [row for seed in range(30) for row in vignette_rows(named(entities, "丁病"), index, seed, 8)
+                if "昏迷" in row.instruction]
+    assert comatose and all("昏迷可能是急危重症" in row.output for row in comatose)
+    calm = next(row for row in fact_rows(named(entities, "戊病"), random.Random(0)) if row.relation == "symptom")
+    assert "120" not in calm.output

@@ -16,6 +16,7 @@ from utils.builder import resources
 from utils.builder.graph import Entity
 from utils.builder.questions import patients_for, treatment_phrase
 from utils.builder.rows import Row, capped, emergency_sentence, fill, join, join_and, rng_for, sources
+from utils.builder.safety import bigrams
 
 MAX_LISTED = 6
 DOSAGE_FORMS = ("肠溶片", "缓释片", "控释片", "分散片", "咀嚼片", "泡腾片", "片", "胶囊", "软胶囊", "颗粒", "注射液",
@@ -52,9 +53,39 @@ class GraphIndex:
                 holders.setdefault(symptom, set()).add(disease.name)
         return holders
 
+    @cached_property
+    def _symptom_texts(self) -> tuple[list[Entity], dict[str, set[int]]]:
+        """The diseases with source symptom text, and a posting list of its character bigrams (-> disease numbers)."""
+        texts = [disease for disease in self.diseases if disease.symptom_text]
+        postings: dict[str, set[int]] = {}
+        for number, disease in enumerate(texts):
+            for gram in bigrams(disease.symptom_text):
+                postings.setdefault(gram, set()).add(number)
+        return texts, postings
+
+    @cached_property
+    def _holders(self) -> dict[str, frozenset[str]]:
+        return {}
+
+    def holders(self, symptom: str) -> frozenset[str]:
+        """Every disease listing the symptom: as a clean value, or anywhere in its source symptom text (`吞咽困难` in
+        `吞咽疼痛和吞咽困难`, a value that cleaning split, trimmed or dropped). So a vignette names one disease only
+        when no other disease of the graph mentions every shown symptom."""
+        found = self._holders.get(symptom)
+        if found is None:
+            names = set(self.symptom_holders.get(symptom, ()))
+            texts, postings = self._symptom_texts
+            lists = sorted((postings.get(gram, set()) for gram in bigrams(symptom)), key=len)
+            if lists and lists[0]:
+                for number in lists[0].intersection(*lists[1:]):
+                    if symptom in texts[number].symptom_text:
+                        names.add(texts[number].name)
+            found = self._holders[symptom] = frozenset(names)
+        return found
+
     def candidates(self, symptoms: Sequence[str]) -> list[str]:
         """Every disease that lists all the shown symptoms, most specific names first (deterministic)."""
-        sets = sorted((self.symptom_holders.get(symptom, set()) for symptom in symptoms), key=len)
+        sets = sorted((self.holders(symptom) for symptom in symptoms), key=len)
         found = set(sets[0]).intersection(*sets[1:]) if sets else set()
         return sorted(found, key=lambda name: (len(name), name))
 
@@ -104,11 +135,11 @@ def _departments(index: GraphIndex, names: Sequence[str]) -> list[str]:
 
 
 def vignette_answer(index: GraphIndex, shown: Sequence[str], names: Sequence[str], ending: str,
-                    rng: random.Random, patient_ref: str) -> tuple[str, tuple[str, ...]] | None:
+                    rng: random.Random, patient_ref: str, patient: str = "") -> tuple[str, tuple[str, ...]] | None:
     """The answer to a vignette about `shown` symptoms: one disease -> a hedged diagnosis; several -> the
     differential, always with a department. None when the graph lacks what the question asks for."""
     if len(names) > 1:
-        return differential_answer(index, shown, names, ending, rng)
+        return differential_answer(index, shown, names, ending, rng, patient)
     table = resources.phrasings()["vignette"]
     disease = index.by_name[names[0]]
     parts = [fill(rng.choice(table["unique"]), s=join_and(list(shown)), e=disease.name, r=patient_ref)
@@ -131,12 +162,12 @@ def vignette_answer(index: GraphIndex, shown: Sequence[str], names: Sequence[str
             return None
         parts.append(fill(table["tests"], t=join(tests)))
         named.extend(tests)
-    parts.append(emergency_sentence(shown, names))
+    parts.append(emergency_sentence(shown, names, [patient]))
     return "".join(parts), tuple(named)
 
 
 def differential_answer(index: GraphIndex, shown: Sequence[str], names: Sequence[str], ending: str,
-                        rng: random.Random) -> tuple[str, tuple[str, ...]] | None:
+                        rng: random.Random, patient: str = "") -> tuple[str, tuple[str, ...]] | None:
     """Several diseases fit: name them, say which department to see, and (when asked) which tests tell them apart."""
     table = resources.phrasings()["vignette"]
     listed = list(names[:5])
@@ -154,7 +185,7 @@ def differential_answer(index: GraphIndex, shown: Sequence[str], names: Sequence
         named.extend(tests)
     if ending == "treat":
         parts.append(table["treat_differential"])
-    parts.append(emergency_sentence(shown, names))
+    parts.append(emergency_sentence(shown, names, [patient]))
     return "".join(parts), tuple(named)
 
 
@@ -180,7 +211,7 @@ def vignette_rows(entity: Entity, index: GraphIndex, seed: int, max_candidates: 
         shown, names = found
         patient = rng.choice(patients_for(entity))
         ending = rng.choice(list(table["endings"]))
-        answered = vignette_answer(index, shown, names, ending, rng, "该患儿" if "儿" in patient else "该患者")
+        answered = vignette_answer(index, shown, names, ending, rng, "该患儿" if "儿" in patient else "该患者", patient)
         if answered is None:
             continue
         question = fill(rng.choice(table["openings"]), p=patient, s=join_and(list(shown))) + table["endings"][ending]
@@ -196,12 +227,14 @@ REVERSE_KIND = {"adverse": "drug", "drug_class": "drug", "indication": "drug", "
 REVERSE_MAX_HOLDERS = {"adverse": 40, "indication": 40, "drug_class": 200, "symptom": 60}
 
 
-def reverse_rows(entities: Sequence[Entity], seed: int) -> list[Row]:
+def reverse_rows(entities: Sequence[Entity], seed: int, progress: bool = False) -> list[Row]:
     """From a value back to the entities holding it: `哪些疾病会出现咯血？`, `哪些药物可能引起便秘？`."""
+    from tqdm import tqdm
+
     specs = resources.phrasings()["reverse"]
     vague = frozenset(resources.cleaning()["vague_symptoms"])
     rows: list[Row] = []
-    for relation, spec in specs.items():
+    for relation, spec in tqdm(specs.items(), desc="reverse look-ups", unit="relation", disable=not progress):
         kind = REVERSE_KIND.get(relation, "disease")
         holders: dict[str, list[Entity]] = {}
         for entity in entities:
@@ -256,6 +289,8 @@ def _contrast(a: Entity, b: Entity, relation: str, spec: dict, prefix: str, tail
     extra = [fill(spec[f"{prefix}_only"], x=x.name, v=join(values))
              for x, values in ((a, only_a), (b, only_b)) if values]
     text = parts[0] + ("；" + "；".join(extra) if extra else "") + "。" + tail
+    if relation == "symptom":
+        text += emergency_sentence(shared + only_a + only_b, [a.name, b.name])
     return text, tuple(shared + only_a + only_b)
 
 

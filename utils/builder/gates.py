@@ -126,12 +126,14 @@ def exact_gate(rows: Iterable[Row], counts: GateCounts, unique_answers: bool = T
     return kept
 
 
-def near_duplicate_flags(texts: Sequence[str], threshold: float) -> list[bool]:
+def near_duplicate_flags(texts: Sequence[str], threshold: float, progress: bool = False) -> list[bool]:
     """For each text, whether it is near-equal (bigram Jaccard >= threshold) to an earlier text that was kept."""
     from datasketch import MinHash, MinHashLSH
+    from tqdm import tqdm
 
     lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
     flags: list[bool] = []
+    bar = tqdm(total=len(texts), desc="near duplicates", unit="row", disable=not progress, mininterval=1.0)
     for start in range(0, len(texts), CHUNK):
         chunk = texts[start : start + CHUNK]
         shingles = [[gram.encode("utf-8") for gram in sorted(bigrams(text))] or [b""] for text in chunk]
@@ -142,20 +144,22 @@ def near_duplicate_flags(texts: Sequence[str], threshold: float) -> list[bool]:
             flags.append(duplicate)
             if not duplicate:
                 lsh.insert(number, minhash)
+        bar.update(len(chunk))
+    bar.close()
     return flags
 
 
-def near_gate(rows: Sequence[Row], threshold: float, counts: GateCounts) -> list[Row]:
-    flags = near_duplicate_flags([f"{row.instruction}\n{row.output}" for row in rows], threshold)
+def near_gate(rows: Sequence[Row], threshold: float, counts: GateCounts, progress: bool = False) -> list[Row]:
+    flags = near_duplicate_flags([f"{row.instruction}\n{row.output}" for row in rows], threshold, progress)
     counts.near_duplicates += sum(flags)
     return [row for row, duplicate in zip(rows, flags, strict=True) if not duplicate]
 
 
 def apply_gates(rows: Sequence[Row], leaks: LeakIndex, near_threshold: float, counts: GateCounts,
-                check_content: bool = True, unique_answers: bool = True) -> list[Row]:
+                check_content: bool = True, unique_answers: bool = True, progress: bool = False) -> list[Row]:
     """All gates in order (see the module's docstring). `unique_answers=False` keeps rows that repeat an answer
     (a literature turn is asked alone and with its dialogue history: the same answer in two contexts)."""
     kept = content_gate(rows, counts) if check_content else list(rows)
     kept = leak_gate(kept, leaks, counts)
     kept = exact_gate(kept, counts, unique_answers)
-    return near_gate(kept, near_threshold, counts)
+    return near_gate(kept, near_threshold, counts, progress)

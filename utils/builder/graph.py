@@ -18,7 +18,7 @@ import io
 import pickle
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -183,11 +183,12 @@ class RelationSpec:
     predicates: tuple[str, ...]
     kinds: tuple[str, ...]
     max_items: int = 6
-    split: str = ""
+    split: tuple[str, ...] = ()
     min_chars: int = 2
     max_chars: int = 16
     latin: bool = False
     no_name_parts: bool = False
+    people_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -216,10 +217,10 @@ def predicate_map() -> PredicateMap:
     for name, spec in data["relations"].items():
         relation = RelationSpec(
             name=name, predicates=tuple(spec["predicates"]), kinds=tuple(spec["kinds"]),
-            max_items=int(spec.get("max_items", 6)), split=str(spec.get("split", "")),
+            max_items=int(spec.get("max_items", 6)), split=tuple(str(part) for part in spec.get("split", ())),
             min_chars=int(spec.get("min_chars", 1 if name == "body_site" else 2)),
             max_chars=int(spec.get("max_chars", 16)), latin=bool(spec.get("latin", False)),
-            no_name_parts=bool(spec.get("no_name_parts", False)),
+            no_name_parts=bool(spec.get("no_name_parts", False)), people_only=bool(spec.get("people_only", False)),
         )
         relations[name] = relation
         for predicate in relation.predicates:
@@ -251,6 +252,11 @@ class Cleaner:
     fragment_ends: tuple[str, ...]
     generic: frozenset[str]
     boilerplate: tuple[str, ...]
+    boilerplate_patterns: re.Pattern[str]
+    split_protected: tuple[str, ...]
+    fragment_values: frozenset[str]
+    person_endings: tuple[str, ...]
+    person_exclude: tuple[str, ...]
     excipients: frozenset[str]
     synonyms: dict[str, str]
     routes: tuple[str, ...]
@@ -268,6 +274,10 @@ def cleaner() -> Cleaner:
         leading=tuple(sorted(data["leading"], key=len, reverse=True)),
         fragment_starts=tuple(data["fragment_starts"]), fragment_ends=tuple(data["fragment_ends"]),
         generic=frozenset(data["generic_values"]), boilerplate=tuple(data["boilerplate_parts"]),
+        boilerplate_patterns=re.compile("|".join(f"(?:{pattern})" for pattern in data["boilerplate_patterns"])),
+        split_protected=tuple(sorted(data["split_protected"], key=len, reverse=True)),
+        fragment_values=frozenset(data["fragment_values"]),
+        person_endings=tuple(data["person_endings"]), person_exclude=tuple(data["person_exclude"]),
         excipients=frozenset(data["excipients"]), synonyms=dict(data["synonyms"]),
         routes=tuple(sorted(data["routes"], key=len, reverse=True)),
         stopwords={relation: frozenset(words) for relation, words in data["relation_stopwords"].items()},
@@ -306,7 +316,7 @@ def _why_dropped(piece: str, spec: RelationSpec, clean: Cleaner) -> str | None:
         return "too long"
     if piece in clean.generic or piece in clean.stopwords.get(spec.name, ()):
         return "generic"
-    if any(part in piece for part in clean.boilerplate):
+    if any(part in piece for part in clean.boilerplate) or clean.boilerplate_patterns.search(piece):
         return "boilerplate"
     if dose_or_frequency(piece):
         return "dose or frequency"
@@ -324,7 +334,27 @@ def _why_dropped(piece: str, spec: RelationSpec, clean: Cleaner) -> str | None:
         return "fragment"
     if spec.name == "ingredient" and piece in clean.excipients:
         return "excipient"
+    if spec.name in SYMPTOM_LIKE and piece in clean.fragment_values:
+        return "fragment"
+    if spec.people_only and (not piece.endswith(clean.person_endings)
+                             or any(word in piece for word in clean.person_exclude)):
+        return "not a group of people"
     return None
+
+
+def split_value(text: str, separators: Sequence[str], protected: Sequence[str]) -> list[str]:
+    """`text` cut at every separator (longest first) that is not inside a protected word: `吞咽疼痛和吞咽困难` ->
+    吞咽疼痛, 吞咽困难; but `可触及包块` stays whole (触及 is protected)."""
+    if not separators:
+        return [text]
+    words = sorted(protected, key=len, reverse=True) + sorted(separators, key=len, reverse=True)
+    pieces, start = [], 0
+    for match in re.finditer("|".join(map(re.escape, words)), text):
+        if match.group(0) in separators:
+            pieces.append(text[start : match.start()])
+            start = match.end()
+    pieces.append(text[start:])
+    return pieces
 
 
 @cache
@@ -335,8 +365,7 @@ def _clean_pieces(relation: str, value: str) -> tuple[tuple[str, ...], tuple[str
     text = text if spec.latin else _SPACES_NEAR_CJK.sub("", text)
     if dose_or_frequency(text):  # a value with a dose in it is dropped whole: its other pieces are instructions too
         return (), ("dose or frequency",)
-    separators = _ALWAYS_SPLIT + spec.split
-    pieces = re.split("[" + re.escape(separators) + "]", text) if separators else [text]
+    pieces = split_value(text, tuple(_ALWAYS_SPLIT) + spec.split, clean.split_protected)
     kept: list[str] = []
     dropped: list[str] = []
     for raw in pieces:
@@ -425,6 +454,7 @@ class Entity:
     facts: dict[str, tuple[str, ...]]
     sources: dict[str, tuple[str, ...]]
     where: str = ""
+    symptom_text: str = ""  # the source's symptom values as written (one a line), for symptom look-ups by substring
 
     def values(self, relation: str) -> tuple[str, ...]:
         return self.facts.get(relation, ())
@@ -484,7 +514,17 @@ def build_entity(raw: RawEntity, pmap: PredicateMap, stats: GraphStats) -> Entit
     for relation, values in facts.items():
         stats.mapped_facts[relation] += len(values)
     stats.entities_by_kind[kind] += 1
-    return Entity(raw.name, kind, facts, {relation: tuple(sources[relation]) for relation in facts}, raw.where)
+    return Entity(raw.name, kind, facts, {relation: tuple(sources[relation]) for relation in facts}, raw.where,
+                  raw_symptom_text(raw, pmap))
+
+
+def raw_symptom_text(raw: RawEntity, pmap: PredicateMap) -> str:
+    """Every value of the symptom predicates as the source wrote it (spaces next to Chinese removed): a shown
+    symptom found anywhere in it (`吞咽困难` in `吞咽疼痛和吞咽困难`) means the subject lists that symptom, whatever
+    cleaning kept or dropped."""
+    wanted = set(pmap.relations["symptom"].predicates)
+    text = "\n".join(value for predicate, values in raw.predicates if predicate in wanted for value in values)
+    return _SPACES_NEAR_CJK.sub("", text)
 
 
 def relation_conflicts(facts: dict[str, tuple[str, ...]]) -> bool:

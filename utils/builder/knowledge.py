@@ -59,5 +59,5 @@ def template_rows(entities: Sequence[Entity], options: TemplateOptions, progress
     rows: list[Row] = []
     for entity in tqdm(entities, desc="building rows", unit="entity", disable=not progress, mininterval=1.0):
         rows.extend(entity_rows(entity, index, options, compared))
-    rows.extend(reverse_rows(entities, options.seed))
+    rows.extend(reverse_rows(entities, options.seed, progress))
     return rows

@@ -4,8 +4,11 @@
   sets that point to the entity alone, drug safety); one request per (entity, kind), its key `entity#kind`.
 - Grounding that means something (`grounding_problem`): an answer must state specific facts of the entity
   (generic ones like 遵医嘱 and 1-character ones never count; one 2-character fact alone is not enough); every medical
-  term it asserts (a value anywhere in the graph) must be among the entity's facts; a number, dose or frequency not
-  in the facts rejects it; so does an absolute claim (所有, 一定, 不会引起任何 ...).
+  term it asserts must be among the entity's facts; a number, dose or frequency not in the facts rejects it; so
+  does an absolute claim (所有, 一定, 不会引起任何 ...) and a risky instruction (服药后可以喝酒, 自行停药, 放心使用,
+  `safety.yaml`). The term check knows only the graph's own vocabulary (its values and entity names) plus the alarm
+  signs and emergency diseases of `emergencies.yaml`: a medical term that appears nowhere in the graph and in no such
+  list (an unlisted drug or disease) is not recognised as a term, so it cannot be caught this way.
 - A run manifest (`OUTPUT.manifest.json`: command, model, server, temperature, prompt version, builder data version,
   a hash of the facts sent, pairs asked for) written when a run starts; `--resume True` with other settings refuses.
 - A work log (`OUTPUT.work.jsonl`): one line per finished item, holding its rows and tokens, fsynced; the output is
@@ -36,7 +39,7 @@ from utils.builder import resources
 from utils.builder.crossing import GraphIndex
 from utils.builder.graph import Entity, generic_values
 from utils.builder.rows import Row, fill
-from utils.builder.safety import absolute_claim, dose_or_frequency, stated_numbers
+from utils.builder.safety import absolute_claim, dose_or_frequency, risky_instruction, stated_numbers
 from utils.core.cli import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Check
 from utils.core.errors import UserError
 from utils.core.io import append_jsonl, atomic_write, drop_torn_tail, read_jsonl_tolerant
@@ -107,7 +110,8 @@ class RunCounts:
 
 @dataclass(frozen=True)
 class Lexicon:
-    """Every medical term of the graph (its values and entity names), for finding what an answer asserts."""
+    """Every medical term of the graph (its values and entity names) and the alarm signs and emergency diseases of
+    `emergencies.yaml`, for finding what an answer asserts. A term outside this vocabulary is not seen."""
 
     terms: frozenset[str]
 
@@ -116,6 +120,8 @@ class Lexicon:
         skip = generic_values() | frozenset(resources.safety()["generic_terms"])
         terms = {value for entity in entities for value in entity.all_values()}
         terms |= {entity.name for entity in entities}
+        alarms = resources.emergencies()
+        terms |= set(alarms["symptoms"]) | set(alarms["diseases"])  # 过敏性休克 is asserted even if no fact names it
         return cls(frozenset(term for term in terms if 2 <= len(term) <= MAX_TERM_CHARS and term not in skip))
 
     def asserted(self, text: str) -> list[str]:
@@ -140,6 +146,9 @@ def grounding_problem(answer: str, entity: Entity, lexicon: Lexicon) -> str | No
     claim = absolute_claim(answer)
     if claim:
         return f"absolute claim ({claim})"
+    risky = risky_instruction(answer)
+    if risky:
+        return f"risky instruction ({risky})"
     text = facts_text(entity)
     for number in stated_numbers(answer):
         if number not in text:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from utils.builder import resources
 from utils.builder.graph import SPECIAL_RELATIONS, Entity
-from utils.builder.rows import Row, capped, emergency_sentence, fill, join, phrasing, sources
+from utils.builder.rows import Row, capped, emergency_tail, fill, join, phrasing, sources
 
 # Relations whose answers are labels: asked through their own phrasing tables, never combined or put in dialogues.
 LABEL_RELATIONS = ("contagious", "prescription", "toxicity")
@@ -20,16 +20,12 @@ def askable(entity: Entity) -> list[str]:
             and phrasing(entity.kind, relation) is not None]
 
 
-def _symptom_tail(entity: Entity, relation: str) -> str:
-    return emergency_sentence(diseases=[entity.name]) if relation == "symptom" else ""
-
-
 def fact_row(entity: Entity, relation: str, rng: random.Random) -> Row:
     table = phrasing(entity.kind, relation)
     assert table is not None
     values = capped(entity, relation)
     question = fill(rng.choice(table["questions"]), e=entity.name)
-    answer = fill(rng.choice(table["answers"]), e=entity.name, v=join(values)) + _symptom_tail(entity, relation)
+    answer = fill(rng.choice(table["answers"]), e=entity.name, v=join(values)) + emergency_tail(entity, (relation,))
     return Row(question, answer, "fact", (entity.name,), sources(entity, relation), relation, values)
 
 
@@ -72,7 +68,8 @@ def multi_fact_rows(entity: Entity, rng: random.Random, most: int = 2) -> list[R
         follow = rng.choice(two["follow"]).removeprefix("那")
         question = fill(rng.choice(one["questions"]), e=entity.name) + "另外，" + follow
         answer = (fill(rng.choice(one["answers"]), e=entity.name, v=join(capped(entity, first)))
-                  + fill(rng.choice(two["follow_answers"]), e=entity.name, v=join(capped(entity, second))))
+                  + fill(rng.choice(two["follow_answers"]), e=entity.name, v=join(capped(entity, second)))
+                  + emergency_tail(entity, (first, second)))
         values = capped(entity, first) + capped(entity, second)
         rows.append(Row(question, answer, "multi_fact", (entity.name,), sources(entity, first, second),
                         f"{first}+{second}", values))
@@ -99,7 +96,7 @@ def dialogue_rows(entity: Entity, rng: random.Random, turns: int) -> list[Row]:
     history = "".join(f" <user>: {question} <bot>: {answer}" for question, answer in pairs[:-1])
     instruction = f"{history} <user>: {pairs[-1][0]}"
     last = chosen[-1]
-    answer = pairs[-1][1] + _symptom_tail(entity, last)
+    answer = pairs[-1][1] + emergency_tail(entity, chosen)
     return [Row(instruction, answer, "dialogue", (entity.name,), sources(entity, *chosen), "+".join(chosen),
                 capped(entity, last))]
 

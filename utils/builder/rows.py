@@ -78,29 +78,70 @@ def sources(entity: Entity, *relations: str) -> tuple[str, ...]:
     return tuple(seen)
 
 
+@dataclass(frozen=True)
+class Emergencies:
+    diseases: frozenset[str]
+    disease_patterns: tuple[str, ...]
+    not_emergency_parts: tuple[str, ...]
+    symptoms: tuple[str, ...]
+    pictures: tuple[tuple[str, ...], ...]
+    relations: frozenset[str]
+
+
 @cache
-def _emergency_sets() -> tuple[frozenset[str], tuple[str, ...]]:
+def emergencies() -> Emergencies:
     data = resources.emergencies()
-    return frozenset(data["diseases"]), tuple(data["symptoms"])
+    return Emergencies(frozenset(data["diseases"]), tuple(data["disease_patterns"]), tuple(data["not_emergency_parts"]),
+                       tuple(data["symptoms"]), tuple(tuple(picture) for picture in data["symptom_pictures"]),
+                       frozenset(data["relations"]))
 
 
 def is_emergency_disease(name: str) -> bool:
-    return name in _emergency_sets()[0]
+    """A listed emergency (急性心肌梗死), or a name with an emergency pattern (一氧化碳中毒, 甲亢危象,
+    失血性休克) that is not a chronic or late form (慢性铅中毒, 陈旧性心肌梗死), an acid-base disorder or a test."""
+    known = emergencies()
+    if name in known.diseases:
+        return True
+    return (any(pattern in name for pattern in known.disease_patterns)
+            and not any(part in name for part in known.not_emergency_parts))
 
 
 def alarm_symptoms(symptoms: Sequence[str]) -> list[str]:
-    """The shown symptoms that are alarm signs (胸痛, 呼吸困难, 意识丧失, ...)."""
-    keys = _emergency_sets()[1]
-    return [symptom for symptom in symptoms if any(key in symptom for key in keys)]
+    """The shown symptoms that are alarm signs (胸痛, 呼吸困难, 意识丧失, ...) or together make an alarm picture
+    (眼压升高 with 瞳孔散大: acute glaucoma)."""
+    known = emergencies()
+    found = [symptom for symptom in symptoms if any(key in symptom for key in known.symptoms)]
+    for picture in known.pictures:
+        parts = [next((symptom for symptom in symptoms if key in symptom), None) for key in picture]
+        if all(parts):
+            found.extend(part for part in parts if part and part not in found)
+    return found
 
 
-def emergency_sentence(symptoms: Sequence[str] = (), diseases: Sequence[str] = ()) -> str:
-    """立即就医/拨打120 when an alarm symptom is shown or an emergency disease is named; else nothing."""
+def alarm_words(texts: Sequence[str]) -> list[str]:
+    """The alarm signs named inside free text (a vignette's patient: `一位昏迷病人` -> 昏迷)."""
+    return [key for key in emergencies().symptoms if any(key in text for text in texts)]
+
+
+def emergency_sentence(symptoms: Sequence[str] = (), diseases: Sequence[str] = (), context: Sequence[str] = ()) -> str:
+    """立即就医/拨打120 when an alarm symptom is shown (or named in `context`, e.g. the patient) or an emergency disease
+    is named; else nothing."""
     data = resources.emergencies()
-    alarms = alarm_symptoms(symptoms)
+    alarms = alarm_symptoms(symptoms) or alarm_words(context)
     if alarms:
         return fill(data["sentence"], what=join_and(alarms[:2]))
     urgent = [name for name in diseases if is_emergency_disease(name)]
     if urgent:
         return fill(data["disease_sentence"], what=urgent[0])
     return ""
+
+
+def emergency_tail(entity: Entity, relations: Sequence[str]) -> str:
+    """The emergency sentence of a row about `entity` that states the given relations: the shown symptoms, and the
+    entity itself, count when one of them is an emergency relation (symptom, department)."""
+    if not emergencies().relations & set(relations):
+        return ""
+    if entity.kind == "disease" and is_emergency_disease(entity.name):  # the disease first: 急性心肌梗死属于急危重症
+        return emergency_sentence(diseases=[entity.name])
+    shown = [value for relation in relations if relation == "symptom" for value in capped(entity, relation)]
+    return emergency_sentence(shown)
