@@ -219,6 +219,65 @@ def test_a_pickled_graph_a_validation_split_and_a_datasets_export(tmp_path: Path
     assert printed.strip().splitlines()[-2].startswith(f"wrote {len(train)} rows to {out}")
 
 
+GRAPH_LINE = json.dumps({"中心词": "甲病", "类型": "疾病", "相关症状": ["发热", "咳嗽", "咯血"],
+                         "就诊科室": ["呼吸内科"]}, ensure_ascii=False) + "\n"
+
+
+@pytest.mark.parametrize("case", ["hf folder with other files", "hf folder holds the output", "hf folder is .",
+                                  "kb is the validation split", "kb is the report"])
+def test_the_files_a_build_writes_never_replace_an_input_or_other_files(case: str, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys) -> None:
+    """Every file the build writes beside --output (report, validation split) and the --hf_dataset folder (replaced
+    as a whole) are checked against the inputs and against other files before any work."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "thesis.tex").write_text("my thesis", encoding="utf-8")
+    kb, out, hf, extra = tmp_path / "kb.jsonl", tmp_path / "rows.jsonl", None, []
+    if case == "hf folder with other files":
+        hf = tmp_path / "papers"
+        hf.mkdir()
+        (hf / "draft.tex").write_text("keep me", encoding="utf-8")
+    elif case == "hf folder holds the output":
+        hf = tmp_path
+    elif case == "hf folder is .":
+        hf = Path(".")
+    elif case == "kb is the validation split":
+        kb, extra = tmp_path / "rows.val.jsonl", ["--val_fraction", "0.3"]
+    else:
+        kb = tmp_path / "rows.jsonl.report.json"
+    kb.write_text(GRAPH_LINE, encoding="utf-8")
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    argv = ["knowledge", "--kb", str(kb), "--output", str(out), "--exclude_questions", "none", *extra]
+    code, _, err = cli(*argv, *(["--hf_dataset", str(hf)] if hf is not None else []), monkeypatch=monkeypatch,
+                       capsys=capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+
+
+def test_a_build_whose_every_row_is_filtered_out_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys) -> None:
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"title": "空", "text": ""}, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    out = tmp_path / "dialogues.json"
+    code, printed, err = cli("literature", "--docs", str(docs), "--output", str(out), monkeypatch=monkeypatch,
+                             capsys=capsys)
+    assert code == 2 and "no rows survived" in err and "wrote" not in printed and not out.exists()
+
+
+def test_a_long_document_of_one_repeated_sentence_builds_in_seconds() -> None:
+    """Each turn's answer is chosen from sentences indexed once per topic and stops when full: 20,000 copies of a
+    sentence took minutes when every turn scanned the whole document."""
+    import time
+
+    from utils.builder.literature import Document, document_turns
+
+    sentence = "原发性肝癌是指起源于肝脏本身细胞的恶性肿瘤。"
+    started = time.monotonic()
+    turns = document_turns(Document(title="repeat", text=sentence * 20_000), seed=42)
+    assert len(turns) == 20_000 and time.monotonic() - started < 20
+
+
 def test_help_lists_each_flag_with_its_comment(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setattr(sys, "argv", ["build_dataset.py", "knowledge", "--help"])
     with pytest.raises(SystemExit):

@@ -11,6 +11,7 @@ cut at its first failing turn or empty follow-up (the later turns build on it).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import re
 from collections import Counter
@@ -104,6 +105,8 @@ def document_turns(document: Document, seed: int) -> list[tuple[str, str]]:
     rng = random.Random(f"{seed}:document:{document.key}")
     sentences = split_sentences(document.text)
     topics = [sentence_topic(sentence) for sentence in sentences]
+    shortest = min((len(sentence) for sentence in sentences), default=0)
+    about: dict[str, list[int]] = {}  # topic -> the sentences that mention it, found once per topic (not per turn)
     turns = []
     for index, found in enumerate(topics):
         if found is None:
@@ -114,14 +117,18 @@ def document_turns(document: Document, seed: int) -> list[tuple[str, str]]:
             if topics[later] is not None:
                 break
             following.append(later)
-        related = [other for other, sentence in enumerate(sentences) if other != index and topic in sentence]
+        if topic not in about:
+            about[topic] = [other for other, sentence in enumerate(sentences) if topic in sentence]
+        related = (other for other in about[topic] if other != index)
         neighbours = [other for other in (index + 1, index - 1) if 0 <= other < len(sentences)
                       and len(bigrams(sentences[other]) & bigrams(sentences[index])) >= MIN_SHARED_BIGRAMS]
-        chosen = [index]
-        for other in following + related + neighbours:
-            text = "".join(sentences[number] for number in chosen) + sentences[other]
-            if other not in chosen and len(chosen) < most_sentences and len(text) <= most_chars:
+        chosen, length = [index], len(sentences[index])
+        for other in itertools.chain(following, related, neighbours):
+            if len(chosen) >= most_sentences or length + shortest > most_chars:
+                break  # nothing more can be added: a long document costs no more than its turns
+            if other not in chosen and length + len(sentences[other]) <= most_chars:
                 chosen.append(other)
+                length += len(sentences[other])
         answer = sentences[index] + "".join(sentences[number] for number in sorted(chosen[1:]))
         turns.append((fill(rng.choice(questions), t=topic), answer))
     return turns
