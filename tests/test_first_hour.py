@@ -72,6 +72,17 @@ def test_a_mistyped_flag_is_refused_before_any_work(script, main, argv, meant, t
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+def test_an_unknown_flag_and_bad_values_are_reported_together(tiny_llama, train_file, tmp_path, no_model_loading):
+    """README: every problem in one line. A mistyped flag does not hide the bad values of the known ones."""
+    result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir",
+                      tmp_path / "out", "--num_epoch", "1", "--seed", "x", "--lora_dropout", "1")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    for part in ("unknown flag --num_epoch (did you mean --num_epochs?)", "--seed must be an integer, got 'x'",
+                 "--lora_dropout must be in [0, 1)"):
+        assert part in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def help_entries(text: str) -> dict[str, str]:
     """{flag: the comment line under it} from `--help`."""
     entries, flag = {}, None

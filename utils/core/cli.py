@@ -247,9 +247,15 @@ def render_help(name: str, function: Callable[..., Any]) -> str:
 # --- checking the whole command line ----------------------------------------------------------------------------------
 
 
+def did_you_mean(name: str, names: list[str], prefix: str = "--") -> str:
+    """` (did you mean --num_epochs?)` for the closest of `names` to a mistyped `name`, or ``."""
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
 def command_line_problems(function: Callable[..., Any], argv: list[str]) -> list[str]:
-    """Every problem with `argv` for `function`: unknown flags (with a suggestion), stray arguments, values of the
-    wrong type or out of their declared range."""
+    """Every problem with `argv` for `function`: unknown flags (with a suggestion), stray arguments, and the values of
+    the known flags that are of the wrong type or out of their declared range, so that one run names them all."""
     signature = inspect.signature(function)
     parameters = signature.parameters
     names = [name for name, p in parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
@@ -261,12 +267,40 @@ def command_line_problems(function: Callable[..., Any], argv: list[str]) -> list
             continue
         if flag in negated and flag.startswith("no") and flag[2:] in parameters:  # fire's --noNAME: NAME False
             continue
-        close = difflib.get_close_matches(flag, names, n=1, cutoff=0.6)
-        suggestion = f" (did you mean --{close[0]}?)" if close else ""
-        problems.append(f"unknown flag --{flag}{suggestion}")
+        problems.append(f"unknown flag --{flag}{did_you_mean(flag, names)}")
     if positional and not takes_positional:
         problems.append(f"unexpected argument {positional[0]!r}: flags are written --name value")
+    return problems + value_problems(function, flags)
+
+
+def value_problems(function: Callable[..., Any], raw_flags: Mapping[str, str | bool]) -> list[str]:
+    """The type and range problems of the known flags in `raw_flags` (as `scan_flags` read them), each value parsed
+    as fire parses it; checked before fire runs, so that they are reported together with any unknown flag."""
+    from fire.parser import DefaultParseValue
+
+    parameters = inspect.signature(function).parameters
+    hints, checks = _flag_hints(function), getattr(function, "__option_checks__", {})
+    problems = []
+    for name, raw in raw_flags.items():
+        parameter = parameters.get(name)
+        if parameter is None or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        value = DefaultParseValue(raw) if isinstance(raw, str) else raw
+        problem = checked_value(name, value, raw, hints.get(name, parameter.annotation), checks.get(name))[1]
+        if problem:
+            problems.append(problem)
     return problems
+
+
+def checked_value(name: str, value: Any, raw: str | bool | None, hint: Any, check: Check | None,
+                  ) -> tuple[Any, str | None]:
+    """(the value for `main`, or the problem with it): its type (`coerce`, when it was typed), then its range."""
+    flag = f"--{name}"
+    if raw is not None:
+        value, problem = coerce(flag, value, raw, hint)
+        if problem:
+            return value, problem
+    return value, check.problem(flag, value) if check is not None else None
 
 
 def checked_call(function: Callable[..., Any], argv: list[str]) -> Callable[..., Any]:
@@ -275,8 +309,7 @@ def checked_call(function: Callable[..., Any], argv: list[str]) -> Callable[...,
     import functools
 
     signature = inspect.signature(function)
-    hints = dict(getattr(function, "__flag_hints__", {}))
-    hints.update(typing.get_type_hints(inspect.unwrap(function)) if _has_hints(function) else {})
+    hints = _flag_hints(function)
     checks: Mapping[str, Check] = getattr(function, "__option_checks__", {})
     raw_flags, _, _ = scan_flags(argv)
 
@@ -288,22 +321,24 @@ def checked_call(function: Callable[..., Any], argv: list[str]) -> Callable[...,
             parameter = signature.parameters[name]
             if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
                 continue
-            flag = f"--{name}"
-            if name in raw_flags:
-                value, problem = coerce(flag, value, raw_flags[name], hints.get(name, parameter.annotation))
-                if problem:
-                    problems.append(problem)
-                    continue
+            value, problem = checked_value(name, value, raw_flags.get(name), hints.get(name, parameter.annotation),
+                                           checks.get(name))
+            if problem:
+                problems.append(problem)
+            elif name in raw_flags:
                 bound.arguments[name] = value
-            if name in checks:
-                problem = checks[name].problem(flag, value)
-                if problem:
-                    problems.append(problem)
         if problems:
             raise UserError("; ".join(problems))
         return function(*bound.args, **bound.kwargs)
 
     return call
+
+
+def _flag_hints(function: Callable[..., Any]) -> dict[str, Any]:
+    """{parameter: its type hint}, also for the flags `dataclass_flags` laid out."""
+    hints = dict(getattr(function, "__flag_hints__", {}))
+    hints.update(typing.get_type_hints(inspect.unwrap(function)) if _has_hints(function) else {})
+    return hints
 
 
 def _has_hints(function: Callable[..., Any]) -> bool:
@@ -332,8 +367,7 @@ def _select(component: Callable[..., Any] | Mapping[str, Callable[..., Any]], ar
               f"`python {program} COMMAND --help` lists a command's flags.")
         raise SystemExit(0)
     if argv[0] not in component:
-        close = difflib.get_close_matches(argv[0], list(component), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        hint = did_you_mean(argv[0], list(component), prefix="")
         raise UserError(f"unknown command {argv[0]!r}{hint}; commands: {commands}")
     return component[argv[0]], argv[1:], f"{program} {argv[0]}"
 
