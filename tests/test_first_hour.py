@@ -182,8 +182,59 @@ def test_a_mistyped_local_path_is_no_such_folder_at_once_even_online(argv, messa
     assert argv[1] in result.stderr and time.monotonic() - started < 5
 
 
-def test_an_uncached_hub_id_while_offline_is_refused_at_once(tiny_llama, monkeypatch, no_model_loading):
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test if anything looks up a host name or opens a connection."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_a_mistyped_path_in_an_existing_folder_is_no_such_folder_at_once_online(tiny_llama, tmp_path, monkeypatch,
+                                                                                no_model_loading, no_network):
+    """`models/tiny-lama` looks like a hub id (org/name), but `models/` is a folder here: a mistyped path, answered
+    at once with the nearest folder, not after a minute of hub retries."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    (tmp_path / "models" / "tiny-llama").mkdir(parents=True)
+    (tmp_path / "models" / "bloom-560m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    started = time.monotonic()
+    result = run_main(infer.main, "--base_model", "models/tiny-lama", "--use_lora", "False")
+    assert time.monotonic() - started < 1
+    assert result.returncode == 2, result.stderr
+    assert "--base_model models/tiny-lama: no such folder (did you mean models/tiny-llama?)" in result.stderr
+
+
+def test_a_hub_id_the_hub_cannot_serve_says_first_that_there_is_no_local_folder(monkeypatch):
+    """The error transformers raises when the hub is unreachable (an OSError from huggingface_hub's
+    LocalEntryNotFoundError from httpx's ConnectError): the message starts with what the user most likely got wrong."""
+    import httpx
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from utils.model.source import hub_error
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    try:
+        try:
+            try:
+                raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+            except httpx.ConnectError as dns:
+                raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub") from dns
+        except LocalEntryNotFoundError as missing:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files") from missing
+    except OSError as error:
+        message = str(hub_error("meta-llama/Llama-2-7b-hf", error))
+    assert message.startswith("no local folder meta-llama/Llama-2-7b-hf, and the hub could not be reached"), message
+    assert "We couldn't connect" in message
+
+
+def test_an_uncached_hub_id_while_offline_is_refused_at_once(tiny_llama, tmp_path, monkeypatch, no_model_loading):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # no models/ folder here: `models/tiny-lama` is read as a hub id
     started = time.monotonic()
     result = run_main(infer.main, "--base_model", "models/tiny-lama", "--use_lora", "False")
     assert result.returncode == 2 and "HF_HUB_OFFLINE is set" in result.stderr, result.stderr
