@@ -4,6 +4,8 @@ holds; a spy on `from_pretrained` fails the test if the script got that far."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shutil
@@ -13,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, train_adapter
+from conftest import REPO, TRAIN_QUICK, train_adapter
 from in_process import run_main
 
 import build_dataset
@@ -24,6 +26,7 @@ import generate
 import infer
 import infer_literature
 from utils import tiny_base
+from utils.core.cli import run_cli
 from utils.training import plotting
 
 # every script's entry point, a flag as a user mistypes it, and the flag it meant
@@ -239,6 +242,30 @@ def test_an_uncached_hub_id_while_offline_is_refused_at_once(tiny_llama, tmp_pat
     result = run_main(infer.main, "--base_model", "models/tiny-lama", "--use_lora", "False")
     assert result.returncode == 2 and "HF_HUB_OFFLINE is set" in result.stderr, result.stderr
     assert "models/tiny-lama" in result.stderr and time.monotonic() - started < 5
+
+
+# --- progress in logs ---------------------------------------------------------------------------------------
+
+
+class TerminalStream(io.StringIO):
+    """A stream that says it is a terminal, as stderr is under `python finetune.py ... | tee log` from a shell."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_lines_reach_a_teed_log_while_stderr_is_a_terminal(tiny_llama, train_file, tmp_path):
+    """`python finetune.py ... | tee log`: stdout is a pipe, stderr the terminal. The log gets `step N/M` lines, never
+    the Trainer's `{'loss': ...}` dicts (the real Trainer, its real progress callbacks; only isatty says terminal)."""
+    log, terminal = io.StringIO(), TerminalStream()
+    argv = ["--base_model", str(tiny_llama), "--data_path", str(train_file), "--output_dir", str(tmp_path / "out"),
+            *TRAIN_QUICK, "--val_set_size", "0"]
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(terminal):
+        run_cli(finetune.main, argv)
+    text = log.getvalue()
+    assert re.search(r"^step 1/4, [\d.]+ s/step, ETA .*, loss \d", text, flags=re.MULTILINE), text[-3000:]
+    assert re.search(r"^step 4/4, ", text, flags=re.MULTILINE) and "checkpoint saved: " in text
+    assert "{'loss'" not in text and "'epoch'" not in text, text[-3000:]
 
 
 # --- files colleagues can read ----------------------------------------------------------------------------------

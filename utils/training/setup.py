@@ -188,10 +188,9 @@ def training_arguments(args: Any, device: str, precision: str, processes: int, r
     """The Trainer's arguments for finetune.py's flags `args` on this machine: steps, schedule, precision, saving,
     logging and the engine (DDP, DeepSpeed, FSDP). `TrainingArguments(deepspeed=...)` registers the DeepSpeed config
     that makes `from_pretrained` partition a ZeRO-3 model while it loads: build this before the weights load."""
-    import sys
-
     from transformers import TrainingArguments
 
+    from utils.training.callbacks import printing_to_a_log
     from utils.training.engines import training_device_args
 
     return TrainingArguments(
@@ -222,6 +221,6 @@ def training_arguments(args: Any, device: str, precision: str, processes: int, r
         dataloader_pin_memory=device == "cuda",
         report_to=reporters or "none",
         run_name=args.wandb_run_name or None,
-        disable_tqdm=not sys.stderr.isatty(),  # a log file gets ProgressLines instead
+        disable_tqdm=printing_to_a_log(),  # a log (a file, a pipe, `| tee`) gets ProgressLines instead
         remove_unused_columns=False,
     )
