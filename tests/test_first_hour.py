@@ -163,6 +163,47 @@ def test_resuming_a_complete_run_says_it_is_complete(finished_run, tiny_llama, t
     assert snapshot(done) == before  # bentsao_training.json keeps its losses (no train_loss 0.0)
 
 
+@pytest.mark.parametrize("length", [["--max_steps", "8"], ["--max_steps", "-1", "--num_epochs", "2"]],
+                         ids=["max_steps", "num_epochs"])
+def test_resuming_a_finished_run_for_longer_is_refused(finished_run, tiny_llama, train_file, tmp_path, length):
+    """A longer run resumed from the last checkpoint would continue a learning-rate schedule that reached 0 at step
+    4 (then jump) and replace the finished adapter without --overwrite."""
+    done = tmp_path / "done"
+    shutil.copytree(finished_run, done)
+    before = snapshot(done)
+    result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", done,
+                      *TRAIN_QUICK, "--val_set_size", "0", *length, "--resume_from_checkpoint", "True")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "is complete (checkpoint-4: step 4 of 4)" in result.stderr and "resuming it for 8 steps" in result.stderr
+    assert "new --output_dir" in result.stderr and "--overwrite True" in result.stderr
+    assert snapshot(done) == before
+
+
+def test_resuming_a_stopped_run_with_another_length_is_refused(finished_run, tiny_llama, train_file, tmp_path):
+    stopped = tmp_path / "stopped"
+    shutil.copytree(finished_run, stopped)
+    shutil.rmtree(stopped / "checkpoint-4")
+    for name in ("adapter_model.safetensors", "adapter_config.json", "bentsao_training.json"):
+        (stopped / name).unlink()  # as a run stopped after checkpoint-2
+    result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", stopped,
+                      *TRAIN_QUICK, "--val_set_size", "0", "--max_steps", "6", "--resume_from_checkpoint", "True")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "that run is 4 steps long (checkpoint-2: step 2 of 4), this command asks for 6" in result.stderr
+    assert "new --output_dir" in result.stderr
+
+
+def test_rerunning_a_finished_run_advises_a_new_folder_or_overwrite(finished_run, tiny_llama, train_file, tmp_path,
+                                                                   no_model_loading):
+    done = tmp_path / "done"
+    shutil.copytree(finished_run, done)
+    result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", done,
+                      "--max_steps", "8")
+    assert result.returncode == 2
+    assert "already holds a finished adapter" in result.stderr and "of a finished run" in result.stderr
+    assert "new --output_dir" in result.stderr and "--overwrite True" in result.stderr
+    assert "continue it with --resume_from_checkpoint" not in result.stderr  # a finished run has nothing to resume
+
+
 # --- mistyped paths ------------------------------------------------------------------------------------------
 
 
