@@ -309,6 +309,18 @@ def test_progress_lines_reach_a_teed_log_while_stderr_is_a_terminal(tiny_llama, 
     assert "{'loss'" not in text and "'epoch'" not in text, text[-3000:]
 
 
+def test_a_log_file_gets_no_progress_bar_junk(tiny_llama, train_file, tmp_path):
+    """nohup/sbatch: stderr is a file. datasets' map bars, transformers' "Loading weights" bar, the Trainer's bar and
+    infer.py's answering bar are off (each redraw would be a `\r`-joined chunk, the last one printed twice)."""
+    trained = train_adapter(tiny_llama, train_file, tmp_path / "lora", "--val_set_size", "0")
+    answered = run_main(infer.main, "--base_model", tiny_llama, "--lora_weights", tmp_path / "lora",
+                        "--max_new_tokens", "4", "--num_beams", "1")
+    assert answered.returncode == 0, answered.stderr[-2000:]
+    for result in (trained, answered):
+        assert "\r" not in result.stderr and "\r" not in result.stdout, result.stderr[-2000:]
+    assert "step 4/4" in trained.stdout  # the progress lines stand in for the bars
+
+
 # --- files colleagues can read ----------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ Then fire calls `main` as usual. A `UserError` raised inside is printed the same
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import logging
@@ -24,7 +25,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -394,8 +395,9 @@ def run_cli(component: Callable[..., Any] | Mapping[str, Callable[..., Any]], ar
         target: Any = {key: value for key, value in component.items()} if isinstance(component, Mapping) else call
         if isinstance(component, Mapping):
             target[argv[0]] = call
-        fire.Fire(target, command=argv if isinstance(component, Mapping) else rest, name=program,
-                  serialize=lambda result: None)  # scripts print what they mean to
+        with library_bars_only_on_a_terminal():
+            fire.Fire(target, command=argv if isinstance(component, Mapping) else rest, name=program,
+                      serialize=lambda result: None)  # scripts print what they mean to
     except UserError as error:
         if debug:
             raise
@@ -415,6 +417,33 @@ def run_cli(component: Callable[..., Any] | Mapping[str, Callable[..., Any]], ar
              "the file system) and run again")
 
 
+@contextlib.contextmanager
+def library_bars_only_on_a_terminal() -> Iterator[None]:
+    """The Hugging Face libraries' progress bars (hub downloads, transformers' "Loading weights") only while stderr is
+    a terminal: in a log file (nohup, sbatch) every redraw is a `\r`-joined chunk and the last one prints twice.
+    transformers takes its initial state from huggingface_hub's when it is imported, so a later import is covered too;
+    the states are restored afterwards (in-process runs). datasets' bars: utils/data.py."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from huggingface_hub import utils as hub
+
+    hub_on = not hub.are_progress_bars_disabled()
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    transformers_on = hf_logging.is_progress_bar_enabled() if hf_logging else hub_on
+    hub.disable_progress_bars()
+    if hf_logging:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hub_on:
+            hub.enable_progress_bars()
+        hf_logging = sys.modules.get("transformers.utils.logging")
+        if hf_logging and transformers_on:
+            hf_logging.enable_progress_bar()
+
+
 @dataclass
 class Outcome:
     """What `python <script>.py argv...` ended with."""
@@ -427,7 +456,6 @@ class Outcome:
 def run_in_process(component: Callable[..., Any] | Mapping[str, Callable[..., Any]], *argv: Any) -> Outcome:
     """`python <script>.py argv...` in this process (the same `run_cli` entry point), without paying for a fresh
     interpreter and a torch import: for tests and gpu_check. `component` as for `run_cli` (a dict: subcommands)."""
-    import contextlib
     import io
 
     out, err = io.StringIO(), io.StringIO()
