@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TRAIN_QUICK, train_adapter
+from conftest import REPO, TRAIN_QUICK, run_script, train_adapter
 from in_process import run_main
 
 import build_dataset
@@ -41,7 +41,26 @@ MISTYPED = [
      ["knowledge", "--outptu", "o.json"], "--output"),
     ("utils/tiny_base.py", tiny_base.build, ["--pretrain_step", "0"], "--pretrain_steps"),
     ("utils/training/plotting.py", plotting.main, ["--outptu", "x.png"], "--output"),
+    # the benchmarks (argparse): run as scripts, checked before torch is imported; no abbreviations (`--step`)
+    ("benchmarks/cpu.py", "benchmarks/cpu.py", ["--repeats", "3"], "--repeat"),
+    ("benchmarks/gpu.py", "benchmarks/gpu.py", ["--tiny", "--step", "2"], "--steps"),
+    ("benchmarks/layouts.py", "benchmarks/layouts.py", ["--thread", "2"], "--threads"),
+    ("benchmarks/gpu_check.py", "benchmarks/gpu_check.py", ["--dryrun"], "--dry_run"),
 ]
+BENCHMARKS = [case[0] for case in MISTYPED if isinstance(case[1], str)]
+SCRIPTS = [(case[0], case[1]) for case in MISTYPED if callable(case[1])]  # fire scripts with one entry point
+
+# `python benchmarks/x.py argv...` that also says whether torch was imported by the time it exited
+RUN_AND_REPORT_TORCH = """
+import runpy, sys
+from pathlib import Path
+script, sys.argv = sys.argv[1], sys.argv[1:]
+sys.path.insert(0, str(Path(script).resolve().parent))  # as `python script` does
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    print("torch imported" if "torch" in sys.modules else "torch not imported", file=sys.stderr)
+"""
 
 
 @pytest.fixture
@@ -65,10 +84,18 @@ def test_a_mistyped_flag_is_refused_before_any_work(script, main, argv, meant, t
         "infer.py": ["--base_model", tiny_llama, "--use_lora", "False"],
         "infer_literature.py": ["--base_model", tiny_llama, "--use_lora", "False"],
         "generate.py": ["--base_model", tiny_llama, "--use_lora", "False"],
+        "benchmarks/layouts.py": ["--base_model", tiny_llama],
     }.get(script, [])
     started = time.monotonic()
-    result = run_main(main, *argv[:1], *valid, *argv[1:]) if script == "build_dataset.py" else \
-        run_main(main, *valid, *argv)
+    if isinstance(main, str):  # a benchmark: its own process, where a torch import would show
+        result = run_script("-c", RUN_AND_REPORT_TORCH, main, *map(str, valid), *argv)
+        assert "torch not imported" in result.stderr, result.stderr[-2000:]
+        result.stderr = result.stderr[result.stderr.index(f"{Path(main).name}: error: "):].replace(
+            f"{Path(main).name}: ", "", 1)
+    elif script == "build_dataset.py":
+        result = run_main(main, *argv[:1], *valid, *argv[1:])
+    else:
+        result = run_main(main, *valid, *argv)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"did you mean {meant}?" in result.stderr and result.stderr.startswith("error: ")
     assert "Traceback" not in result.stderr and time.monotonic() - started < 5
@@ -99,8 +126,7 @@ def help_entries(text: str) -> dict[str, str]:
     return entries
 
 
-@pytest.mark.parametrize("script, main", [(case[0], case[1]) for case in MISTYPED if not isinstance(case[1], dict)],
-                         ids=[case[0] for case in MISTYPED if not isinstance(case[1], dict)])
+@pytest.mark.parametrize("script, main", SCRIPTS, ids=[case[0] for case in SCRIPTS])
 def test_help_shows_the_comment_beside_every_flag(script, main):
     result = run_main(main, "--help")
     assert result.returncode == 0
@@ -108,6 +134,20 @@ def test_help_shows_the_comment_beside_every_flag(script, main):
     assert entries, result.stdout
     undocumented = [flag for flag, comment in entries.items() if not comment]
     assert undocumented == [], f"{script} --help shows no comment for {undocumented}"
+
+
+@pytest.mark.parametrize("script", BENCHMARKS)
+def test_help_of_a_benchmark_explains_every_flag(script, monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"first_hour_{Path(script).stem}", REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parser = module.build_parser()
+    undocumented = [action.option_strings for sub in parser.parsers() for action in sub.arguments if not action.help]
+    assert undocumented == [], f"{script} --help shows no text for {undocumented}"
+    assert not parser.allow_abbrev
 
 
 @pytest.mark.parametrize("main", [infer.main, infer_literature.main, generate.main])
