@@ -160,6 +160,32 @@ def test_help_of_a_generating_script_explains_the_shared_generation_flags(main):
         assert entries[flag] == expected[flag].strip()
 
 
+def readme_section(heading: str) -> str:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"\n{heading}") + 1
+    return text[start: text.find("\n#", start + len(heading))]
+
+
+@pytest.mark.parametrize("heading, main", [("### `finetune.py`", finetune.main), ("### `infer.py`", infer.main),
+                                           ("### `python -m utils.tiny_base`", tiny_base.build)],
+                         ids=["finetune.py", "infer.py", "tiny_base"])
+def test_readme_lists_every_flag(heading, main):
+    import inspect
+
+    section = readme_section(heading)
+    missing = [name for name in inspect.signature(main).parameters if not re.search(rf"--{name}(?!\w)", section)]
+    assert missing == [], f"README's {heading} section does not name {missing}"
+
+
+def test_readme_lists_every_variable_of_the_scripts():
+    section = readme_section("### `scripts/`")
+    variables = set()
+    for script in (REPO / "scripts").glob("*.sh"):
+        variables |= set(re.findall(r"\$\{([A-Z][A-Z_]+):-", script.read_text(encoding="utf-8")))
+    variables.discard("LOCAL_RANK")  # set by torchrun for the processes it starts, not by a user
+    assert sorted(name for name in variables if f"`{name}`" not in section) == []
+
+
 # --- restarts --------------------------------------------------------------------------------------------------
 
 
