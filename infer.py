@@ -104,7 +104,7 @@ def answer_in_order(model: Any, tokenizer: Any, prompts: list[str], rows: list[d
             printed += 1
 
     return generate_answers(model, tokenizer, prompts, generation.config(tokenizer), batch_size=batch_size,
-                            on_answer=print_in_order)
+                            on_answer=print_in_order, progress=sys.stderr.isatty())  # a bar in a log: `\r` junk
 
 
 def write_answers(output_file: str, rows: list[dict[str, Any]], answers: list[str]) -> None:

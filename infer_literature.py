@@ -34,7 +34,8 @@ def answer_single(model: Any, tokenizer: Any, prompter: Prompter, generation: Ge
     """The built-in questions, each on its own, batched."""
     chat = Chat(prompter, tokenizer, context_length(model, tokenizer))
     prompts = [chat.prompt(question, [])[0] for question in BUILT_IN_QUESTIONS]
-    answers = generate_answers(model, tokenizer, prompts, generation.config(tokenizer), batch_size=batch_size)
+    answers = generate_answers(model, tokenizer, prompts, generation.config(tokenizer), batch_size=batch_size,
+                               progress=sys.stderr.isatty())  # a bar in a log file is `\r` junk
     for question, answer in zip(BUILT_IN_QUESTIONS, answers, strict=True):
         print("Instruction:", question)
         print("Response:", answer)

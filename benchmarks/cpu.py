@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_flags import StrictParser
+
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE_DATA = REPO.parent / "shared" / "reference" / "bentsao" / "llama_data.json"
 PROJECT_DATA = REPO / "data" / "llama_data.json"
@@ -245,28 +247,37 @@ def default_inference_batch_size() -> int:
     return default or default_batch_size(1)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> StrictParser:
+    parser = StrictParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
     worker = sub.add_parser("answer", help="(internal) one inference process")
-    for name in ("--base_model", "--lora_weights", "--questions", "--answers"):
-        worker.add_argument(name, default="")
-    worker.add_argument("--batch_size", type=int, default=1)
-    worker.add_argument("--max_new_tokens", type=int, default=64)
-    worker.add_argument("--fixed_length", type=int, default=1)
+    for name, text in (("--base_model", "the base model folder"), ("--lora_weights", "the adapter folder"),
+                       ("--questions", "the questions (JSON Lines)"), ("--answers", "where the answers go (JSON)")):
+        worker.add_argument(name, default="", help=text)
+    worker.add_argument("--batch_size", type=int, default=1, help="questions answered together")
+    worker.add_argument("--max_new_tokens", type=int, default=64, help="tokens generated per answer")
+    worker.add_argument("--fixed_length", type=int, default=1,
+                        help="1: every answer exactly --max_new_tokens long (min_new_tokens); 0: stop at EOS")
     parser.add_argument("--rows", type=int, default=2048, help="training rows")
     parser.add_argument("--questions", type=int, default=128, help="inference questions")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--max_new_tokens", type=int, default=64,
+                        help="tokens generated per answer (every answer that long unless --stop_at_eos)")
     parser.add_argument("--batch_size", type=int, default=0, help="batched inference size (0: infer.py's default)")
-    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each benchmark (baseline and ours alternate, ABBA); the medians are reported")
     parser.add_argument("--stop_at_eos", action="store_true",
                         help="let answers end at EOS (the tiny model ends most at once) instead of max_new_tokens")
     parser.add_argument("--data", default="", help="instruction data (default: the published file, else the project's)")
     parser.add_argument("--base_model", default="", help="an existing tiny base (default: build one in --workdir)")
     parser.add_argument("--workdir", default="", help="where bases, adapters and answers go (default: a temp folder)")
     parser.add_argument("--ours_flags", default="", help='extra finetune.py flags for ours, e.g. "--pack_len 512"')
-    parser.add_argument("--skip", choices=["train", "infer"], default=None)
-    args = parser.parse_args(argv)
+    parser.add_argument("--skip", choices=["train", "infer"], default=None,
+                        help="leave out one benchmark: train (then an adapter is trained once for infer) or infer")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
     args.ours_flags = shlex.split(getattr(args, "ours_flags", ""))
     if args.command == "answer":
         answer_worker(args)

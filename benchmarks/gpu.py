@@ -30,10 +30,33 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from bench_flags import StrictParser
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+
+def build_parser() -> StrictParser:
+    parser = StrictParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="a tiny shape on CPU in fp32 (the code path, no figures)")
+    parser.add_argument("--shapes", default="", help="comma-separated: llama-7b,qwen2.5-7b (default) or tiny")
+    parser.add_argument("--layouts", default="cutoff256,packed2048",
+                        help="comma-separated: cutoff256 (the original rows, padded) and/or packed2048 (bins)")
+    parser.add_argument("--micro_batch_tokens", type=int, default=4096, help="about this many tokens a micro-batch")
+    parser.add_argument("--rows", type=int, default=1024, help="synthetic rows to draw micro-batches from")
+    parser.add_argument("--steps", type=int, default=10, help="timed micro-batches (one optimizer step each)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed micro-batches first")
+    parser.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false",
+                        help="keep every activation (more memory, less recomputation)")
+    parser.add_argument("--attn_implementation", default="sdpa",
+                        help="sdpa (a block-diagonal mask for packed rows) or flash_attention_2 (varlen)")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # a mistyped flag is answered before the torch import below (13-16 s)
+
+import torch  # noqa: E402
 
 from utils.training.batching import PackingCollator, PaddingCollator, first_fit_decreasing  # noqa: E402
 
@@ -209,18 +232,7 @@ def device_name(device: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="a tiny shape on CPU in fp32 (the code path, no figures)")
-    parser.add_argument("--shapes", default="", help="comma-separated: llama-7b,qwen2.5-7b (default) or tiny")
-    parser.add_argument("--layouts", default="cutoff256,packed2048")
-    parser.add_argument("--micro_batch_tokens", type=int, default=4096)
-    parser.add_argument("--rows", type=int, default=1024, help="synthetic rows to draw micro-batches from")
-    parser.add_argument("--steps", type=int, default=10, help="timed micro-batches (one optimizer step each)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false")
-    parser.add_argument("--attn_implementation", default="sdpa",
-                        help="sdpa (a block-diagonal mask for packed rows) or flash_attention_2 (varlen)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.tiny:
         device, dtype = "cpu", torch.float32
         shapes = args.shapes or "tiny"

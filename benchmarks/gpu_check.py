@@ -48,19 +48,40 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from bench_flags import StrictParser  # noqa: E402
+
+FULL_SHAPES = ("llama-7b", "qwen2.5-7b")
+DRY_SHAPES = ("tiny", "tiny-qwen2")
+
+
+def build_parser() -> StrictParser:
+    parser = StrictParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry_run", action="store_true", help="the whole plan on CPU at tiny shapes, fp32")
+    parser.add_argument("--shapes", default="", help=f"in-memory shapes (default {','.join(FULL_SHAPES)})")
+    parser.add_argument("--disk_shape", default="", help="the shape the scripts train (default llama-1b; tiny dry)")
+    parser.add_argument("--tokenizer_from", default="", help="a tiny base folder whose tokenizer to use "
+                                                             "(default: build one with utils.tiny_base)")
+    parser.add_argument("--benchmark_rows", type=int, default=0, help="synthetic rows for the benchmark")
+    parser.add_argument("--benchmark_steps", type=int, default=0, help="timed steps per benchmark layout")
+    parser.add_argument("--output", default="", help="the JSON report (default benchmarks/results/...)")
+    parser.add_argument("--workdir", default="", help="where models and runs go (default: a temporary folder)")
+    parser.add_argument("--strict", action="store_true", help="a check unavailable here fails the run too")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # a mistyped flag is answered before the torch import below (13-16 s)
+
 import gpu as bench  # noqa: E402  benchmarks/gpu.py
+import torch  # noqa: E402
 
 from utils.data import IGNORE_INDEX  # noqa: E402
 from utils.training.batching import plan_batching  # noqa: E402
 
-FULL_SHAPES = ("llama-7b", "qwen2.5-7b")
-DRY_SHAPES = ("tiny", "tiny-qwen2")
 PASSED, FAILED, NEEDS_GPU, UNAVAILABLE = "passed", "failed", "needs a GPU", "unavailable"
 
 
@@ -536,18 +557,7 @@ def default_output(dry_run: bool) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry_run", action="store_true", help="the whole plan on CPU at tiny shapes, fp32")
-    parser.add_argument("--shapes", default="", help=f"in-memory shapes (default {','.join(FULL_SHAPES)})")
-    parser.add_argument("--disk_shape", default="", help="the shape the scripts train (default llama-1b; tiny dry)")
-    parser.add_argument("--tokenizer_from", default="", help="a tiny base folder whose tokenizer to use "
-                                                             "(default: build one with utils.tiny_base)")
-    parser.add_argument("--benchmark_rows", type=int, default=0, help="synthetic rows for the benchmark")
-    parser.add_argument("--benchmark_steps", type=int, default=0, help="timed steps per benchmark layout")
-    parser.add_argument("--output", default="", help="the JSON report (default benchmarks/results/...)")
-    parser.add_argument("--workdir", default="", help="where models and runs go (default: a temporary folder)")
-    parser.add_argument("--strict", action="store_true", help="a check unavailable here fails the run too")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     chosen = None if args.dry_run else one_gpu(os.environ)  # before anything asks CUDA how many GPUs there are
     if chosen is not None:
         print(f"gpu_check runs on one GPU: CUDA_VISIBLE_DEVICES={chosen}", file=sys.stderr)

@@ -15,7 +15,6 @@ a shared machine) or wall time, median of `--repeat` runs, all layouts interleav
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -23,16 +22,34 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from bench_flags import StrictParser
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+DATA = REPO.parent / "shared" / "reference" / "bentsao" / "llama_data.json"
+
+
+def build_parser() -> StrictParser:
+    parser = StrictParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base_model", required=True, help="the tiny base folder (python -m utils.tiny_base)")
+    parser.add_argument("--data", default=str(DATA if DATA.is_file() else REPO / "data" / "llama_data.json"),
+                        help="instruction data; the first 2,048 rows are read (default: the published file)")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps of 128 rows each")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of every layout; the median is reported")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                        help="cpu: process CPU time (steadier on a shared machine); wall: elapsed time")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # a mistyped flag is answered before the torch import below (13-16 s)
+
+import torch  # noqa: E402
 
 from utils.data import read_instruction_rows, tokenize_row  # noqa: E402
 from utils.prompter import Prompter  # noqa: E402
 from utils.training.batching import PackingCollator, PaddingCollator, first_fit_decreasing  # noqa: E402
-
-DATA = REPO.parent / "shared" / "reference" / "bentsao" / "llama_data.json"
 
 
 def layouts(steps: list[list[dict]], pad: int) -> dict[str, list[list[dict]]]:
@@ -76,14 +93,7 @@ def run(model, steps: list[list[dict]], clock) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base_model", required=True)
-    parser.add_argument("--data", default=str(DATA if DATA.is_file() else REPO / "data" / "llama_data.json"))
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 

@@ -4,6 +4,8 @@ holds; a spy on `from_pretrained` fails the test if the script got that far."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shutil
@@ -13,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, train_adapter
+from conftest import REPO, TRAIN_QUICK, run_script, train_adapter
 from in_process import run_main
 
 import build_dataset
@@ -24,6 +26,7 @@ import generate
 import infer
 import infer_literature
 from utils import tiny_base
+from utils.core.cli import run_cli
 from utils.training import plotting
 
 # every script's entry point, a flag as a user mistypes it, and the flag it meant
@@ -38,7 +41,26 @@ MISTYPED = [
      ["knowledge", "--outptu", "o.json"], "--output"),
     ("utils/tiny_base.py", tiny_base.build, ["--pretrain_step", "0"], "--pretrain_steps"),
     ("utils/training/plotting.py", plotting.main, ["--outptu", "x.png"], "--output"),
+    # the benchmarks (argparse): run as scripts, checked before torch is imported; no abbreviations (`--step`)
+    ("benchmarks/cpu.py", "benchmarks/cpu.py", ["--repeats", "3"], "--repeat"),
+    ("benchmarks/gpu.py", "benchmarks/gpu.py", ["--tiny", "--step", "2"], "--steps"),
+    ("benchmarks/layouts.py", "benchmarks/layouts.py", ["--thread", "2"], "--threads"),
+    ("benchmarks/gpu_check.py", "benchmarks/gpu_check.py", ["--dryrun"], "--dry_run"),
 ]
+BENCHMARKS = [case[0] for case in MISTYPED if isinstance(case[1], str)]
+SCRIPTS = [(case[0], case[1]) for case in MISTYPED if callable(case[1])]  # fire scripts with one entry point
+
+# `python benchmarks/x.py argv...` that also says whether torch was imported by the time it exited
+RUN_AND_REPORT_TORCH = """
+import runpy, sys
+from pathlib import Path
+script, sys.argv = sys.argv[1], sys.argv[1:]
+sys.path.insert(0, str(Path(script).resolve().parent))  # as `python script` does
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    print("torch imported" if "torch" in sys.modules else "torch not imported", file=sys.stderr)
+"""
 
 
 @pytest.fixture
@@ -62,14 +84,33 @@ def test_a_mistyped_flag_is_refused_before_any_work(script, main, argv, meant, t
         "infer.py": ["--base_model", tiny_llama, "--use_lora", "False"],
         "infer_literature.py": ["--base_model", tiny_llama, "--use_lora", "False"],
         "generate.py": ["--base_model", tiny_llama, "--use_lora", "False"],
+        "benchmarks/layouts.py": ["--base_model", tiny_llama],
     }.get(script, [])
     started = time.monotonic()
-    result = run_main(main, *argv[:1], *valid, *argv[1:]) if script == "build_dataset.py" else \
-        run_main(main, *valid, *argv)
+    if isinstance(main, str):  # a benchmark: its own process, where a torch import would show
+        result = run_script("-c", RUN_AND_REPORT_TORCH, main, *map(str, valid), *argv)
+        assert "torch not imported" in result.stderr, result.stderr[-2000:]
+        result.stderr = result.stderr[result.stderr.index(f"{Path(main).name}: error: "):].replace(
+            f"{Path(main).name}: ", "", 1)
+    elif script == "build_dataset.py":
+        result = run_main(main, *argv[:1], *valid, *argv[1:])
+    else:
+        result = run_main(main, *valid, *argv)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"did you mean {meant}?" in result.stderr and result.stderr.startswith("error: ")
     assert "Traceback" not in result.stderr and time.monotonic() - started < 5
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_an_unknown_flag_and_bad_values_are_reported_together(tiny_llama, train_file, tmp_path, no_model_loading):
+    """README: every problem in one line. A mistyped flag does not hide the bad values of the known ones."""
+    result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir",
+                      tmp_path / "out", "--num_epoch", "1", "--seed", "x", "--lora_dropout", "1")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    for part in ("unknown flag --num_epoch (did you mean --num_epochs?)", "--seed must be an integer, got 'x'",
+                 "--lora_dropout must be in [0, 1)"):
+        assert part in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def help_entries(text: str) -> dict[str, str]:
@@ -85,8 +126,7 @@ def help_entries(text: str) -> dict[str, str]:
     return entries
 
 
-@pytest.mark.parametrize("script, main", [(case[0], case[1]) for case in MISTYPED if not isinstance(case[1], dict)],
-                         ids=[case[0] for case in MISTYPED if not isinstance(case[1], dict)])
+@pytest.mark.parametrize("script, main", SCRIPTS, ids=[case[0] for case in SCRIPTS])
 def test_help_shows_the_comment_beside_every_flag(script, main):
     result = run_main(main, "--help")
     assert result.returncode == 0
@@ -94,6 +134,20 @@ def test_help_shows_the_comment_beside_every_flag(script, main):
     assert entries, result.stdout
     undocumented = [flag for flag, comment in entries.items() if not comment]
     assert undocumented == [], f"{script} --help shows no comment for {undocumented}"
+
+
+@pytest.mark.parametrize("script", BENCHMARKS)
+def test_help_of_a_benchmark_explains_every_flag(script, monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"first_hour_{Path(script).stem}", REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parser = module.build_parser()
+    undocumented = [action.option_strings for sub in parser.parsers() for action in sub.arguments if not action.help]
+    assert undocumented == [], f"{script} --help shows no text for {undocumented}"
+    assert not parser.allow_abbrev
 
 
 @pytest.mark.parametrize("main", [infer.main, infer_literature.main, generate.main])
@@ -104,6 +158,32 @@ def test_help_of_a_generating_script_explains_the_shared_generation_flags(main):
     entries = help_entries(run_main(main, "--help").stdout)
     for flag in ("max_new_tokens", "num_beams", "temperature", "top_p", "repetition_penalty"):
         assert entries[flag] == expected[flag].strip()
+
+
+def readme_section(heading: str) -> str:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"\n{heading}") + 1
+    return text[start: text.find("\n#", start + len(heading))]
+
+
+@pytest.mark.parametrize("heading, main", [("### `finetune.py`", finetune.main), ("### `infer.py`", infer.main),
+                                           ("### `python -m utils.tiny_base`", tiny_base.build)],
+                         ids=["finetune.py", "infer.py", "tiny_base"])
+def test_readme_lists_every_flag(heading, main):
+    import inspect
+
+    section = readme_section(heading)
+    missing = [name for name in inspect.signature(main).parameters if not re.search(rf"--{name}(?!\w)", section)]
+    assert missing == [], f"README's {heading} section does not name {missing}"
+
+
+def test_readme_lists_every_variable_of_the_scripts():
+    section = readme_section("### `scripts/`")
+    variables = set()
+    for script in (REPO / "scripts").glob("*.sh"):
+        variables |= set(re.findall(r"\$\{([A-Z][A-Z_]+):-", script.read_text(encoding="utf-8")))
+    variables.discard("LOCAL_RANK")  # set by torchrun for the processes it starts, not by a user
+    assert sorted(name for name in variables if f"`{name}`" not in section) == []
 
 
 # --- restarts --------------------------------------------------------------------------------------------------
@@ -149,6 +229,47 @@ def test_resuming_a_complete_run_says_it_is_complete(finished_run, tiny_llama, t
     assert snapshot(done) == before  # bentsao_training.json keeps its losses (no train_loss 0.0)
 
 
+@pytest.mark.parametrize("length", [["--max_steps", "8"], ["--max_steps", "-1", "--num_epochs", "2"]],
+                         ids=["max_steps", "num_epochs"])
+def test_resuming_a_finished_run_for_longer_is_refused(finished_run, tiny_llama, train_file, tmp_path, length):
+    """A longer run resumed from the last checkpoint would continue a learning-rate schedule that reached 0 at step
+    4 (then jump) and replace the finished adapter without --overwrite."""
+    done = tmp_path / "done"
+    shutil.copytree(finished_run, done)
+    before = snapshot(done)
+    result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", done,
+                      *TRAIN_QUICK, "--val_set_size", "0", *length, "--resume_from_checkpoint", "True")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "is complete (checkpoint-4: step 4 of 4)" in result.stderr and "resuming it for 8 steps" in result.stderr
+    assert "new --output_dir" in result.stderr and "--overwrite True" in result.stderr
+    assert snapshot(done) == before
+
+
+def test_resuming_a_stopped_run_with_another_length_is_refused(finished_run, tiny_llama, train_file, tmp_path):
+    stopped = tmp_path / "stopped"
+    shutil.copytree(finished_run, stopped)
+    shutil.rmtree(stopped / "checkpoint-4")
+    for name in ("adapter_model.safetensors", "adapter_config.json", "bentsao_training.json"):
+        (stopped / name).unlink()  # as a run stopped after checkpoint-2
+    result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", stopped,
+                      *TRAIN_QUICK, "--val_set_size", "0", "--max_steps", "6", "--resume_from_checkpoint", "True")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "that run is 4 steps long (checkpoint-2: step 2 of 4), this command asks for 6" in result.stderr
+    assert "new --output_dir" in result.stderr
+
+
+def test_rerunning_a_finished_run_advises_a_new_folder_or_overwrite(finished_run, tiny_llama, train_file, tmp_path,
+                                                                   no_model_loading):
+    done = tmp_path / "done"
+    shutil.copytree(finished_run, done)
+    result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", done,
+                      "--max_steps", "8")
+    assert result.returncode == 2
+    assert "already holds a finished adapter" in result.stderr and "of a finished run" in result.stderr
+    assert "new --output_dir" in result.stderr and "--overwrite True" in result.stderr
+    assert "continue it with --resume_from_checkpoint" not in result.stderr  # a finished run has nothing to resume
+
+
 # --- mistyped paths ------------------------------------------------------------------------------------------
 
 
@@ -171,12 +292,99 @@ def test_a_mistyped_local_path_is_no_such_folder_at_once_even_online(argv, messa
     assert argv[1] in result.stderr and time.monotonic() - started < 5
 
 
-def test_an_uncached_hub_id_while_offline_is_refused_at_once(tiny_llama, monkeypatch, no_model_loading):
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test if anything looks up a host name or opens a connection."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+def test_a_mistyped_path_in_an_existing_folder_is_no_such_folder_at_once_online(tiny_llama, tmp_path, monkeypatch,
+                                                                                no_model_loading, no_network):
+    """`models/tiny-lama` looks like a hub id (org/name), but `models/` is a folder here: a mistyped path, answered
+    at once with the nearest folder, not after a minute of hub retries."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    (tmp_path / "models" / "tiny-llama").mkdir(parents=True)
+    (tmp_path / "models" / "bloom-560m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    started = time.monotonic()
+    result = run_main(infer.main, "--base_model", "models/tiny-lama", "--use_lora", "False")
+    assert time.monotonic() - started < 1
+    assert result.returncode == 2, result.stderr
+    assert "--base_model models/tiny-lama: no such folder (did you mean models/tiny-llama?)" in result.stderr
+
+
+def test_a_hub_id_the_hub_cannot_serve_says_first_that_there_is_no_local_folder(monkeypatch):
+    """The error transformers raises when the hub is unreachable (an OSError from huggingface_hub's
+    LocalEntryNotFoundError from httpx's ConnectError): the message starts with what the user most likely got wrong."""
+    import httpx
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from utils.model.source import hub_error
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    try:
+        try:
+            try:
+                raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+            except httpx.ConnectError as dns:
+                raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub") from dns
+        except LocalEntryNotFoundError as missing:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files") from missing
+    except OSError as error:
+        message = str(hub_error("meta-llama/Llama-2-7b-hf", error))
+    assert message.startswith("no local folder meta-llama/Llama-2-7b-hf, and the hub could not be reached"), message
+    assert "We couldn't connect" in message
+
+
+def test_an_uncached_hub_id_while_offline_is_refused_at_once(tiny_llama, tmp_path, monkeypatch, no_model_loading):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # no models/ folder here: `models/tiny-lama` is read as a hub id
     started = time.monotonic()
     result = run_main(infer.main, "--base_model", "models/tiny-lama", "--use_lora", "False")
     assert result.returncode == 2 and "HF_HUB_OFFLINE is set" in result.stderr, result.stderr
     assert "models/tiny-lama" in result.stderr and time.monotonic() - started < 5
+
+
+# --- progress in logs ---------------------------------------------------------------------------------------
+
+
+class TerminalStream(io.StringIO):
+    """A stream that says it is a terminal, as stderr is under `python finetune.py ... | tee log` from a shell."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_lines_reach_a_teed_log_while_stderr_is_a_terminal(tiny_llama, train_file, tmp_path):
+    """`python finetune.py ... | tee log`: stdout is a pipe, stderr the terminal. The log gets `step N/M` lines, never
+    the Trainer's `{'loss': ...}` dicts (the real Trainer, its real progress callbacks; only isatty says terminal)."""
+    log, terminal = io.StringIO(), TerminalStream()
+    argv = ["--base_model", str(tiny_llama), "--data_path", str(train_file), "--output_dir", str(tmp_path / "out"),
+            *TRAIN_QUICK, "--val_set_size", "0"]
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(terminal):
+        run_cli(finetune.main, argv)
+    text = log.getvalue()
+    assert re.search(r"^step 1/4, [\d.]+ s/step, ETA .*, loss \d", text, flags=re.MULTILINE), text[-3000:]
+    assert re.search(r"^step 4/4, ", text, flags=re.MULTILINE) and "checkpoint saved: " in text
+    assert "{'loss'" not in text and "'epoch'" not in text, text[-3000:]
+
+
+def test_a_log_file_gets_no_progress_bar_junk(tiny_llama, train_file, tmp_path):
+    """nohup/sbatch: stderr is a file. datasets' map bars, transformers' "Loading weights" bar, the Trainer's bar and
+    infer.py's answering bar are off (each redraw would be a `\r`-joined chunk, the last one printed twice)."""
+    trained = train_adapter(tiny_llama, train_file, tmp_path / "lora", "--val_set_size", "0")
+    answered = run_main(infer.main, "--base_model", tiny_llama, "--lora_weights", tmp_path / "lora",
+                        "--max_new_tokens", "4", "--num_beams", "1")
+    assert answered.returncode == 0, answered.stderr[-2000:]
+    for result in (trained, answered):
+        assert "\r" not in result.stderr and "\r" not in result.stdout, result.stderr[-2000:]
+    assert "step 4/4" in trained.stdout  # the progress lines stand in for the bars
 
 
 # --- files colleagues can read ----------------------------------------------------------------------------------

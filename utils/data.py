@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +76,22 @@ def tokenize_row(
     return Tokenized(input_ids=input_ids, labels=labels, truncated=truncated, trainable_tokens=trainable)
 
 
+@contextlib.contextmanager
+def map_bars_only_on_a_terminal() -> Iterator[None]:
+    """datasets' `map`/`filter` progress bars only while stderr is a terminal: in a log file (nohup, sbatch) each
+    redraw is a `\r`-joined chunk of junk. The earlier state is restored afterwards (in-process runs)."""
+    import datasets
+
+    if sys.stderr.isatty() or not datasets.is_progress_bar_enabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
 def tokenize_dataset(dataset, prompter: Prompter, tokenizer, cutoff_len: int, train_on_inputs: bool, label: str):
     """Tokenise every row; report truncated rows and drop rows with nothing left to learn.
 
@@ -92,9 +111,10 @@ def tokenize_dataset(dataset, prompter: Prompter, tokenizer, cutoff_len: int, tr
     empty_outputs = sum(1 for output in dataset["output"] if not output.strip())
     if len(dataset) and empty_outputs == len(dataset):
         raise UserError(f"every {label} row's `output` is empty: there is nothing to learn (check the data file)")
-    encoded = dataset.map(encode, remove_columns=dataset.column_names, desc=f"tokenizing {label}")
+    with map_bars_only_on_a_terminal():
+        encoded = dataset.map(encode, remove_columns=dataset.column_names, desc=f"tokenizing {label}")
+        kept = encoded.filter(lambda row: row["trainable_tokens"] > 0, desc=f"dropping empty {label} rows")
     truncated = sum(encoded["truncated"])
-    kept = encoded.filter(lambda row: row["trainable_tokens"] > 0, desc=f"dropping empty {label} rows")
     dropped = len(encoded) - len(kept)
     if len(encoded) and not len(kept):
         raise UserError(

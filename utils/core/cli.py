@@ -15,6 +15,7 @@ Then fire calls `main` as usual. A `UserError` raised inside is printed the same
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 import logging
@@ -24,7 +25,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,9 +248,15 @@ def render_help(name: str, function: Callable[..., Any]) -> str:
 # --- checking the whole command line ----------------------------------------------------------------------------------
 
 
+def did_you_mean(name: str, names: list[str], prefix: str = "--") -> str:
+    """` (did you mean --num_epochs?)` for the closest of `names` to a mistyped `name`, or ``."""
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
 def command_line_problems(function: Callable[..., Any], argv: list[str]) -> list[str]:
-    """Every problem with `argv` for `function`: unknown flags (with a suggestion), stray arguments, values of the
-    wrong type or out of their declared range."""
+    """Every problem with `argv` for `function`: unknown flags (with a suggestion), stray arguments, and the values of
+    the known flags that are of the wrong type or out of their declared range, so that one run names them all."""
     signature = inspect.signature(function)
     parameters = signature.parameters
     names = [name for name, p in parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
@@ -261,12 +268,40 @@ def command_line_problems(function: Callable[..., Any], argv: list[str]) -> list
             continue
         if flag in negated and flag.startswith("no") and flag[2:] in parameters:  # fire's --noNAME: NAME False
             continue
-        close = difflib.get_close_matches(flag, names, n=1, cutoff=0.6)
-        suggestion = f" (did you mean --{close[0]}?)" if close else ""
-        problems.append(f"unknown flag --{flag}{suggestion}")
+        problems.append(f"unknown flag --{flag}{did_you_mean(flag, names)}")
     if positional and not takes_positional:
         problems.append(f"unexpected argument {positional[0]!r}: flags are written --name value")
+    return problems + value_problems(function, flags)
+
+
+def value_problems(function: Callable[..., Any], raw_flags: Mapping[str, str | bool]) -> list[str]:
+    """The type and range problems of the known flags in `raw_flags` (as `scan_flags` read them), each value parsed
+    as fire parses it; checked before fire runs, so that they are reported together with any unknown flag."""
+    from fire.parser import DefaultParseValue
+
+    parameters = inspect.signature(function).parameters
+    hints, checks = _flag_hints(function), getattr(function, "__option_checks__", {})
+    problems = []
+    for name, raw in raw_flags.items():
+        parameter = parameters.get(name)
+        if parameter is None or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        value = DefaultParseValue(raw) if isinstance(raw, str) else raw
+        problem = checked_value(name, value, raw, hints.get(name, parameter.annotation), checks.get(name))[1]
+        if problem:
+            problems.append(problem)
     return problems
+
+
+def checked_value(name: str, value: Any, raw: str | bool | None, hint: Any, check: Check | None,
+                  ) -> tuple[Any, str | None]:
+    """(the value for `main`, or the problem with it): its type (`coerce`, when it was typed), then its range."""
+    flag = f"--{name}"
+    if raw is not None:
+        value, problem = coerce(flag, value, raw, hint)
+        if problem:
+            return value, problem
+    return value, check.problem(flag, value) if check is not None else None
 
 
 def checked_call(function: Callable[..., Any], argv: list[str]) -> Callable[..., Any]:
@@ -275,8 +310,7 @@ def checked_call(function: Callable[..., Any], argv: list[str]) -> Callable[...,
     import functools
 
     signature = inspect.signature(function)
-    hints = dict(getattr(function, "__flag_hints__", {}))
-    hints.update(typing.get_type_hints(inspect.unwrap(function)) if _has_hints(function) else {})
+    hints = _flag_hints(function)
     checks: Mapping[str, Check] = getattr(function, "__option_checks__", {})
     raw_flags, _, _ = scan_flags(argv)
 
@@ -288,22 +322,24 @@ def checked_call(function: Callable[..., Any], argv: list[str]) -> Callable[...,
             parameter = signature.parameters[name]
             if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
                 continue
-            flag = f"--{name}"
-            if name in raw_flags:
-                value, problem = coerce(flag, value, raw_flags[name], hints.get(name, parameter.annotation))
-                if problem:
-                    problems.append(problem)
-                    continue
+            value, problem = checked_value(name, value, raw_flags.get(name), hints.get(name, parameter.annotation),
+                                           checks.get(name))
+            if problem:
+                problems.append(problem)
+            elif name in raw_flags:
                 bound.arguments[name] = value
-            if name in checks:
-                problem = checks[name].problem(flag, value)
-                if problem:
-                    problems.append(problem)
         if problems:
             raise UserError("; ".join(problems))
         return function(*bound.args, **bound.kwargs)
 
     return call
+
+
+def _flag_hints(function: Callable[..., Any]) -> dict[str, Any]:
+    """{parameter: its type hint}, also for the flags `dataclass_flags` laid out."""
+    hints = dict(getattr(function, "__flag_hints__", {}))
+    hints.update(typing.get_type_hints(inspect.unwrap(function)) if _has_hints(function) else {})
+    return hints
 
 
 def _has_hints(function: Callable[..., Any]) -> bool:
@@ -332,8 +368,7 @@ def _select(component: Callable[..., Any] | Mapping[str, Callable[..., Any]], ar
               f"`python {program} COMMAND --help` lists a command's flags.")
         raise SystemExit(0)
     if argv[0] not in component:
-        close = difflib.get_close_matches(argv[0], list(component), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        hint = did_you_mean(argv[0], list(component), prefix="")
         raise UserError(f"unknown command {argv[0]!r}{hint}; commands: {commands}")
     return component[argv[0]], argv[1:], f"{program} {argv[0]}"
 
@@ -360,8 +395,9 @@ def run_cli(component: Callable[..., Any] | Mapping[str, Callable[..., Any]], ar
         target: Any = {key: value for key, value in component.items()} if isinstance(component, Mapping) else call
         if isinstance(component, Mapping):
             target[argv[0]] = call
-        fire.Fire(target, command=argv if isinstance(component, Mapping) else rest, name=program,
-                  serialize=lambda result: None)  # scripts print what they mean to
+        with library_bars_only_on_a_terminal():
+            fire.Fire(target, command=argv if isinstance(component, Mapping) else rest, name=program,
+                      serialize=lambda result: None)  # scripts print what they mean to
     except UserError as error:
         if debug:
             raise
@@ -381,6 +417,33 @@ def run_cli(component: Callable[..., Any] | Mapping[str, Callable[..., Any]], ar
              "the file system) and run again")
 
 
+@contextlib.contextmanager
+def library_bars_only_on_a_terminal() -> Iterator[None]:
+    """The Hugging Face libraries' progress bars (hub downloads, transformers' "Loading weights") only while stderr is
+    a terminal: in a log file (nohup, sbatch) every redraw is a `\r`-joined chunk and the last one prints twice.
+    transformers takes its initial state from huggingface_hub's when it is imported, so a later import is covered too;
+    the states are restored afterwards (in-process runs). datasets' bars: utils/data.py."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from huggingface_hub import utils as hub
+
+    hub_on = not hub.are_progress_bars_disabled()
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    transformers_on = hf_logging.is_progress_bar_enabled() if hf_logging else hub_on
+    hub.disable_progress_bars()
+    if hf_logging:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hub_on:
+            hub.enable_progress_bars()
+        hf_logging = sys.modules.get("transformers.utils.logging")
+        if hf_logging and transformers_on:
+            hf_logging.enable_progress_bar()
+
+
 @dataclass
 class Outcome:
     """What `python <script>.py argv...` ended with."""
@@ -393,7 +456,6 @@ class Outcome:
 def run_in_process(component: Callable[..., Any] | Mapping[str, Callable[..., Any]], *argv: Any) -> Outcome:
     """`python <script>.py argv...` in this process (the same `run_cli` entry point), without paying for a fresh
     interpreter and a torch import: for tests and gpu_check. `component` as for `run_cli` (a dict: subcommands)."""
-    import contextlib
     import io
 
     out, err = io.StringIO(), io.StringIO()

@@ -3,8 +3,9 @@
 - `GracefulStop` turns SIGTERM/SIGINT into "save a checkpoint at the end of this optimizer step and stop".
 - `DivergenceGuard` stops at the first optimizer step whose loss (or trainable weights) is NaN/inf, without
   saving that step, and tells it apart from fp16 loss-scale skips (inf gradients, finite loss, step skipped).
-- `ProgressLines`: when the output goes to a file or a pipe (nohup, sbatch, tee), the progress bar is off; this
-  prints `step 90/256, 12.3 s/step, ETA 34 min` lines and one line per checkpoint saved (main process only).
+- `ProgressLines`: when the output goes to a file or a pipe (nohup, sbatch, `| tee log` from a terminal), the
+  progress bar is off; this prints `step 90/256, 12.3 s/step, ETA 34 min` lines and one line per checkpoint saved
+  (main process only). `printing_to_a_log()` decides, for both.
 - `ReadableCheckpoints`: each `checkpoint-N` as the umask allows (safetensors writes its files 0600), so that a
   colleague can read, resume or answer with it, as with the final adapter.
 """
@@ -182,13 +183,20 @@ def format_duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def printing_to_a_log() -> bool:
+    """True unless both stdout and stderr are a terminal. Under `python finetune.py ... | tee log` stderr is still the
+    terminal, but what is printed on stdout lands in the log: the Trainer's bar would write its `{'loss': '4.113', ...,
+    'epoch': ...}` dicts there (tqdm.write goes to stdout), so the bar is off and `ProgressLines` prints instead."""
+    return not (sys.stdout.isatty() and sys.stderr.isatty())
+
+
 class ProgressLines(TrainerCallback):
     """`step 90/256, 12.3 s/step, ETA 34 min, loss 1.2345` at every logging step, the validation loss, and a line per
     checkpoint saved; for logs that are files or pipes, where the progress bar is off (it replaces transformers'
     `PrinterCallback`, whose dicts of strings say `'epoch': '0.7031'`). Main process only."""
 
     def __init__(self, enabled: bool | None = None, stream: Any = None) -> None:
-        self.enabled = (not sys.stderr.isatty()) if enabled is None else enabled
+        self.enabled = printing_to_a_log() if enabled is None else enabled
         self.stream = stream
         self._started: float | None = None
         self._first_step = 0

@@ -108,21 +108,42 @@ def earlier_run(output_dir: str | Path) -> str | None:
 
 
 def check_restart(output_dir: str | Path, resuming: bool, overwrite: bool) -> None:
-    """A run never silently starts over an earlier one: it resumes it, or replaces it with `--overwrite True`."""
+    """A run never silently starts over an earlier one: it resumes a stopped one, or replaces it with `--overwrite
+    True`; a finished one (its adapter is there) has nothing to resume, so only a new folder or `--overwrite` fits."""
     left = earlier_run(output_dir)
-    if left and not resuming and not overwrite:
-        raise UserError(f"{output_dir} already holds {left} of an earlier run; continue it with "
-                        "--resume_from_checkpoint True, or replace it with --overwrite True")
+    if not left or resuming or overwrite:
+        return
+    if (Path(output_dir) / "adapter_config.json").is_file():
+        raise UserError(f"{output_dir} already holds {left} of a finished run, so --resume_from_checkpoint True has "
+                        "nothing to resume; write the new run into a new --output_dir, or replace the finished one "
+                        "with --overwrite True")
+    raise UserError(f"{output_dir} already holds {left} of an earlier run; continue it with "
+                    "--resume_from_checkpoint True, or replace it with --overwrite True")
+
+
+EXTEND_HINT = ("to train longer, train into a new --output_dir (or start over in this one with --overwrite True) "
+               "with more --num_epochs (or --max_steps)")
 
 
 def check_not_complete(checkpoint: Path, steps: int) -> None:
-    """Resuming a run that already reached its last step would train nothing and overwrite its results."""
+    """Resuming a run that already reached its last step would train nothing and overwrite its results; resuming
+    with another run length would continue a learning-rate schedule laid out for the old length (it reached 0 at
+    the old end, then jumps) and replace the finished adapter."""
     state = read_trainer_state(checkpoint) or {}
     done = state.get("global_step", 0)
+    planned = state.get("max_steps") or steps
     if done >= steps:
         raise UserError(f"the run in {checkpoint.parent} is complete ({checkpoint.name}: step {done} of {steps}), "
-                        "there is nothing to resume; to train longer, start afresh with more --num_epochs (or "
-                        "--max_steps) and --overwrite True, or into another --output_dir")
+                        f"there is nothing to resume; {EXTEND_HINT}")
+    if done >= planned:
+        raise UserError(f"the run in {checkpoint.parent} is complete ({checkpoint.name}: step {done} of {planned}); "
+                        f"resuming it for {steps} steps would continue a learning-rate schedule that reached 0 at step "
+                        f"{planned} and replace its adapter; {EXTEND_HINT}")
+    if planned != steps:
+        raise UserError(f"--resume_from_checkpoint {checkpoint}: that run is {planned} steps long ({checkpoint.name}: "
+                        f"step {done} of {planned}), this command asks for {steps}; a resumed run keeps its length "
+                        f"(its learning-rate schedule was laid out for {planned} steps): resume with the run's own "
+                        f"--num_epochs/--max_steps, or {EXTEND_HINT}")
 
 
 def clear_earlier_run(output_dir: str | Path) -> None:
@@ -188,10 +209,9 @@ def training_arguments(args: Any, device: str, precision: str, processes: int, r
     """The Trainer's arguments for finetune.py's flags `args` on this machine: steps, schedule, precision, saving,
     logging and the engine (DDP, DeepSpeed, FSDP). `TrainingArguments(deepspeed=...)` registers the DeepSpeed config
     that makes `from_pretrained` partition a ZeRO-3 model while it loads: build this before the weights load."""
-    import sys
-
     from transformers import TrainingArguments
 
+    from utils.training.callbacks import printing_to_a_log
     from utils.training.engines import training_device_args
 
     return TrainingArguments(
@@ -222,6 +242,6 @@ def training_arguments(args: Any, device: str, precision: str, processes: int, r
         dataloader_pin_memory=device == "cuda",
         report_to=reporters or "none",
         run_name=args.wandb_run_name or None,
-        disable_tqdm=not sys.stderr.isatty(),  # a log file gets ProgressLines instead
+        disable_tqdm=printing_to_a_log(),  # a log (a file, a pipe, `| tee`) gets ProgressLines instead
         remove_unused_columns=False,
     )
