@@ -40,6 +40,7 @@ CASES = [
     ("finetune", ["--num_epoch", "3"], ["unknown flag --num_epoch (did you mean --num_epochs?)"]),
     ("finetune", ["extra"], ["unexpected argument 'extra'"]),
     ("finetune", ["-x"], ["unknown flag --x"]),
+    ("evaluate", ["--", "--interactive"], ["unexpected '--interactive' after `--`"]),  # fire's console after the run
     ("infer", ["--lora_weight", "x"], ["did you mean --lora_weights?"]),
     ("export", ["--output", "x"], ["did you mean --output_dir?"]),
     ("evaluate", ["--prediction", "x"], ["did you mean --predictions?"]),

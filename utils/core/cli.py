@@ -271,6 +271,9 @@ def command_line_problems(function: Callable[..., Any], argv: list[str]) -> list
         problems.append(f"unknown flag --{flag}{did_you_mean(flag, names)}")
     if positional and not takes_positional:
         problems.append(f"unexpected argument {positional[0]!r}: flags are written --name value")
+    after = argv[argv.index("--") + 1:] if "--" in argv else []
+    if after:  # fire would take them as its own flags: --interactive opens a Python console after the run
+        problems.append(f"unexpected {' '.join(after)!r} after `--`: these scripts take no fire flags")
     return problems + value_problems(function, flags)
 
 
