@@ -28,7 +28,7 @@ from utils.builder.knowledge import TemplateOptions, template_rows
 from utils.builder.literature import dialogue_turns, literature_item, load_documents
 from utils.builder.literature import template_rows as literature_template_rows
 from utils.builder.llm_backend import DEFAULT_SERVER, ServerArgs
-from utils.builder.report import row_metrics, summary_lines, top
+from utils.builder.report import graph_report, row_metrics, summary_lines
 from utils.builder.rows import Row
 from utils.core.cli import (
     AT_LEAST_ONE,
@@ -43,11 +43,8 @@ from utils.core.cli import (
 from utils.core.errors import UserError, raise_problems
 from utils.core.io import (
     RunLock,
-    check_output_dir,
-    check_output_file,
     check_string_fields,
     read_records,
-    same_path,
 )
 
 REPO = Path(__file__).resolve().parent
@@ -57,54 +54,6 @@ BACKENDS = ("template", "openai")
 
 
 # --- stages shared by both commands -------------------------------------------------------------------------------
-
-
-def check_paths(source: str, source_flag: str, output: str, extra_inputs: list[str], hf_dataset: str = "",
-                validation: bool = False) -> Path:
-    """The output path, checked before any work: given, writable, not an input, not a folder; and every file the run
-    writes beside it (report, validation split, work log, manifest, lock) and the --hf_dataset folder, never an
-    input or a folder that holds anything else."""
-    problems = []
-    if not source:
-        problems.append(f"{source_flag} is required (the input)")
-    if not output:
-        problems.append("--output is required (the file to write)")
-    raise_problems(problems)
-    inputs = [name for name in (source, *extra_inputs) if name]
-    output_path = check_output_file(output, "--output", inputs)
-    beside = {"report": out.report_path(output_path), "lock": Path(f"{output_path}.lock"),
-              "work log": llm_backend.sidecar(output_path, ".work.jsonl"),
-              "manifest": llm_backend.sidecar(output_path, ".manifest.json")}
-    if validation:
-        beside["validation split"] = out.validation_path(output_path)
-    for what, path in beside.items():
-        clash = next((name for name in inputs if same_path(name, path)), None)
-        if clash is not None:
-            raise UserError(f"{clash}: this run writes its {what} there (beside --output {output_path}); rename the "
-                            "input or choose another --output")
-    if hf_dataset:
-        check_hf_dataset(Path(hf_dataset).expanduser().resolve(), [output_path, *beside.values(), *map(Path, inputs)])
-    return output_path
-
-
-def check_hf_dataset(folder: Path, files: list[Path]) -> None:
-    """--hf_dataset is replaced as a whole: only a new folder, an empty one or an earlier export, and never one that
-    holds the output, its companions or an input."""
-    check_output_dir(folder, "--hf_dataset")
-    inside = next((path for path in files if folder in path.expanduser().resolve().parents), None)
-    if inside is not None:
-        raise UserError(f"--hf_dataset {folder}: holds {inside}, which replacing the folder would delete; choose a "
-                        "folder of its own")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / "dataset_dict.json").is_file():
-        raise UserError(f"--hf_dataset {folder}: holds other files (it is no earlier `datasets` export), which "
-                        "replacing it would delete; choose a new or empty folder")
-
-
-def check_some_rows(records: list[dict[str, Any]], output: Path, source: str) -> None:
-    """A build whose every row was filtered out writes nothing: an empty file is no success."""
-    if not records:
-        raise UserError(f"no rows survived the quality gates (see the counts above), so nothing was written to "
-                        f"{output}; check {source}")
 
 
 def eval_questions(exclude_questions: str) -> tuple[list[str], str]:
@@ -148,24 +97,6 @@ def finish(output: Path, report: dict[str, Any], records: list[dict[str, Any]], 
         print(f"wrote a Hugging Face dataset to {hf_dataset} (load_from_disk checked)")
     split = f" + {written['validation']} validation rows in {out.validation_path(output)}" if validation else ""
     print(f"wrote {written['train']} rows to {output}{split} and the report to {report_file} (read back and checked)")
-
-
-def graph_report(stats: Any, gate_counts: GateCounts, seed: int, backend: str, exclude: str) -> dict[str, Any]:
-    return {
-        "command": "knowledge", "source": stats.source, "backend": backend, "seed": seed,
-        "builder_data": resources.data_version(), "exclude_questions": exclude,
-        "entities": {"read": stats.subjects, "usable": sum(stats.entities_by_kind.values()),
-                     "by_kind": dict(stats.entities_by_kind.most_common()),
-                     "skipped": dict(stats.skipped_entities)},
-        "predicates": {"facts": stats.facts, "mapped_facts": sum(stats.mapped_facts.values()),
-                       "by_relation": dict(stats.mapped_facts.most_common()), "unmapped": top(stats.unmapped_facts),
-                       "ignored": top(stats.ignored_facts), "not_for_kind": top(stats.not_for_kind)},
-        "values_dropped": dict(stats.dropped_values.most_common()),
-        "removed": {"content": dict(gate_counts.rejected.most_common()), "leaks_exact": gate_counts.leaks_exact,
-                    "leaks_near": gate_counts.leaks_near, "duplicate_questions": gate_counts.duplicate_questions,
-                    "duplicate_answers": gate_counts.duplicate_answers,
-                    "near_duplicates": gate_counts.near_duplicates},
-    }
 
 
 def run_llm(items: list[llm_backend.Item], output: Path, config: llm.ChatConfig, manifest: dict[str, Any],
@@ -251,7 +182,7 @@ def knowledge(
     raise_problems([f"--prompt_kinds: unknown kind {', '.join(unknown)} (known: "
                     f"{', '.join(llm_backend.prompt_kinds())})" if unknown else ""])
     config = server.chat_config(backend)
-    output_path = check_paths(kb, "--kb", output, [] if exclude_questions == "none" else [exclude_questions],
+    output_path = out.check_paths(kb, "--kb", output, [] if exclude_questions == "none" else [exclude_questions],
                               hf_dataset, validation=val_fraction > 0)
     questions, exclude = eval_questions(exclude_questions)
     with RunLock(f"{output_path}.lock", f"--output {output_path}"):
@@ -263,7 +194,7 @@ def knowledge(
             return
         kept, report_extra = built
         records = [row.record() for row in kept]
-        check_some_rows(records, output_path, f"--kb {kb}")
+        out.check_some_rows(records, output_path, f"--kb {kb}")
         train, validation = out.split_validation(records, val_fraction, seed)
         written = write_and_verify(output_path, train, validation, as_array=False)
         report = graph_report(stats, counts, seed, backend, exclude) | report_extra
@@ -308,7 +239,7 @@ def literature(
 ) -> None:
     """Documents (JSON Lines of {"title", "text"}) -> literature dialogues (a JSON array in the published shape)."""
     config = server.chat_config(backend)
-    output_path = check_paths(docs, "--docs", output, [])
+    output_path = out.check_paths(docs, "--docs", output, [])
     documents = load_documents(docs)
     with RunLock(f"{output_path}.lock", f"--output {output_path}"):
         counts = GateCounts()
@@ -318,7 +249,7 @@ def literature(
             return
         kept, report = built
         records = [row.record() for row in kept]
-        check_some_rows(records, output_path, f"--docs {docs}")
+        out.check_some_rows(records, output_path, f"--docs {docs}")
         bad = next((r for r in records if dialogue_turns(r["instruction"]) is None), None)
         if bad is not None:
             raise UserError(f"a dialogue is not in the shape ` <user>: ... <bot>: ... <user>: ...`: "

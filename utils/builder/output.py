@@ -10,8 +10,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from utils.core.errors import UserError
-from utils.core.io import atomic_write, check_string_fields, json_array_text, jsonl_text, read_records, replace_folder
+from utils.builder.llm_backend import sidecar
+from utils.core.errors import UserError, raise_problems
+from utils.core.io import (
+    atomic_write,
+    check_output_dir,
+    check_output_file,
+    check_string_fields,
+    json_array_text,
+    jsonl_text,
+    read_records,
+    replace_folder,
+    same_path,
+)
 
 
 def report_path(output: Path) -> Path:
@@ -88,3 +99,54 @@ def export_hf(folder: Path, train: Sequence[dict[str, Any]], validation: Sequenc
     if loaded["train"].num_rows != len(train):
         raise UserError(f"{folder}: reading the export back found {loaded['train'].num_rows} training rows")
     return folder
+
+
+# --- before any work: every path the build writes -----------------------------------------------------------------
+
+
+def check_paths(source: str, source_flag: str, output: str, extra_inputs: list[str], hf_dataset: str = "",
+                validation: bool = False) -> Path:
+    """The output path, checked before any work: given, writable, not an input, not a folder; and every file the run
+    writes beside it (report, validation split, work log, manifest, lock) and the --hf_dataset folder, never an
+    input or a folder that holds anything else."""
+    problems = []
+    if not source:
+        problems.append(f"{source_flag} is required (the input)")
+    if not output:
+        problems.append("--output is required (the file to write)")
+    raise_problems(problems)
+    inputs = [name for name in (source, *extra_inputs) if name]
+    output_path = check_output_file(output, "--output", inputs)
+    beside = {"report": report_path(output_path), "lock": Path(f"{output_path}.lock"),
+              "work log": sidecar(output_path, ".work.jsonl"),
+              "manifest": sidecar(output_path, ".manifest.json")}
+    if validation:
+        beside["validation split"] = validation_path(output_path)
+    for what, path in beside.items():
+        clash = next((name for name in inputs if same_path(name, path)), None)
+        if clash is not None:
+            raise UserError(f"{clash}: this run writes its {what} there (beside --output {output_path}); rename the "
+                            "input or choose another --output")
+    if hf_dataset:
+        check_hf_dataset(Path(hf_dataset).expanduser().resolve(), [output_path, *beside.values(), *map(Path, inputs)])
+    return output_path
+
+
+def check_hf_dataset(folder: Path, files: list[Path]) -> None:
+    """--hf_dataset is replaced as a whole: only a new folder, an empty one or an earlier export, and never one that
+    holds the output, its companions or an input."""
+    check_output_dir(folder, "--hf_dataset")
+    inside = next((path for path in files if folder in path.expanduser().resolve().parents), None)
+    if inside is not None:
+        raise UserError(f"--hf_dataset {folder}: holds {inside}, which replacing the folder would delete; choose a "
+                        "folder of its own")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "dataset_dict.json").is_file():
+        raise UserError(f"--hf_dataset {folder}: holds other files (it is no earlier `datasets` export), which "
+                        "replacing it would delete; choose a new or empty folder")
+
+
+def check_some_rows(records: list[dict[str, Any]], output: Path, source: str) -> None:
+    """A build whose every row was filtered out writes nothing: an empty file is no success."""
+    if not records:
+        raise UserError(f"no rows survived the quality gates (see the counts above), so nothing was written to "
+                        f"{output}; check {source}")

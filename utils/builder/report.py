@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from utils.builder import resources
 from utils.builder.safety import contentless, dose_or_frequency
 
 SAMPLE_ROWS = 4528  # the size of the project's own data/llama_data.json when the target was set
@@ -116,3 +117,22 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"tokens: {usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion in "
                      f"{usage['requests']} requests{cost}")
     return lines
+
+
+def graph_report(stats: Any, gate_counts: Any, seed: int, backend: str, exclude: str) -> dict[str, Any]:
+    """The knowledge build's report: the graph read, the predicates mapped and not, what the gates removed."""
+    return {
+        "command": "knowledge", "source": stats.source, "backend": backend, "seed": seed,
+        "builder_data": resources.data_version(), "exclude_questions": exclude,
+        "entities": {"read": stats.subjects, "usable": sum(stats.entities_by_kind.values()),
+                     "by_kind": dict(stats.entities_by_kind.most_common()),
+                     "skipped": dict(stats.skipped_entities)},
+        "predicates": {"facts": stats.facts, "mapped_facts": sum(stats.mapped_facts.values()),
+                       "by_relation": dict(stats.mapped_facts.most_common()), "unmapped": top(stats.unmapped_facts),
+                       "ignored": top(stats.ignored_facts), "not_for_kind": top(stats.not_for_kind)},
+        "values_dropped": dict(stats.dropped_values.most_common()),
+        "removed": {"content": dict(gate_counts.rejected.most_common()), "leaks_exact": gate_counts.leaks_exact,
+                    "leaks_near": gate_counts.leaks_near, "duplicate_questions": gate_counts.duplicate_questions,
+                    "duplicate_answers": gate_counts.duplicate_answers,
+                    "near_duplicates": gate_counts.near_duplicates},
+    }
