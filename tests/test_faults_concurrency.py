@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -120,15 +121,28 @@ def test_two_real_finetune_runs_into_one_output_dir(tiny_llama, train_file, tmp_
          "--output_dir", str(out), "--max_steps", "100000", "--batch_size", "4", "--micro_batch_size", "4",
          "--val_set_size", "0", "--cutoff_len", "64", "--save_steps", "100000", "--logging_steps", "1"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
+    lines: list[str] = []  # the run's stdout and stderr as they come (read by threads: no pipe fills up)
+    errors: list[str] = []
+    readers = [threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True),
+               threading.Thread(target=lambda: errors.extend(first.stderr), daemon=True)]
+    for reader in readers:
+        reader.start()
     try:
         deadline = time.monotonic() + 300
         while not (out / ".bentsao.lock").exists() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         second = cli(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", out,
                      "--max_steps", "2", monkeypatch=monkeypatch, capsys=capsys)
+        # training has started (a step line): a SIGTERM while the model still loads just ends the process
+        while not any(line.startswith("step ") for line in lines) and first.poll() is None:
+            assert time.monotonic() < deadline, "the first run never reached its first step"
+            time.sleep(0.05)
         assert first.poll() is None, "the first run ended before the second started"
         first.send_signal(signal.SIGTERM)
-        stdout, stderr = first.communicate(timeout=300)
+        first.wait(timeout=300)
+        for reader in readers:
+            reader.join(timeout=60)
+        stdout, stderr = "".join(lines), "".join(errors)
     finally:
         first.kill()
     assert_refused(second, "is in use by another run", f"pid {first.pid}")
