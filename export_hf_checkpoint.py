@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,9 @@ UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 # Merging rounds W + s·BA once per weight; in half precision every layer's output then moves by a few units of the
 # format's rounding, which grows with the logits' magnitude. The limit is relative to that magnitude.
 ROUNDING_UNITS = 32
+# The weight-level check copies a sampled layer's W and ΔW in fp32: layers larger than this (a 150k-token embedding
+# or LM head) are left to the logits check, so the check costs at most a few GB even for a 70B model.
+MAX_CHECKED_ELEMENTS = 256 * 2**20
 
 
 def shard_size_bytes(max_shard_size: Any) -> int:
@@ -120,7 +124,8 @@ def sampled_lora_layers(model: Any, most: int = 4) -> list[tuple[str, Any]]:
     """Up to `most` LoRA-wrapped layers, spread over the depth (the first, the last and between)."""
     from peft.tuners.lora import LoraLayer
 
-    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)
+              and module.get_base_layer().weight.numel() <= MAX_CHECKED_ELEMENTS]
     if len(layers) <= most:
         return layers
     return [layers[round(i * (len(layers) - 1) / (most - 1))] for i in range(most)]
@@ -140,20 +145,22 @@ def expected_merges(model: Any) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     return expected
 
 
-def weights_problem(merged: Any, expected: list[tuple[str, torch.Tensor, torch.Tensor]]) -> str | None:
+def weights_problem(merged: Any, expected: list[tuple[str, torch.Tensor, torch.Tensor]]) -> tuple[str | None, int]:
     """Whether each sampled merged weight is W + ΔW (closer to it than to the bare W), wherever ΔW stands out of the
     dtype's rounding of W + ΔW: a check that does not depend on the logits' scale, so a small adapter lost in the
-    merge is caught also in bf16."""
+    merge is caught also in bf16. Returns (the problem or None, how many weights could be compared)."""
+    compared = 0
     for name, base, delta in expected:
         weight = merged.get_submodule(name).weight.detach().float()
         rounding = torch.finfo(merged.get_submodule(name).weight.dtype).eps / 2 * (base + delta).norm().item()
         if delta.norm().item() <= 4 * rounding:
             continue  # the adapter's change here is within one rounding of the weights: nothing to tell apart
+        compared += 1
         kept, dropped = (weight - base - delta).norm().item(), (weight - base).norm().item()
         if not kept < dropped:
             return (f"{name}: the merged weight is not base + adapter (|W_merged - W - ΔW| = {kept:.2e}, "
-                    f"|ΔW| = {delta.norm().item():.2e})")
-    return None
+                    f"|ΔW| = {delta.norm().item():.2e})"), compared
+    return None, compared
 
 
 def merge_checked(model: Any, tokenizer: Any) -> Any:
@@ -174,12 +181,17 @@ def merge_checked(model: Any, tokenizer: Any) -> Any:
     if not difference <= limit:
         raise UserError(f"the merged model's logits differ from base + adapter by {difference:.2e} (> {limit:.1e}, "
                         f"what {str(merged.dtype).removeprefix('torch.')} rounding explains); nothing saved")
-    lost = weights_problem(merged, weights)
+    lost, compared = weights_problem(merged, weights)
     if lost or (effect > limit and not difference <= effect / 2):
         raise UserError(f"the merge lost the adapter's effect ({lost or f'merged vs base + adapter {difference:.2e}'}"
                         f", adapter effect on the logits {effect:.2e}); nothing saved")
+    dtype = str(merged.dtype).removeprefix("torch.")
     print(f"merge check: max |logit difference| = {difference:.2e} on the probe (limit {limit:.1e}; the adapter "
-          f"moves the logits by {effect:.2e}); {len(weights)} merged weights equal W + ΔW")
+          f"moves the logits by {effect:.2e}); {compared} of {len(weights)} sampled merged weights compared, each "
+          f"W + ΔW" + (f" (the others' ΔW is within {dtype} rounding)" if compared < len(weights) else ""))
+    if weights and not compared:
+        print(f"warning: the adapter changes the sampled weights by less than {dtype} rounding, so the merged "
+              f"checkpoint may not carry it; --dtype fp32 keeps it exactly", file=sys.stderr)
     return merged
 
 

@@ -1,5 +1,7 @@
 """export_hf_checkpoint.py: the merged checkpoint equals base + adapter, for fp32 and bf16 bases."""
 
+import re
+
 import pytest
 import torch
 from in_process import finetune as train_adapter
@@ -20,6 +22,7 @@ def test_merged_checkpoint_equals_base_plus_adapter(tiny_models, train_file, tmp
     result = run_main(export_hf_checkpoint.main, "--lora_weights", adapter, "--output_dir", merged_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "merge check" in result.stdout
+    assert re.search(r"([1-9]\d*) of \1 sampled merged weights compared", result.stdout), result.stdout  # fp32: all
     assert (merged_dir / "model.safetensors").is_file() and (merged_dir / "tokenizer.json").is_file()
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)

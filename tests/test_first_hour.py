@@ -27,6 +27,7 @@ import infer
 import infer_literature
 from utils import tiny_base
 from utils.core.cli import run_cli
+from utils.core.errors import UserError
 from utils.training import plotting
 
 # every script's entry point, a flag as a user mistypes it, and the flag it meant
@@ -317,6 +318,44 @@ def test_a_mistyped_path_in_an_existing_folder_is_no_such_folder_at_once_online(
     assert time.monotonic() - started < 1
     assert result.returncode == 2, result.stderr
     assert "--base_model models/tiny-lama: no such folder (did you mean models/tiny-llama?)" in result.stderr
+
+
+def test_a_cached_hub_id_beside_a_local_folder_of_its_org_loads(tmp_path, monkeypatch, no_network):
+    """`Qwen/Qwen2.5-7B` while `Qwen/Qwen2.5-7B-Instruct` was downloaded into ./Qwen: a real hub id, in the hub
+    cache, is not taken for a mistyped path (online or offline)."""
+    from huggingface_hub import constants
+
+    from utils.model.source import check_model_source
+
+    snapshot = tmp_path / "cache" / "models--Qwen--Qwen2.5-7B" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}", encoding="utf-8")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123", encoding="utf-8")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "work" / "Qwen" / "Qwen2.5-7B-Instruct").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    for offline in ("1", ""):
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        check_model_source("Qwen/Qwen2.5-7B")  # no error, and no network (the no_network fixture)
+
+
+def test_an_uncached_hub_id_goes_to_the_hub_when_it_can_be_reached(tmp_path, monkeypatch):
+    """Online and reachable, a name beside a local folder of its org is asked of the hub (which may have it), not
+    refused as a typo; unreachable, it is refused at once without a minute of retries."""
+    from utils.model import source
+
+    (tmp_path / "Qwen" / "Qwen2.5-7B-Instruct").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(source, "hub_reachable", lambda: True)
+    source.check_model_source("Qwen/Qwen2.5-7B")
+    monkeypatch.setattr(source, "hub_reachable", lambda: False)
+    with pytest.raises(UserError, match=r"Qwen/Qwen2.5-7B: no such folder \(did you mean Qwen/Qwen2.5-7B-Instruct\?\); "
+                                        r"Qwen/ is a folder here, and the hub cannot be reached"):
+        source.check_model_source("Qwen/Qwen2.5-7B")
+    with pytest.raises(UserError, match="meta-llama/Llama-2-7b-hf: no such folder, and the hub cannot be reached"):
+        source.check_model_source("meta-llama/Llama-2-7b-hf")
 
 
 def test_a_hub_id_the_hub_cannot_serve_says_first_that_there_is_no_local_folder(monkeypatch):

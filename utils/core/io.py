@@ -587,6 +587,10 @@ class RunLock:
         for _ in range(10):  # the holder may remove the file between our open and our lock: try again
             try:
                 handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
+            except FileNotFoundError:  # a refused run just removed the folder it had made: make it again
+                with contextlib.suppress(OSError):
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                continue
             except OSError as error:
                 raise _write_error(self.path, error) from None
             try:

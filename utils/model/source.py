@@ -42,17 +42,59 @@ def check_source(name: str, flag: str, marker: str) -> None:
         return
     if path.exists():
         raise UserError(f"{flag} {name}: is a file; pass the folder that holds {marker}")
-    beside_a_folder = str(path.parent) != "." and path.parent.is_dir()  # `models/tiny-lama` in `models/`: a typo
-    if beside_a_folder or not is_hub_id(name):
-        why = (f"; {path.parent}/ is a folder here, so this is a local path, not a hub id" if is_hub_id(name)
-               else " (and not a hub id of the form org/name)")
-        raise UserError(f"{flag} {name}: no such folder{nearest_folder(path)}{why}")
+    if not is_hub_id(name):
+        raise UserError(f"{flag} {name}: no such folder{nearest_folder(path)} (and not a hub id of the form org/name)")
+    if cached(name, marker):
+        return
     if offline():
-        from huggingface_hub import try_to_load_from_cache
+        raise UserError(f"{flag} {name}: no such folder{nearest_folder(path)}, and HF_HUB_OFFLINE is set while the hub "
+                        "model is not in the local cache; download it once with network access, or pass a local folder")
+    # Not cached: only the hub can have it. Asking an unreachable hub costs a minute of retries, so say it at once;
+    # `models/tiny-lama` beside `models/tiny-llama` is then most likely a mistyped path. When the hub can be reached
+    # it is asked (a real `Qwen/Qwen2.5-7B` beside a downloaded `Qwen/Qwen2.5-7B-Instruct` must load), and its
+    # answer names the nearest local folder too (hub_error).
+    if not hub_reachable():
+        local = str(path.parent) != "." and path.parent.is_dir()
+        where = f"; {path.parent}/ is a folder here" if local else ""
+        raise UserError(f"{flag} {name}: no such folder{nearest_folder(path) if local else ''}{where}, and the hub "
+                        "cannot be reached to look for a hub model of that name (nor is it in the local cache)")
 
-        if not isinstance(try_to_load_from_cache(name, marker), str):
-            raise UserError(f"{flag} {name}: no such folder, and HF_HUB_OFFLINE is set while the hub model is not "
-                            "in the local cache; download it once with network access, or pass a local folder")
+
+def cached(name: str, marker: str) -> bool:
+    """The hub model `name` is in the local hub cache (its `marker` file, e.g. config.json, is there)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name, marker), str)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a connection to the hub (HF_ENDPOINT) opens within `timeout` seconds, name lookup included (run in a
+    thread: a lookup ignores socket timeouts). A proxy-only network counts as unreachable: the caller only uses this
+    to refuse at once what would otherwise fail after a minute of retries; with a proxy configured it is not
+    probed (a direct connection may be blocked where the proxy works)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlparse(constants.ENDPOINT)
+    address = (endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443))
+    opened: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection(address, timeout=timeout):
+                opened.append(True)
+        except Exception:  # noqa: BLE001 - any failure (DNS, refused, timeout) means: not reachable now
+            opened.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(opened and opened[0])
 
 
 def nearest_folder(path: Path) -> str:
@@ -77,6 +119,20 @@ UNREACHABLE = {"LocalEntryNotFoundError", "ConnectError", "ConnectTimeout", "Con
                "ReadTimeout", "Timeout", "OfflineModeIsEnabled"}
 
 
+# what huggingface_hub raises when the hub answered but has no such (accessible) model; transformers wraps them too
+NOT_FOUND = {"RepositoryNotFoundError", "EntryNotFoundError", "RevisionNotFoundError", "GatedRepoError",
+             "RemoteEntryNotFoundError"}
+
+
+def not_on_the_hub(error: BaseException) -> bool:
+    seen: BaseException | None = error
+    while seen is not None:
+        if type(seen).__name__ in NOT_FOUND or "is not a local folder and is not a valid model identifier" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def unreachable(error: BaseException) -> bool:
     """True when `error` (or an error it was raised from) says the hub could not be reached."""
     seen: BaseException | None = error
@@ -96,10 +152,13 @@ def hub_error(name: str, error: Exception) -> UserError:
     if not is_hub_id(name) or offline():  # a local folder's own failure; offline: check_source said what is missing
         hint = " (HF_HUB_OFFLINE is set, so only the local cache is searched)" if is_hub_id(name) else ""
         return UserError(f"could not load {name}{hint}: {message}")
+    typo = nearest_folder(Path(name)) if Path(name).parent.is_dir() and str(Path(name).parent) != "." else ""
     if unreachable(error):
-        return UserError(f"no local folder {name}, and the hub could not be reached (check the path, or the "
+        return UserError(f"no local folder {name}{typo}, and the hub could not be reached (check the path, or the "
                          f"network): {message}")
-    return UserError(f"no local folder {name}, and the hub did not provide it: {message}")
+    if not_on_the_hub(error):
+        return UserError(f"no local folder {name}{typo}, and the hub did not provide it: {message}")
+    return UserError(f"could not load {name}: {message}")
 
 
 def local_model_config(base_model: str) -> dict[str, Any] | None:
