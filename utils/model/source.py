@@ -124,23 +124,24 @@ NOT_FOUND = {"RepositoryNotFoundError", "EntryNotFoundError", "RevisionNotFoundE
              "RemoteEntryNotFoundError"}
 
 
-def not_on_the_hub(error: BaseException) -> bool:
+def raised_from(error: BaseException, kinds: set[str], text: str) -> bool:
+    """True when `error`, or an error it was raised from, is of a class named in `kinds` or says `text`."""
     seen: BaseException | None = error
     while seen is not None:
-        if type(seen).__name__ in NOT_FOUND or "is not a local folder and is not a valid model identifier" in str(seen):
+        if type(seen).__name__ in kinds or text in str(seen):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def not_on_the_hub(error: BaseException) -> bool:
+    """The hub answered, and has no such (accessible) model."""
+    return raised_from(error, NOT_FOUND, "is not a local folder and is not a valid model identifier")
 
 
 def unreachable(error: BaseException) -> bool:
-    """True when `error` (or an error it was raised from) says the hub could not be reached."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if type(seen).__name__ in UNREACHABLE or "couldn't connect" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    """The hub could not be reached."""
+    return raised_from(error, UNREACHABLE, "couldn't connect")
 
 
 def hub_error(name: str, error: Exception) -> UserError:
