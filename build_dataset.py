@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +28,10 @@ from utils.builder.graph import load_entities
 from utils.builder.knowledge import TemplateOptions, template_rows
 from utils.builder.literature import dialogue_turns, literature_item, load_documents
 from utils.builder.literature import template_rows as literature_template_rows
-from utils.builder.llm_backend import DEFAULT_SERVER, ServerArgs
+from utils.builder.llm_backend import ServerArgs
 from utils.builder.report import graph_report, row_metrics, summary_lines
 from utils.builder.rows import Row
-from utils.core.cli import (
-    AT_LEAST_ONE,
-    DROPOUT,
-    FRACTION,
-    SEED,
-    choices,
-    dataclass_flags,
-    option_checks,
-    run_cli,
-)
+from utils.core.cli import flag, run_cli
 from utils.core.errors import UserError, raise_problems
 from utils.core.io import (
     RunLock,
@@ -157,48 +149,56 @@ def knowledge_rows(entities: Any, output: Path, server: ServerArgs, config: llm.
     return kept, {"llm": llm_backend.usage_report(items, done, server.input_price, server.output_price)}
 
 
-@option_checks(seed=SEED, per_entity=AT_LEAST_ONE, turns=AT_LEAST_ONE, near_duplicate=FRACTION,
-               leak_threshold=FRACTION, val_fraction=DROPOUT, backend=choices(*BACKENDS))
-@dataclass_flags("server", ServerArgs)
-def knowledge(
-    kb: str = "",  # the graph: `cmekg` (the one pycmekg ships), FILE.pkl (a cMeKG-style pickle) or FILE.jsonl
-    output: str = "",  # the rows to write (JSON Lines), e.g. data/llama_data.json; report: OUTPUT.report.json
-    seed: int = 42,  # the template's seed: the same graph and seed give the same file, byte for byte
-    per_entity: int = 16,  # template: rows about one entity at most; openai: question/answer pairs per request
-    turns: int = 3,  # user turns in a dialogue row
-    exclude_questions: str = DEFAULT_EXCLUDE,  # evaluation questions kept out of training (equal or near-equal); none
-    leak_threshold: float = 0.8,  # character-bigram Jaccard at which a question counts as an evaluation question
-    near_duplicate: float = 0.8,  # question+answer bigram Jaccard at which a row is a near duplicate of a kept one
-    val_fraction: float = 0.0,  # also write this share of the rows to OUTPUT's .val file (e.g. llama_data.val.json)
-    hf_dataset: str = "",  # also save a Hugging Face `datasets` folder here (save_to_disk; train and validation)
-    backend: str = "template",  # template (offline, deterministic) or openai (an OpenAI-compatible server)
-    prompt_kinds: str = PROMPT_KINDS,  # openai: the prompt kinds to ask per entity, comma-separated
-    server: ServerArgs = DEFAULT_SERVER,
-) -> None:
+@dataclass(frozen=True)
+class KnowledgeArgs(ServerArgs):
+    """The flags of `build_dataset.py knowledge`."""
+
+    kb: str = flag("", "the graph: `cmekg` (the one pycmekg ships), FILE.pkl (a cMeKG-style pickle) or FILE.jsonl")
+    output: str = flag("", "the rows to write (JSON Lines), e.g. data/llama_data.json; report: OUTPUT.report.json")
+    seed: int = flag(42, "the template's seed: the same graph and seed give the same file, byte for byte", low=0)
+    per_entity: int = flag(16, "template: rows about one entity at most; openai: question/answer pairs per request",
+                           low=1)
+    turns: int = flag(3, "user turns in a dialogue row", low=1)
+    exclude_questions: str = flag(DEFAULT_EXCLUDE, "evaluation questions kept out of training (equal or near-equal); "
+                                                   "none")
+    leak_threshold: float = flag(0.8, "character-bigram Jaccard at which a question counts as an evaluation question",
+                                 low=0, high=1)
+    near_duplicate: float = flag(0.8, "question+answer bigram Jaccard at which a row is a near duplicate of a kept "
+                                      "one", low=0, high=1)
+    val_fraction: float = flag(0.0, "also write this share of the rows to OUTPUT's .val file", low=0, below=1)
+    hf_dataset: str = flag("", "also save a Hugging Face `datasets` folder here (save_to_disk; train and validation)")
+    backend: str = flag("template", "template (offline, deterministic) or openai (an OpenAI-compatible server)",
+                        choices=BACKENDS)
+    prompt_kinds: str = flag(PROMPT_KINDS, "openai: the prompt kinds to ask per entity, comma-separated")
+
+
+def knowledge(args: KnowledgeArgs) -> None:
     """Knowledge graph -> instruction rows (JSON Lines) and a report."""
     started = time.monotonic()
-    kinds = [kind.strip() for kind in prompt_kinds.split(",") if kind.strip()]
+    kinds = [kind.strip() for kind in args.prompt_kinds.split(",") if kind.strip()]
     unknown = [kind for kind in kinds if kind not in llm_backend.prompt_kinds()]
     raise_problems([f"--prompt_kinds: unknown kind {', '.join(unknown)} (known: "
                     f"{', '.join(llm_backend.prompt_kinds())})" if unknown else ""])
-    config = server.chat_config(backend)
-    output_path = out.check_paths(kb, "--kb", output, [] if exclude_questions == "none" else [exclude_questions],
-                              hf_dataset, validation=val_fraction > 0)
-    questions, exclude = eval_questions(exclude_questions)
+    config = args.chat_config(args.backend)
+    excluded = [] if args.exclude_questions == "none" else [args.exclude_questions]
+    output_path = out.check_paths(args.kb, "--kb", args.output, excluded, args.hf_dataset,
+                                  validation=args.val_fraction > 0)
+    questions, exclude = eval_questions(args.exclude_questions)
     with RunLock(f"{output_path}.lock", f"--output {output_path}"):
-        entities, stats = load_entities(kb, progress=True)
+        entities, stats = load_entities(args.kb, progress=True)
         counts = GateCounts()
-        built = knowledge_rows(entities, output_path, server, config, kinds, TemplateOptions(seed, per_entity, turns),
-                               LeakIndex(questions, leak_threshold), near_duplicate, counts)
+        built = knowledge_rows(entities, output_path, args, config, kinds,
+                               TemplateOptions(args.seed, args.per_entity, args.turns),
+                               LeakIndex(questions, args.leak_threshold), args.near_duplicate, counts)
         if built is None:
             return
         kept, report_extra = built
         records = [row.record() for row in kept]
-        out.check_some_rows(records, output_path, f"--kb {kb}")
-        train, validation = out.split_validation(records, val_fraction, seed)
+        out.check_some_rows(records, output_path, f"--kb {args.kb}")
+        train, validation = out.split_validation(records, args.val_fraction, args.seed)
         written = write_and_verify(output_path, train, validation, as_array=False)
-        report = graph_report(stats, counts, seed, backend, exclude) | report_extra
-        finish(output_path, report, records, written, hf_dataset, validation)
+        report = graph_report(stats, counts, args.seed, args.backend, exclude) | report_extra
+        finish(output_path, report, records, written, args.hf_dataset, validation)
     print(f"took {time.monotonic() - started:.1f}s")
 
 
@@ -223,38 +223,42 @@ def literature_rows(documents: list[Any], output: Path, server: ServerArgs, conf
     return kept, {"llm": llm_backend.usage_report(items, done, server.input_price, server.output_price)}
 
 
-@option_checks(seed=SEED, turns=AT_LEAST_ONE, pairs_per_document=AT_LEAST_ONE, min_overlap=FRACTION,
-               near_duplicate=FRACTION, backend=choices(*BACKENDS))
-@dataclass_flags("server", ServerArgs)
-def literature(
-    docs: str = "",  # the documents: JSON Lines of {"title", "text"}, e.g. data_literature/documents.jsonl
-    output: str = "",  # the dialogues to write (a JSON array, the published shape), e.g. data_literature/x.json
-    turns: int = 3,  # the most user turns in one row's dialogue (1 gives single-turn rows only)
-    seed: int = 42,  # the template's seed
-    near_duplicate: float = 0.8,  # question+answer bigram Jaccard at which a row is a near duplicate of a kept one
-    backend: str = "template",  # template (answers composed of the document's sentences) or openai
-    pairs_per_document: int = 6,  # openai: dialogue turns asked for per document
-    min_overlap: float = 0.5,  # openai: share of an answer's character bigrams that must occur in the document
-    server: ServerArgs = DEFAULT_SERVER,
-) -> None:
+@dataclass(frozen=True)
+class LiteratureArgs(ServerArgs):
+    """The flags of `build_dataset.py literature`."""
+
+    docs: str = flag("", "the documents: JSON Lines of {\"title\", \"text\"}, e.g. data_literature/documents.jsonl")
+    output: str = flag("", "the dialogues to write (a JSON array, the published shape), e.g. data_literature/x.json")
+    turns: int = flag(3, "the most user turns in one row's dialogue (1 gives single-turn rows only)", low=1)
+    seed: int = flag(42, "the template's seed", low=0)
+    near_duplicate: float = flag(0.8, "question+answer bigram Jaccard at which a row is a near duplicate of a kept "
+                                      "one", low=0, high=1)
+    backend: str = flag("template", "template (answers composed of the document's sentences) or openai",
+                        choices=BACKENDS)
+    pairs_per_document: int = flag(6, "openai: dialogue turns asked for per document", low=1)
+    min_overlap: float = flag(0.5, "openai: share of an answer's character bigrams that must occur in the document",
+                              low=0, high=1)
+
+
+def literature(args: LiteratureArgs) -> None:
     """Documents (JSON Lines of {"title", "text"}) -> literature dialogues (a JSON array in the published shape)."""
-    config = server.chat_config(backend)
-    output_path = out.check_paths(docs, "--docs", output, [])
-    documents = load_documents(docs)
+    config = args.chat_config(args.backend)
+    output_path = out.check_paths(args.docs, "--docs", args.output, [])
+    documents = load_documents(args.docs)
     with RunLock(f"{output_path}.lock", f"--output {output_path}"):
         counts = GateCounts()
-        built = literature_rows(documents, output_path, server, config, turns, seed, pairs_per_document, min_overlap,
-                                near_duplicate, counts)
+        built = literature_rows(documents, output_path, args, config, args.turns, args.seed, args.pairs_per_document,
+                                args.min_overlap, args.near_duplicate, counts)
         if built is None:
             return
         kept, report = built
         records = [row.record() for row in kept]
-        out.check_some_rows(records, output_path, f"--docs {docs}")
+        out.check_some_rows(records, output_path, f"--docs {args.docs}")
         bad = next((r for r in records if dialogue_turns(r["instruction"]) is None), None)
         if bad is not None:
             raise UserError(f"a dialogue is not in the shape ` <user>: ... <bot>: ... <user>: ...`: "
                             f"{bad['instruction']!r}")
-        report = {"command": "literature", "source": docs, "backend": backend, "seed": seed,
+        report = {"command": "literature", "source": args.docs, "backend": args.backend, "seed": args.seed,
                   "documents": {"read": len(documents), "empty": sum(1 for d in documents if not d.text)},
                   **report,
                   "removed": {"content": dict(counts.rejected), "duplicate_questions": counts.duplicate_questions,

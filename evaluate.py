@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from utils import llm
-from utils.core.cli import NON_NEGATIVE, POSITIVE, option_checks, run_cli
-from utils.core.errors import UserError
-from utils.core.io import atomic_write, check_output_file, read_records
+from utils.core.cli import flag, run_cli
+from utils.core.errors import UserError, raise_problems
+from utils.core.io import atomic_write, output_file_problems, read_records
 from utils.evaluation.judge import criteria, default_judge_cache, judge_config, judge_scores
 from utils.evaluation.metrics import METRIC_NAMES, corpus_scores
 
@@ -137,75 +138,72 @@ def compare_files(
                            for path, rows in rows_by_path.items()})
 
 
-def compare_paths(compare: Any, more_files: tuple[Any, ...]) -> list[str]:
+def compare_paths(compare: str, more_files: tuple[str, ...]) -> list[str]:
     """`--compare A B C`, `A B C --compare` and `--compare A,B,C` all name the files A, B and C."""
-    names: list[Any] = []
-    if isinstance(compare, (list, tuple)):
-        names.extend(compare)
-    elif compare is not True:
-        names.append(compare)
-    names.extend(more_files)
+    names = [compare] if compare not in ("", "True") else []
     paths: list[str] = []
-    for name in map(str, names):
+    for name in [*names, *more_files]:
         paths.extend([name] if Path(name).exists() or "," not in name else [p for p in name.split(",") if p])
     return paths
 
 
-def write_text(path: str, text: str) -> None:
-    """Written atomically and read back before the result is printed (a full disk fails here, not silently)."""
-    written = atomic_write(path, text + "\n")
-    if written.read_text(encoding="utf-8") != text + "\n":
-        raise UserError(f"{path}: what was written does not read back")
+@dataclass(frozen=True)
+class EvaluateArgs:
+    """The flags of evaluate.py."""
+
+    predictions: str = flag("", "JSON Lines (or a JSON array) from `infer.py --output_file`: `output` and "
+                                "`model_output`")
+    output: str = flag("", "also write the metrics JSON (or, with --compare, the table) here")
+    compare: str = flag("", "--compare A.jsonl B.jsonl ...: a markdown table, one row per file (same questions)")
+    more_files: tuple[str, ...] = flag((), "the further files of --compare A.jsonl B.jsonl ...", positional=True)
+    judge: str = flag("", "openai: also have an LLM grade each answer 0-3 on completeness, depth, professionalism",
+                      choices=("", "openai"))
+    api_base: str = flag("", "judge's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)")
+    model: str = flag("", "the judge model's name at --api_base (required with --judge)")
+    api_key_env: str = flag(llm.DEFAULT_API_KEY_ENV, "environment variable holding the API key (never printed)")
+    judge_cache: str = flag("", "sidecar of graded rows (default PREDICTIONS.judge.jsonl): a rerun asks only the rest")
+    max_retries: int = flag(5, "judge: retries of a failed request or an unusable reply", low=0)
+    retry_base_delay: float = flag(1.0, "judge: seconds before the first retry, doubled after each", low=0)
+    timeout: float = flag(120.0, "judge: seconds to wait for one reply", above=0)
+    golden_field: str = flag("output", "the field holding the golden answer")
+    answer_field: str = flag("model_output", "the field holding the model's answer")
 
 
-@option_checks(max_retries=NON_NEGATIVE, retry_base_delay=NON_NEGATIVE, timeout=POSITIVE)
-def main(
-    *more_files: str,  # the further files of --compare A.jsonl B.jsonl ...
-    predictions: str = "",  # JSON Lines (or a JSON array) from `infer.py --output_file`: `output` and `model_output`
-    output: str = "",  # also write the metrics JSON (or, with --compare, the table) here
-    compare: Any = None,  # --compare A.jsonl B.jsonl ...: a markdown table, one row per file (same questions in each)
-    judge: str = "",  # openai: also have an LLM grade each answer 0–3 on completeness, depth, professionalism
-    api_base: str | None = None,  # judge's OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)
-    model: str = "",  # the judge model's name at --api_base (required with --judge)
-    api_key_env: str = llm.DEFAULT_API_KEY_ENV,  # environment variable holding the API key (never printed)
-    judge_cache: str = "",  # sidecar of graded rows (default PREDICTIONS.judge.jsonl): a rerun asks only the rest
-    max_retries: int = 5,  # judge: retries of a failed request or an unusable reply
-    retry_base_delay: float = 1.0,  # judge: seconds before the first retry, doubled after each
-    timeout: float = 120.0,  # judge: seconds to wait for one reply
-    golden_field: str = "output",  # the field holding the golden answer
-    answer_field: str = "model_output",  # the field holding the model's answer
-) -> None:
+def validate(args: EvaluateArgs) -> list[str]:
+    """Every problem with the options, before any scoring or judging: outputs never an input of the run."""
+    comparing = bool(args.compare)
+    inputs = [args.predictions, *(compare_paths(args.compare, args.more_files) if comparing else [])]
+    problems = output_file_problems(args.output, "--output", inputs=[*inputs, args.judge_cache]) if args.output else []
+    if args.judge and args.judge_cache:  # the sidecar is appended to: never an input or the metrics file
+        problems += output_file_problems(args.judge_cache, "--judge_cache", inputs=[*inputs, args.output])
+    if comparing and args.predictions:
+        problems.append("give either --predictions FILE or --compare FILE FILE ..., not both")
+    if comparing and args.judge_cache:
+        problems.append("--judge_cache names one sidecar; with --compare each file gets its own FILE.judge.jsonl")
+    if comparing and not inputs[1:]:
+        problems.append("--compare needs at least one predictions file")
+    if not comparing and args.more_files:
+        problems.append(f"unexpected arguments: {' '.join(args.more_files)} (use --predictions FILE or --compare "
+                        "FILE ...)")
+    if not comparing and not args.predictions:
+        problems.append("--predictions is required: the JSON Lines file written by `infer.py --output_file`")
+    return problems
+
+
+def main(args: EvaluateArgs) -> None:
     """Print (and with --output write) the metrics JSON of --predictions, or the --compare table."""
-    comparing = compare is not None and compare is not False
-    inputs = [predictions, *(compare_paths(compare, more_files) if comparing else [])]
-    if output:  # before any scoring or judging: a folder, an unwritable place or an input file is refused now
-        check_output_file(output, "--output", inputs=[name for name in [*inputs, judge_cache] if name])
-    if judge and judge_cache:  # the sidecar is appended to: never an input or the metrics file
-        check_output_file(judge_cache, "--judge_cache", inputs=[name for name in [*inputs, output] if name])
-    config = judge_config(judge, model, api_base, api_key_env, timeout, max_retries, retry_base_delay)
-
-    if comparing:
-        if predictions:
-            raise UserError("give either --predictions FILE or --compare FILE FILE ..., not both")
-        if judge_cache:
-            raise UserError("--judge_cache names one sidecar; with --compare each file gets its own FILE.judge.jsonl")
-        paths = compare_paths(compare, more_files)
-        if not paths:
-            raise UserError("--compare needs at least one predictions file")
-        table = compare_files(paths, config, golden_field, answer_field)
-        if output:
-            write_text(output, table)
-        print(table)
-        return
-    if more_files:
-        unexpected = " ".join(map(str, more_files))
-        raise UserError(f"unexpected arguments: {unexpected} (use --predictions FILE or --compare FILE ...)")
-    if not predictions:
-        raise UserError("--predictions is required: the JSON Lines file written by `infer.py --output_file`")
-    metrics = evaluate_file(predictions, config, judge_cache or None, golden_field, answer_field)
-    text = json.dumps(metrics, ensure_ascii=False, indent=2)
-    if output:
-        write_text(output, text)
+    raise_problems(validate(args))
+    config = judge_config(args.judge, args.model, args.api_base or None, args.api_key_env, args.timeout,
+                          args.max_retries, args.retry_base_delay)
+    if args.compare:
+        text = compare_files(compare_paths(args.compare, args.more_files), config, args.golden_field,
+                             args.answer_field)
+    else:
+        metrics = evaluate_file(args.predictions, config, args.judge_cache or None, args.golden_field,
+                                args.answer_field)
+        text = json.dumps(metrics, ensure_ascii=False, indent=2)
+    if args.output:
+        atomic_write(args.output, text + "\n")
     print(text)
 
 

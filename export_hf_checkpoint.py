@@ -15,16 +15,18 @@ import os
 import re
 import shutil
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from utils.core.cli import run_cli
+from utils.core.cli import flag, run_cli
 from utils.core.errors import UserError, raise_problems
-from utils.core.io import check_output_dir, replace_folder, write_failure
-from utils.model.checks import check_adapter, check_base_model
-from utils.model.loading import load_adapter, load_checked
+from utils.core.io import output_dir_problems, replace_folder
+from utils.model.checks import adapter_source_problems
+from utils.model.loading import load_adapter, load_base_model, load_tokenizer
+from utils.model.source import source_problems
 
 PROBE_TEXT = "下面是一个问题，运用医学知识来正确回答提问.\n### 问题:\n高血压有哪些常见症状？\n### 回答:\n"
 DTYPES = {"auto": "auto", "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -39,11 +41,9 @@ ROUNDING_UNITS = 32
 MAX_CHECKED_ELEMENTS = 256 * 2**20
 
 
-def shard_size_bytes(max_shard_size: Any) -> int:
-    """`--max_shard_size` (5GB, 500MB, 2GiB or a byte count) in bytes, or one clear error."""
-    match = SIZE.match(str(max_shard_size))
-    if not match or float(match.group(1)) <= 0:
-        raise UserError(f"--max_shard_size must be a size such as 5GB, 500MB or 2GiB, got {max_shard_size!r}")
+def shard_size_bytes(max_shard_size: str) -> int:
+    """`--max_shard_size` (5GB, 500MB, 2GiB or a byte count, checked by `validate`) in bytes."""
+    match = SIZE.match(max_shard_size)
     return int(float(match.group(1)) * UNITS[(match.group(2) or "B").upper()])
 
 
@@ -60,50 +60,44 @@ def holds_model(folder: Path) -> bool:
     return (folder / "config.json").is_file() or any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
 
 
-def output_problems(output_dir: str, base_model: str, lora_weights: str, overwrite: bool) -> list[str]:
-    """--output_dir is a new or empty folder, or (with --overwrite) one that holds a checkpoint and nothing else;
-    never the base model, the adapter, a folder inside them, or the folder this command runs in."""
-    output = Path(output_dir).expanduser()
-    try:
-        check_output_dir(output, "--output_dir", protected={"the base model": base_model, "the adapter": lora_weights})
-    except UserError as error:
-        return [str(error)]
-    if not output.is_dir():
-        return []
+@dataclass(frozen=True)
+class ExportArgs:
+    """The flags of export_hf_checkpoint.py."""
+
+    base_model: str = flag("", "base model folder or hub id (default: the BASE_MODEL environment variable)")
+    lora_weights: str = flag("", "adapter folder written by finetune.py")
+    output_dir: str = flag("./hf_ckpt", "where the merged checkpoint goes")
+    max_shard_size: str = flag("5GB", "largest safetensors file (5GB, 500MB, 2GiB, ...)")
+    dtype: str = flag("auto", "auto: as stored in the base checkpoint", choices=tuple(DTYPES))
+    overwrite: bool = flag(False, "replace a model already in --output_dir")
+    trust_remote_code: bool = flag(False, "allow a hub model's own Python code to run")
+
+
+def validate(args: ExportArgs) -> list[str]:
+    """Every problem with the options, before anything loads: --output_dir is a new or empty folder, or (with
+    --overwrite) one that holds a checkpoint and nothing else; never the base model, the adapter, a folder inside
+    them, or the folder this command runs in."""
+    problems = []
+    if not SIZE.match(args.max_shard_size) or shard_size_bytes(args.max_shard_size) <= 0:
+        problems.append(f"--max_shard_size must be a size such as 5GB, 500MB or 2GiB, got {args.max_shard_size!r}")
+    problems += source_problems(args.base_model, "--base_model", "config.json")
+    problems += adapter_source_problems(args.lora_weights)
+    output = Path(args.output_dir).expanduser()
+    where = output_dir_problems(output, "--output_dir", protected=[args.base_model, args.lora_weights])
+    if where or not output.is_dir():
+        return problems + where
     if Path.cwd().resolve().is_relative_to(output.resolve()):
-        return [f"--output_dir {output_dir}: is the folder this command runs in (or holds it); choose another folder"]
+        return [*problems, f"--output_dir {output}: is the folder this command runs in (or holds it)"]
     foreign = sorted(entry.name for entry in output.iterdir()
                      if not entry.is_file() or not CHECKPOINT_FILES.match(entry.name))
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        return [(f"--output_dir {output_dir}: holds {shown} (not part of a model checkpoint); the export replaces "
-                 "the whole folder, so choose a new or empty folder")]
-    if holds_model(output) and not overwrite:
-        return [(f"--output_dir {output_dir} already holds a model; replace it with --overwrite True, or choose "
-                 "another folder")]
-    return []
-
-
-def validate_args(base_model: str, lora_weights: str, output_dir: str, max_shard_size: Any, dtype: str,
-                  overwrite: bool, trust_remote_code: bool) -> None:
-    """Every problem with the options, before anything loads: no existing model is replaced without --overwrite,
-    and no folder that holds anything else is replaced at all."""
-    problems = []
-    if not base_model:
-        problems.append("--base_model (or the BASE_MODEL environment variable) is required")
-    if not lora_weights:
-        problems.append("--lora_weights is required: the adapter folder to merge")
-    if dtype not in DTYPES:
-        problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    problems += output_problems(output_dir, base_model, lora_weights, overwrite)
-    for check in (lambda: shard_size_bytes(max_shard_size),
-                  lambda: base_model and check_base_model(base_model, trust_remote_code)):
-        try:
-            check()
-        except UserError as error:
-            problems.append(str(error))
-    raise_problems(problems)
-    check_adapter(lora_weights, base_model, trust_remote_code)  # present, safe, finite, made for this base
+        problems.append(f"--output_dir {output}: holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} "
+                        "(not part of a model checkpoint); the export replaces the whole folder, so choose a new or "
+                        "empty folder")
+    elif holds_model(output) and not args.overwrite:
+        problems.append(f"--output_dir {output} already holds a model; replace it with --overwrite True, or choose "
+                        "another folder")
+    return problems
 
 
 @torch.inference_mode()
@@ -217,40 +211,23 @@ def save_checked(merged: Any, tokenizer: Any, output_dir: str, max_shard_size: i
         if missing:
             raise UserError(f"the saved checkpoint lacks {len(missing)} tensors (e.g. {min(missing)})")
         replace_folder(staging, target)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        reason = write_failure(error) or error.strerror or str(error)
-        raise UserError(f"cannot write {output_dir}: {reason} (nothing was replaced)") from error
-    except Exception as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        reason = write_failure(error)  # safetensors and tokenizers raise their own types for a full disk
-        if reason is None:
-            raise
-        raise UserError(f"cannot write {output_dir}: {reason} (nothing was replaced)") from error
-    except BaseException:
+    except BaseException:  # a full disk (run_cli says so), a failed check: nothing was replaced
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
 
 
-def main(
-    base_model: str = "",  # base model folder or hub id (default: the BASE_MODEL environment variable)
-    lora_weights: str = "",  # adapter folder written by finetune.py
-    output_dir: str = "./hf_ckpt",  # where the merged checkpoint goes
-    max_shard_size: str = "5GB",  # largest safetensors file (5GB, 500MB, 2GiB, ...)
-    dtype: str = "auto",  # auto (as stored in the base checkpoint) | fp32 | fp16 | bf16
-    overwrite: bool = False,  # replace a model already in --output_dir
-    trust_remote_code: bool = False,  # allow a hub model's own Python code to run
-) -> None:
+def main(args: ExportArgs) -> None:
     """Merge --lora_weights into --base_model with peft's merge_and_unload and save to --output_dir."""
-    base_model = base_model or os.environ.get("BASE_MODEL", "")
-    validate_args(base_model, lora_weights, output_dir, max_shard_size, dtype, overwrite, trust_remote_code)
-    base, tokenizer = load_checked(base_model, precision="fp32", device="cpu", trust_remote_code=trust_remote_code,
-                                   device_map={"": "cpu"}, dtype=DTYPES[dtype])
-    model = load_adapter(base, lora_weights)
+    args = replace(args, base_model=args.base_model or os.environ.get("BASE_MODEL", ""))
+    raise_problems(validate(args))
+    tokenizer = load_tokenizer(args.base_model, trust_remote_code=args.trust_remote_code)
+    base = load_base_model(args.base_model, device="cpu", trust_remote_code=args.trust_remote_code,
+                           device_map={"": "cpu"}, dtype=DTYPES[args.dtype], tokenizer=tokenizer)
+    model = load_adapter(base, args.lora_weights)
     model.eval()
     merged = merge_checked(model, tokenizer)
-    saved = save_checked(merged, tokenizer, output_dir, shard_size_bytes(max_shard_size))
+    saved = save_checked(merged, tokenizer, args.output_dir, shard_size_bytes(args.max_shard_size))
     print(f"merged checkpoint saved to {saved.resolve()}")
 
 

@@ -6,10 +6,10 @@ The data is JSON Lines or a JSON array of {instruction, input, output}; the prom
 `templates/<prompt_template_name>.json`. The adapter (adapter_config.json + adapter_model.safetensors), the
 tokenizer and bentsao_training.json (what it was trained with) land in --output_dir.
 
-The recipe, top to bottom: validate_args -> resolve -> check_launch -> read_data -> load_tokenizer -> prepare_data ->
-plan -> load_model -> build_trainer -> train -> finish. Every check that needs no weights runs before any weights
-load, and the Trainer's arguments exist before the weights load, so DeepSpeed ZeRO-3 partitions them while they load
-and FSDP reads them on rank 0 only (utils/training/engines.py).
+The recipe, top to bottom: (under the run lock) validate -> resolve -> check_launch -> read_data -> load_tokenizer ->
+prepare_data -> plan -> load_model -> build_trainer -> train -> finish. Every check that needs no weights runs before
+any weights load, and the Trainer's arguments exist before the weights load, so DeepSpeed ZeRO-3 partitions them
+while they load and FSDP reads them on rank 0 only (utils/training/engines.py).
 """
 
 from __future__ import annotations
@@ -26,21 +26,22 @@ from typing import Any
 
 import torch
 
-from utils.core.cli import dataclass_flags, run_cli
-from utils.core.errors import UserError, raise_problems
-from utils.core.io import RunLock, check_output_dir, publish_files, write_failure
+from utils.core.cli import run_cli, storage_failure
+from utils.core.errors import UserError, first_line, raise_problems
+from utils.core.io import RunLock, output_dir_problems, publish_files
 from utils.data import load_instruction_dataset, tokenize_dataset
-from utils.model.checks import check_attention, preflight_model
-from utils.model.loading import load_checked, load_checked_tokenizer, resolve_lora_targets
+from utils.model.checks import quantization_problems
+from utils.model.loading import load_base_model, load_tokenizer, resolve_lora_targets
+from utils.model.source import source_problems
 from utils.prompter import Prompter
-from utils.runtime import is_main_process, log, world_size
+from utils.runtime import is_main_process, log, precision_problems, resolve_device, resolve_precision, world_size
 from utils.training import checkpoints, results, setup
-from utils.training.args import DEFAULTS, FinetuneArgs
-from utils.training.batching import BatchingPlan, check_batching_args, micro_batches_per_step, plan_batching
+from utils.training.args import FinetuneArgs
+from utils.training.batching import BatchingPlan, batching_problems, micro_batches_per_step, plan_batching
 from utils.training.engines import (
-    check_deepspeed_config,
     check_one_process_per_gpu,
     cpu_engine_note,
+    engine_problems,
     gathered_state_dict,
     materialize_trainable,
     weights_placement,
@@ -60,57 +61,50 @@ class Run:
     notes: list[str] = field(default_factory=list)
 
 
-def validate_args(args: FinetuneArgs) -> None:
-    """Collect every problem with the options into one error, before anything heavy runs."""
-    if is_main_process():  # rank 0 alone takes the lock (main), so a slower rank must not find it taken
-        run_lock(args).check_free()  # another run is writing into --output_dir: that is the one thing to say
-    problems = []
-    if not args.base_model:
-        problems.append("--base_model is required (e.g. `python -m utils.tiny_base --output_dir models/tiny-llama`)")
-    if not args.data_path:
-        problems.append("--data_path is required")
-    if not args.output_dir:
-        problems.append("--output_dir is required: the folder for checkpoints and the adapter")
+def validate(args: FinetuneArgs) -> list[str]:
+    """Every problem with the options, before anything heavy runs (under the run lock, so that what an earlier run
+    left in --output_dir cannot change while this one decides)."""
+    problems = [f"--{name} is required" for name in ("base_model", "data_path", "output_dir")
+                if not getattr(args, name)]
     problems += setup.batch_size_problems(args.batch_size, args.micro_batch_size, world_size())
-    if args.load_8bit and args.load_4bit:
-        problems.append("--load_8bit and --load_4bit exclude each other: choose one")
-    def output_dir() -> None:  # what an earlier run left there is looked at only in a usable folder
-        check_output_dir(args.output_dir, "--output_dir", protected={"the base model": args.base_model})
-        setup.check_restart(args.output_dir, args.resume_from_checkpoint not in (None, False, ""), args.overwrite)
+    problems += batching_problems(args.pack_len, args.cutoff_len, args.micro_batch_tokens)
+    problems += precision_problems(args.precision, resolve_device()) + quantization_problems(args.load_8bit,
+                                                                                              args.load_4bit)
+    problems += engine_problems(args) + (source_problems(args.base_model, "--base_model", "config.json")
+                                         if args.base_model else [])
+    if args.attn_implementation.startswith("flash_attention"):  # else refused by transformers after tokenising
+        import transformers.utils
 
-    for check in (
-        lambda: check_batching_args(args.pack_len, args.cutoff_len, args.micro_batch_tokens),
-        output_dir,
-        lambda: args.deepspeed and check_deepspeed_config(args.deepspeed, args.batch_size, args.micro_batch_size),
-    ):
-        try:
-            check()
-        except UserError as error:
-            problems.append(str(error))
-    raise_problems(problems)
+        kernel = getattr(transformers.utils, f"is_{args.attn_implementation.replace('attention', 'attn')}_available")
+        if not (torch.cuda.is_available() and kernel()):
+            problems.append(f"--attn_implementation {args.attn_implementation} needs a CUDA GPU and its flash-attn "
+                            "package; leave it empty for sdpa")
+    dir_problems = output_dir_problems(args.output_dir, "--output_dir", protected=[args.base_model])
+    if not dir_problems:  # what an earlier run left there is looked at only in a usable folder
+        dir_problems = setup.restart_problems(args.output_dir, args.resume_from_checkpoint not in (None, False, ""),
+                                              args.overwrite)
+    return problems + dir_problems
 
 
-def run_lock(args: FinetuneArgs) -> RunLock:
+def run_lock(args: FinetuneArgs) -> Any:
     """One run at a time per --output_dir: two runs into one folder would interleave checkpoints and overwrite each
-    other's adapter."""
+    other's adapter. Only the main process takes it."""
+    if not is_main_process():
+        return contextlib.nullcontext()
     return RunLock(Path(args.output_dir) / ".bentsao.lock", f"--output_dir {args.output_dir}")
 
 
 def resolve(args: FinetuneArgs) -> Run:
-    """The device, precision, template, checkpoint and loggers: every model-side check that needs no weights."""
+    """The device, precision, template, checkpoint and loggers: what the flags name, read and checked."""
+    device = resolve_device()
     prompter = Prompter(args.prompt_template_name)
     checkpoint = checkpoints.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    device, precision = preflight_model(args.base_model, str(checkpoint) if checkpoint else None,
-                                        precision=args.precision, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
-                                        trust_remote_code=args.trust_remote_code)
-    notes = []
+    notes = [cpu_engine_note(device)]
     if checkpoint is not None:
-        note = checkpoints.check_resumable(checkpoint, world_size(), args.resume_weights_only)
-        notes += [note] if note else []
-    check_attention(args.attn_implementation, device)
+        notes.append(checkpoints.check_resumable(checkpoint, world_size(), args.resume_weights_only))
     loggers = setup.reporters(args.wandb_project, args.wandb_watch, args.wandb_log_model, args.report_to)
-    notes += [cpu_engine_note(device)] if cpu_engine_note(device) else []
-    return Run(device, precision, world_size(), prompter, checkpoint, loggers, notes)
+    return Run(device, resolve_precision(args.precision, device), world_size(), prompter, checkpoint, loggers,
+               [note for note in notes if note])
 
 
 def read_data(args: FinetuneArgs) -> tuple[Any, int]:
@@ -151,11 +145,6 @@ def check_launch(run: Run) -> None:
     check_one_process_per_gpu(run.device, visible, launched="LOCAL_RANK" in os.environ)
 
 
-def load_tokenizer(args: FinetuneArgs) -> Any:
-    """The base model's tokenizer, checked against its config.json: the data is tokenised before the weights load."""
-    return load_checked_tokenizer(args.base_model, trust_remote_code=args.trust_remote_code)
-
-
 def plan(args: FinetuneArgs, run: Run, train_data: Any, val_data: Any) -> Any:
     """The Trainer's arguments: steps, schedule, precision, saving, logging, and the engine (DDP, DeepSpeed, FSDP).
 
@@ -168,7 +157,7 @@ def plan(args: FinetuneArgs, run: Run, train_data: Any, val_data: Any) -> Any:
                                           packing=args.packing, micro_batch_tokens=args.micro_batch_tokens)
     steps = setup.total_steps(len(train_data), args.batch_size, args.num_epochs, args.max_steps)
     if run.checkpoint is not None:
-        setup.check_not_complete(run.checkpoint, steps)
+        setup.check_resume_length(run.checkpoint, steps)
     return setup.training_arguments(args, run.device, run.precision, run.processes, run.reporters, accumulation,
                                     steps, has_validation=val_data is not None)
 
@@ -176,11 +165,9 @@ def plan(args: FinetuneArgs, run: Run, train_data: Any, val_data: Any) -> Any:
 def load_model(args: FinetuneArgs, run: Run, tokenizer: Any) -> tuple[Any, Any]:
     """(the LoRA-wrapped model, the LoRA targets), the weights placed for the engine (`weights_placement`)."""
     device_map = weights_placement(run.device, run.processes)
-    model, tokenizer = load_checked(
-        args.base_model, precision=run.precision, device=run.device, load_8bit=args.load_8bit,
-        load_4bit=args.load_4bit, trust_remote_code=args.trust_remote_code,
-        attn_implementation=args.attn_implementation, device_map=device_map, tokenizer=tokenizer,
-    )
+    model = load_base_model(args.base_model, precision=run.precision, device=run.device, load_8bit=args.load_8bit,
+                            load_4bit=args.load_4bit, trust_remote_code=args.trust_remote_code,
+                            attn_implementation=args.attn_implementation, device_map=device_map, tokenizer=tokenizer)
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     targets = resolve_lora_targets(model, args.lora_target_modules)
     if run.checkpoint is not None:
@@ -238,15 +225,16 @@ def train(trainer: Any, run: Run, args: FinetuneArgs) -> Any:
     stop, guard = callback(trainer, GracefulStop), callback(trainer, DivergenceGuard)
     if args.overwrite and run.checkpoint is None and is_main_process():
         setup.clear_earlier_run(args.output_dir)
+    if run.checkpoint is not None and checkpoints.at_last_step(run.checkpoint):
+        return finish_from_checkpoint(trainer, run.checkpoint)
     try:
         result = trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
     except pickle.UnpicklingError as error:  # transformers loads checkpoint .pt/.pth files with weights_only=True
-        raise UserError(
-            f"refusing to resume from {run.checkpoint}: a file in it is a pickle that is not plain weights "
-            f"({str(error).strip().splitlines()[0][:200]}); resume only from checkpoints you wrote"
-        ) from None
-    except Exception as error:
-        reason = write_failure(error)  # a full disk while saving a checkpoint (raised by torch, safetensors, ...)
+        raise UserError(f"refusing to resume from {run.checkpoint}: a file in it is a pickle that is not plain data, "
+                        "and unpickling it could run arbitrary code; resume only from checkpoints you wrote "
+                        f"(torch: {first_line(error)})") from None
+    except Exception as error:  # a full disk while saving a checkpoint (raised by torch, safetensors, ...)
+        reason = storage_failure(error)
         if reason is None:
             raise
         raise UserError(results.storage_message(args.output_dir, reason, trainer.state.global_step)) from error
@@ -254,16 +242,38 @@ def train(trainer: Any, run: Run, args: FinetuneArgs) -> Any:
         stop.restore()  # the signal handlers, also when training raised
     if guard.diverged_step is not None:
         raise UserError(guard.message(args.output_dir, fp16=run.precision == "fp16"))
-    if stop.received is not None and trainer.state.global_step < trainer.state.max_steps:
-        saved = Path(args.output_dir, f"checkpoint-{trainer.state.global_step}")
-        log(f"stopped by {stop.signal_name} at step {trainer.state.global_step} of {trainer.state.max_steps}: "
-            f"checkpoint saved to {saved.resolve()}; continue with --resume_from_checkpoint True")
+    if stop.received is not None:
+        step, last = trainer.state.global_step, trainer.state.max_steps
+        if step < last:
+            log(f"stopped by {stop.signal_name} at step {step} of {last}: checkpoint saved to "
+                f"{Path(args.output_dir, f'checkpoint-{step}').resolve()}; continue with --resume_from_checkpoint True")
+        else:
+            log(f"stopped by {stop.signal_name} after the last step: its checkpoint is saved; --resume_from_checkpoint "
+                "True writes the adapter from it")
         sys.exit(128 + stop.received)
     return result
 
 
+def finish_from_checkpoint(trainer: Any, checkpoint: Path) -> Any:
+    """A run stopped after its last checkpoint, before its adapter was written: the checkpoint's weights are the
+    run's final ones, so they become the adapter without training a step (the Trainer would train one more)."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        raise UserError(f"{checkpoint} is the run's last step; write its adapter in one process: python finetune.py "
+                        "(same flags, without the launcher and --deepspeed) --resume_from_checkpoint True")
+    set_peft_model_state_dict(trainer.model, load_peft_weights(str(checkpoint), device="cpu"))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / checkpoints.TRAINER_STATE))
+    log(f"{checkpoint} holds the run's last step: writing the adapter from it")
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return TrainOutput(trainer.state.global_step, losses[-1] if losses else float("nan"), {"train_runtime": 0.0})
+
+
 def finish(args: FinetuneArgs, trainer: Any, tokenizer: Any, targets: Any, summary: dict[str, Any]) -> None:
-    """Check the trained weights, publish the adapter atomically (adapter_config.json last), verify it on disk."""
+    """Check the trained weights, publish the adapter atomically (adapter_config.json last), read it back."""
     from peft import get_peft_model_state_dict
 
     model = trainer.model
@@ -279,41 +289,35 @@ def finish(args: FinetuneArgs, trainer: Any, tokenizer: Any, targets: Any, summa
         setup.write_training_metadata(folder, model, tokenizer, args, targets, summary)
 
     publish_files(args.output_dir, write_adapter, last=("adapter_config.json",), staging_name=".tmp-adapter")
-    from utils.model.checks import check_adapter
-
-    check_adapter(args.output_dir)  # reads the files back: config, finite weights, rank
+    results.verify_adapter(args.output_dir, lora)
     log(f"summary: {json.dumps(summary, ensure_ascii=False)}")
     log(f"adapter saved to {Path(args.output_dir).resolve()}")
 
 
-def print_parameters(args: FinetuneArgs, run: Run, val_size: int) -> None:
-    """The resolved parameters, once (main process), as `name: value` lines."""
-    resolved = {**vars(args), "val_set_size": val_size, "precision": run.precision, "device": run.device,
-                "world_size": run.processes,
-                "gradient_accumulation_steps": args.batch_size // (args.micro_batch_size * run.processes),
-                "resume_from_checkpoint": run.checkpoint, "report_to": ",".join(run.reporters) or "none"}
-    log("Training BenTsao LoRA with:\n" + "\n".join(f"{name}: {value}" for name, value in resolved.items()) + "\n")
+def resuming(args: FinetuneArgs) -> bool:
+    return args.resume_from_checkpoint not in (None, False, "")
 
 
-@dataclass_flags("args", FinetuneArgs)
-def main(args: FinetuneArgs = DEFAULTS) -> str:
-    """Train a LoRA adapter; returns the folder it was written to."""
+def main(args: FinetuneArgs) -> str:
+    """Train a LoRA adapter on --data_path into --output_dir (returns that folder)."""
     from transformers import set_seed
 
     # `--output_dir=~/x` reaches us unexpanded: every stage (the checks, the lock, the Trainer) uses the same folder
     args = replace(args, **{name: str(Path(value).expanduser()) for name, value in
                             (("output_dir", args.output_dir), ("data_path", args.data_path)) if value})
-    validate_args(args)
-    run = resolve(args)
-    check_launch(run)
-    dataset, val_size = read_data(args)
-    with run_lock(args) if is_main_process() else contextlib.nullcontext():
-        if is_main_process():  # another run may have finished into --output_dir since validate_args looked
-            setup.check_restart(args.output_dir, run.checkpoint is not None, args.overwrite)
-        print_parameters(args, run, val_size)
+    with run_lock(args):
+        raise_problems(validate(args))
+        if resuming(args) and setup.finished(args.output_dir) and not args.overwrite:
+            raise_problems(setup.finished_run_problems(args.output_dir, args.num_epochs, args.max_steps))
+            log(f"{Path(args.output_dir).resolve()} already holds the finished run's adapter: nothing to resume")
+            return args.output_dir
+        run = resolve(args)
+        check_launch(run)
+        dataset, val_size = read_data(args)
+        log(describe_run(args, run, val_size))
         for note in run.notes:
             log(note)
-        tokenizer = load_tokenizer(args)
+        tokenizer = load_tokenizer(args.base_model, trust_remote_code=args.trust_remote_code)
         train_data, val_data, report = prepare_data(args, run, dataset, val_size, tokenizer)
         training_args = plan(args, run, train_data, val_data)  # the engine is live before the weights load
         set_seed(args.seed)
@@ -324,6 +328,15 @@ def main(args: FinetuneArgs = DEFAULTS) -> str:
         summary = results.run_summary(trainer, result, report, batching, val_data, started)
         finish(args, trainer, tokenizer, targets, summary)
     return args.output_dir
+
+
+def describe_run(args: FinetuneArgs, run: Run, val_size: int) -> str:
+    """One line: what trains on what, where, and how (every flag's value is in `bentsao_training.json`)."""
+    resumed = f", resuming {run.checkpoint}" if run.checkpoint else ""
+    return (f"training {args.base_model} on {args.data_path} ({val_size} validation rows) into {args.output_dir}: "
+            f"{run.device} {run.precision}, {run.processes} process(es), batch {args.batch_size} (micro "
+            f"{args.micro_batch_size}), lr {args.learning_rate:g}, LoRA r={args.lora_r}, loggers "
+            f"{','.join(run.reporters) or 'none'}{resumed}")
 
 
 if __name__ == "__main__":

@@ -20,11 +20,12 @@ the answers are not medical advice.
 
 import os
 import sys
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from utils.core.cli import PORT, SEED, option_checks, run_cli
+from utils.core.cli import flag, run_cli
 from utils.core.errors import UserError, raise_problems
-from utils.generation.args import DEFAULT_GENERATION, GenerationArgs, generation_flags
+from utils.generation.args import GenerationArgs, ModelArgs
 from utils.generation.dialogue import Chat, context_length
 from utils.model.loading import load_for_inference
 from utils.prompter import Prompter
@@ -42,14 +43,11 @@ KEYS_HINT = "Enter 发送，Shift+Enter 换行 (Enter sends, Shift+Enter starts 
 DISCLAIMER = "仅供研究使用，回答不构成医疗建议；身体不适请及时就医。(Research use only; not medical advice.)"
 
 
-def parse_auth(auth: str | None) -> tuple[str, str] | None:
-    """`user:password` as gradio's (user, password); None when no login is asked for."""
-    if auth in (None, "", False):
-        return None
-    user, sep, password = str(auth).partition(":")
-    if not sep or not user or not password:
-        raise UserError("--auth must look like user:password")
-    return user, password
+def parse_auth(auth: str) -> tuple[str, str] | None:
+    """`user:password` as gradio's (user, password); None when no login is asked for (or it is malformed: see
+    `validate`)."""
+    user, _, password = auth.partition(":")
+    return (user, password) if user and password else None
 
 
 def generation_controls(gr: Any, defaults: GenerationArgs) -> list[Any]:
@@ -125,56 +123,57 @@ def check_port_free(server_name: str, server_port: int) -> None:
                             "it: choose another --server_port") from None
 
 
-@generation_flags(num_beams=1, repetition_penalty=1.1)
-@option_checks(server_port=PORT, seed=SEED)
-def main(
-    base_model: str = "",  # local folder or hub id of the base model (required)
-    lora_weights: str = "",  # adapter folder written by finetune.py (or a hub id)
-    use_lora: bool = True,  # apply --lora_weights (False: a merged checkpoint or the bare base)
-    prompt_template: str = "med_template",  # a name in templates/ or a path; a multi_turn template keeps history
-    server_name: str = "127.0.0.1",  # address to listen on; 0.0.0.0 exposes the page to the network
-    server_port: int = 7860,  # port to listen on
-    share_gradio: bool = False,  # ask gradio for a public share link (off: nothing leaves this machine)
-    auth: str = "",  # user:password to require a login
-    generation: GenerationArgs = DEFAULT_GENERATION,  # the page's initial settings: --max_new_tokens, --num_beams, ...
-    seed: int = 42,  # seeds sampling
-    load_8bit: bool = False,  # load the base in 8-bit (CUDA + bitsandbytes)
-    load_4bit: bool = False,  # load the base in 4-bit nf4 (CUDA + bitsandbytes)
-    precision: str = "auto",  # auto | bf16 | fp16 | fp32 (fp32 on CPU)
-    trust_remote_code: bool = False,  # allow a hub model's own Python code to run
-    device_map: str = "",  # auto: spread a large model over all GPUs (then CPU RAM); or a device, e.g. cuda:1
-) -> None:
+@dataclass(frozen=True)
+class GenerateArgs(ModelArgs, GenerationArgs):
+    """The flags of generate.py; the generation flags are the page's initial settings."""
+
+    num_beams: int = flag(1, "beam search width (1: greedy or sampling; answers stream only then)", low=1)
+    repetition_penalty: float = flag(1.1, "> 1 discourages repeating tokens", above=0)
+    prompt_template: str = flag("med_template", "a name in templates/ or a path; a multi_turn template keeps history")
+    server_name: str = flag("127.0.0.1", "address to listen on; 0.0.0.0 exposes the page to the network")
+    server_port: int = flag(7860, "port to listen on", low=1, high=65535)
+    share_gradio: bool = flag(False, "ask gradio for a public share link (off: nothing leaves this machine)")
+    auth: str = flag("", "user:password to require a login")
+    device_map: str = flag("", "auto: spread a large model over all GPUs (then CPU RAM); or a device, e.g. cuda:1")
+
+
+def validate(args: GenerateArgs) -> list[str]:
+    problems = args.model_problems() + args.generation_problems()
+    if args.auth and parse_auth(args.auth) is None:
+        problems.append("--auth must look like user:password")
+    return problems
+
+
+def main(args: GenerateArgs) -> None:
     """Serve the chat page until interrupted."""
     from transformers import set_seed
 
-    if use_lora and not lora_weights:
-        raise UserError("--lora_weights is required with --use_lora True (for a merged checkpoint or a bare base "
-                        "model, pass --use_lora False)")
-    raise_problems(generation.problems())
-    login = parse_auth(auth)
-    prompter = Prompter(prompt_template)
-    device_map = parse_device_map(device_map)
-    check_port_free(server_name, server_port)
-    set_seed(seed)
+    raise_problems(validate(args))
+    login = parse_auth(args.auth)
+    prompter = Prompter(args.prompt_template)
+    device_map = parse_device_map(args.device_map)
+    check_port_free(args.server_name, args.server_port)
+    set_seed(args.seed)
     model, tokenizer, device = load_for_inference(
-        base_model, lora_weights if use_lora else None, precision=precision, load_8bit=load_8bit,
-        load_4bit=load_4bit, trust_remote_code=trust_remote_code, device_map=device_map,
+        args.base_model, args.adapter, precision=args.precision, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
+        trust_remote_code=args.trust_remote_code, device_map=device_map,
     )
     context = context_length(model, tokenizer)
-    chat = Chat(prompter, tokenizer, context - generation.max_new_tokens)
-    adapter = f"adapter `{lora_weights}`" if use_lora else "no adapter"
-    title = f"base `{base_model}` · {adapter} · template `{prompt_template}` · {device}"
-    demo = build_demo(model, chat, context, title, generation)
+    chat = Chat(prompter, tokenizer, context - args.max_new_tokens)
+    adapter = f"adapter `{args.lora_weights}`" if args.use_lora else "no adapter"
+    title = f"base `{args.base_model}` · {adapter} · template `{args.prompt_template}` · {device}"
+    demo = build_demo(model, chat, context, title, args)
+    server_name = args.server_name
     if server_name not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {server_name}, so other machines can reach this page"
               + ("" if login else "; consider --auth user:password"), file=sys.stderr, flush=True)
     # quiet: gradio's own banner would advise `share=True` in `launch()`, which is no flag of this script
-    demo.launch(server_name=server_name, server_port=server_port, share=share_gradio, auth=login,
+    demo.launch(server_name=server_name, server_port=args.server_port, share=args.share_gradio, auth=login,
                 show_error=True, quiet=True, prevent_thread_lock=True)
     print(f"* Running on local URL:  {demo.local_url}", flush=True)
     if demo.share_url:
         print(f"* Running on public URL: {demo.share_url} (anyone with the link reaches this page)", flush=True)
-    elif share_gradio:
+    elif args.share_gradio:
         print("warning: gradio could not create a public link (no network?); the page is local only",
               file=sys.stderr, flush=True)
     else:

@@ -11,12 +11,13 @@ A merged checkpoint (export_hf_checkpoint.py) or a bare base runs with `--use_lo
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Any
 
-from utils.core.cli import NON_NEGATIVE, SEED, option_checks, run_cli, silence_stdout
+from utils.core.cli import flag, run_cli, silence_stdout
 from utils.core.errors import UserError, raise_problems
-from utils.core.io import atomic_write, check_output_file, check_string_fields, jsonl_text, read_records
-from utils.generation.args import DEFAULT_GENERATION, GenerationArgs, generation_flags
+from utils.core.io import atomic_write, check_string_fields, jsonl_text, output_file_problems, read_records
+from utils.generation.args import GenerationArgs, ModelArgs
 from utils.generation.dialogue import context_length
 from utils.generation.engine import default_batch_size, generate_answers
 from utils.model.loading import load_for_inference
@@ -31,20 +32,26 @@ BUILT_IN_QUESTIONS = [
 ]
 
 
-def validate_args(use_lora: bool, lora_weights: str, instruct_dir: str, output_file: str, base_model: str = "",
-                  ) -> None:
-    """Every problem with the options at once, before anything loads."""
-    problems = []
-    if use_lora and not lora_weights:
-        problems.append("--lora_weights is required with --use_lora True (for a merged checkpoint or a bare base "
-                        "model, pass --use_lora False)")
-    if output_file:
-        try:
-            check_output_file(output_file, "--output_file", inputs=[instruct_dir] if instruct_dir else [],
-                              protected={"the base model": base_model, "the adapter": lora_weights if use_lora else ""})
-        except UserError as error:
-            problems.append(str(error))
-    raise_problems(problems)
+@dataclass(frozen=True)
+class InferArgs(ModelArgs, GenerationArgs):
+    """The flags of infer.py (the original BenTsao names)."""
+
+    instruct_dir: str = flag("", "JSON Lines or JSON array of {instruction[, input, output]}; empty: built-in "
+                                 "questions")
+    prompt_template: str = flag("med_template", "a name in templates/ or a path to a template JSON")
+    batch_size: int = flag(0, "questions answered together (0: 32 // num_beams); left-padded, sorted by length",
+                           low=0)
+    output_file: str = flag("", "write JSON Lines: each input row plus `model_output`")
+    device_map: str = flag("", "auto: spread a large model over all GPUs (then CPU RAM); or a device, e.g. cuda:1")
+
+
+def validate(args: InferArgs) -> list[str]:
+    """Every problem with the options, before anything loads."""
+    problems = args.model_problems() + args.generation_problems()
+    if args.output_file:
+        problems += output_file_problems(args.output_file, "--output_file", inputs=[args.instruct_dir],
+                                         protected=[args.base_model, args.adapter])
+    return problems
 
 
 def read_questions(instruct_dir: str) -> list[dict[str, Any]]:
@@ -115,44 +122,25 @@ def write_answers(output_file: str, rows: list[dict[str, Any]], answers: list[st
     print(f"wrote {len(rows)} answers to {output_file}", flush=True)
 
 
-@generation_flags(num_beams=4)
-@option_checks(batch_size=NON_NEGATIVE, seed=SEED)
-def main(
-    load_8bit: bool = False,  # load the base in 8-bit (CUDA + bitsandbytes)
-    load_4bit: bool = False,  # load the base in 4-bit nf4 (CUDA + bitsandbytes)
-    base_model: str = "",  # local folder or hub id of the base model (required)
-    instruct_dir: str = "",  # JSON Lines or JSON array of {instruction[, input, output]}; empty: built-in questions
-    use_lora: bool = True,  # apply the adapter in --lora_weights (False: a merged checkpoint or the bare base)
-    lora_weights: str = "",  # adapter folder written by finetune.py (or a hub id)
-    prompt_template: str = "med_template",  # a name in templates/ or a path to a template JSON
-    generation: GenerationArgs = DEFAULT_GENERATION,  # --max_new_tokens, --num_beams, --do_sample, ... (shared)
-    seed: int = 42,  # seeds sampling
-    batch_size: int = 0,  # questions answered together (0: 32 // num_beams); left-padded, sorted by length
-    output_file: str = "",  # write JSON Lines: each input row plus `model_output`
-    precision: str = "auto",  # auto | bf16 | fp16 | fp32 (fp32 on CPU)
-    trust_remote_code: bool = False,  # allow a hub model's own Python code to run
-    device_map: str = "",  # auto: spread a large model over all GPUs (then CPU RAM); or a device, e.g. cuda:1
-) -> None:
+def main(args: InferArgs) -> None:
     """Answer every row of --instruct_dir (or a few built-in questions) and print the original blocks."""
     from transformers import set_seed
 
-    validate_args(use_lora, lora_weights, instruct_dir, output_file, base_model)
-    raise_problems(generation.problems())
-    prompter = Prompter(prompt_template)
-    rows = read_questions(instruct_dir)
-    device_map = parse_device_map(device_map)
-
-    set_seed(seed)
+    raise_problems(validate(args))
+    prompter = Prompter(args.prompt_template)
+    rows = read_questions(args.instruct_dir)
+    device_map = parse_device_map(args.device_map)
+    set_seed(args.seed)
     model, tokenizer, _ = load_for_inference(
-        base_model, lora_weights if use_lora else None, precision=precision, load_8bit=load_8bit,
-        load_4bit=load_4bit, trust_remote_code=trust_remote_code, device_map=device_map,
+        args.base_model, args.adapter, precision=args.precision, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
+        trust_remote_code=args.trust_remote_code, device_map=device_map,
     )
     prompts = [prompter.generate_prompt(row["instruction"], row.get("input") or None) for row in rows]
-    note_long_prompts(model, tokenizer, prompts, generation.max_new_tokens)
-    answers = answer_in_order(model, tokenizer, prompts, rows, generation,
-                              batch_size or default_batch_size(generation.num_beams), keep_going=bool(output_file))
-    if output_file:
-        write_answers(output_file, rows, answers)
+    note_long_prompts(model, tokenizer, prompts, args.max_new_tokens)
+    answers = answer_in_order(model, tokenizer, prompts, rows, args,
+                              args.batch_size or default_batch_size(args.num_beams), keep_going=bool(args.output_file))
+    if args.output_file:
+        write_answers(args.output_file, rows, answers)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from utils.core.cli import NON_NEGATIVE, SEED, choices, option_checks, run_cli
+from utils.core.cli import flag, run_cli
 from utils.core.errors import UserError, raise_problems
-from utils.generation.args import DEFAULT_GENERATION, GenerationArgs, generation_flags
+from utils.generation.args import GenerationArgs, ModelArgs
 from utils.generation.dialogue import Chat, context_length
 from utils.generation.engine import default_batch_size, generate_answers
 from utils.model.loading import load_for_inference
@@ -90,40 +91,32 @@ def chat_multi(model: Any, tokenizer: Any, prompter: Prompter, generation: Gener
         history.append((question, answer))
 
 
-@generation_flags(num_beams=4)
-@option_checks(single_or_multi=choices("single", "multi"), batch_size=NON_NEGATIVE, max_turns=NON_NEGATIVE, seed=SEED)
-def main(
-    load_8bit: bool = False,  # load the base in 8-bit (CUDA + bitsandbytes)
-    load_4bit: bool = False,  # load the base in 4-bit nf4 (CUDA + bitsandbytes)
-    base_model: str = "",  # local folder or hub id of the base model (required)
-    single_or_multi: str = "single",  # single: built-in questions; multi: a chat read from standard input
-    use_lora: bool = True,  # apply the adapter in --lora_weights (False: a merged checkpoint or the bare base)
-    lora_weights: str = "",  # adapter folder written by finetune.py
-    prompt_template: str = "literature_template",  # a name in templates/ or a path to a template JSON
-    generation: GenerationArgs = DEFAULT_GENERATION,  # --max_new_tokens, --num_beams, --do_sample, ... (shared)
-    seed: int = 42,  # seeds sampling
-    batch_size: int = 0,  # single mode: questions answered together (0: 32 // num_beams)
-    max_turns: int = 0,  # multi mode: stop after this many turns (0: until EOF or `exit`)
-    precision: str = "auto",  # auto | bf16 | fp16 | fp32 (fp32 on CPU)
-    trust_remote_code: bool = False,  # allow a hub model's own Python code to run
-) -> None:
+@dataclass(frozen=True)
+class LiteratureArgs(ModelArgs, GenerationArgs):
+    """The flags of infer_literature.py (the original BenTsao names)."""
+
+    single_or_multi: str = flag("single", "single: built-in questions; multi: a chat read from standard input",
+                                choices=("single", "multi"))
+    prompt_template: str = flag("literature_template", "a name in templates/ or a path to a template JSON")
+    batch_size: int = flag(0, "single mode: questions answered together (0: 32 // num_beams)", low=0)
+    max_turns: int = flag(0, "multi mode: stop after this many turns (0: until EOF or `exit`)", low=0)
+
+
+def main(args: LiteratureArgs) -> None:
     """Answer the built-in liver-cancer questions (single) or chat turn by turn from standard input (multi)."""
     from transformers import set_seed
 
-    if use_lora and not lora_weights:
-        raise UserError("--lora_weights is required with --use_lora True (for a merged checkpoint or a bare base "
-                        "model, pass --use_lora False)")
-    raise_problems(generation.problems())
-    prompter = Prompter(prompt_template)
-    set_seed(seed)
+    raise_problems(args.model_problems() + args.generation_problems())
+    prompter = Prompter(args.prompt_template)
+    set_seed(args.seed)
     model, tokenizer, _ = load_for_inference(
-        base_model, lora_weights if use_lora else None, precision=precision, load_8bit=load_8bit,
-        load_4bit=load_4bit, trust_remote_code=trust_remote_code,
+        args.base_model, args.adapter, precision=args.precision, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
+        trust_remote_code=args.trust_remote_code,
     )
-    if single_or_multi == "single":
-        answer_single(model, tokenizer, prompter, generation, batch_size or default_batch_size(generation.num_beams))
+    if args.single_or_multi == "single":
+        answer_single(model, tokenizer, prompter, args, args.batch_size or default_batch_size(args.num_beams))
     else:
-        chat_multi(model, tokenizer, prompter, generation, max_turns)
+        chat_multi(model, tokenizer, prompter, args, args.max_turns)
 
 
 if __name__ == "__main__":

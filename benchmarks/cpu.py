@@ -24,7 +24,6 @@ each repeat (ABBA order), so load from other processes on a shared machine hits 
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -35,12 +34,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench_flags import StrictParser
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from utils.core.cli import flag, run_cli  # noqa: E402 - no torch: a mistyped flag is answered at once
+
 REFERENCE_DATA = REPO.parent / "shared" / "reference" / "bentsao" / "llama_data.json"
 PROJECT_DATA = REPO / "data" / "llama_data.json"
 # the published scripts/finetune.sh flags, less the paths (one epoch and no validation set, to time training only)
@@ -112,9 +114,21 @@ def answer_once(base: Path, adapter: Path, questions: Path, batch_size: int, max
     return float(json.loads(result.stdout.strip().splitlines()[-1])["generate_s"])
 
 
-def answer_worker(args: argparse.Namespace) -> None:
-    """`benchmarks/cpu.py answer ...`: load, answer greedily, time generation, write the answers."""
-    sys.path.insert(0, str(REPO))
+@dataclass(frozen=True)
+class AnswerArgs:
+    """(internal) `benchmarks/cpu.py answer ...`: one inference process."""
+
+    base_model: str = flag("", "the base model folder")
+    lora_weights: str = flag("", "the adapter folder")
+    questions: str = flag("", "the questions (JSON Lines)")
+    answers: str = flag("", "where the answers go (JSON)")
+    batch_size: int = flag(1, "questions answered together", low=1)
+    max_new_tokens: int = flag(64, "tokens generated per answer", low=1)
+    fixed_length: int = flag(1, "1: every answer exactly --max_new_tokens long (min_new_tokens); 0: stop at EOS")
+
+
+def answer_worker(args: AnswerArgs) -> None:
+    """Load, answer greedily, time generation, write the answers."""
     from utils.generation.args import GenerationArgs
     from utils.generation.engine import generate_answers
     from utils.model.loading import load_for_inference
@@ -168,7 +182,7 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "date": datetime.date.today().isoformat()}
 
 
-def benchmark_training(args: argparse.Namespace, base: Path, data: Path, workdir: Path) -> tuple[dict, Path]:
+def benchmark_training(args: BenchArgs, base: Path, data: Path, workdir: Path) -> tuple[dict, Path]:
     runs = []
     adapter = workdir / "ours-0"
     for repeat in range(args.repeat):
@@ -177,7 +191,7 @@ def benchmark_training(args: argparse.Namespace, base: Path, data: Path, workdir
         for packing in order:
             name = "ours" if packing else "baseline"
             log(f"training repeat {repeat + 1}/{args.repeat}: {name}")
-            extra = args.ours_flags if packing else []
+            extra = shlex.split(args.ours_flags) if packing else []
             result[packing] = train_once(base, data, workdir / f"{name}-{repeat}", packing, extra)
         baseline, ours = result[False], result[True]
         runs.append({
@@ -198,12 +212,12 @@ def benchmark_training(args: argparse.Namespace, base: Path, data: Path, workdir
         "rows": baseline["train_rows"], "steps": {"baseline": baseline["steps"], "ours": ours["steps"]},
         "train_loss": {"baseline": baseline["train_loss"], "ours": ours["train_loss"]},
         "timed": "trainer.train runtime (train_loop_s)", "repeat": args.repeat, "runs": runs,
-        "ours_flags": args.ours_flags, "machine": machine(),
+        "ours_flags": shlex.split(args.ours_flags), "machine": machine(),
     }
     return line, adapter
 
 
-def benchmark_inference(args: argparse.Namespace, base: Path, adapter: Path, questions: Path,
+def benchmark_inference(args: BenchArgs, base: Path, adapter: Path, questions: Path,
                         workdir: Path) -> dict:
     runs = []
     identical = []
@@ -235,57 +249,31 @@ def benchmark_inference(args: argparse.Namespace, base: Path, adapter: Path, que
     }
 
 
-def default_inference_batch_size() -> int:
-    """infer.py's --batch_size default under greedy decoding (0 there means `default_batch_size(num_beams)`)."""
-    sys.path.insert(0, str(REPO))
-    import inspect
+@dataclass(frozen=True)
+class BenchArgs:
+    """The flags of benchmarks/cpu.py."""
 
-    import infer
+    rows: int = flag(2048, "training rows", low=1)
+    questions: int = flag(128, "inference questions", low=1)
+    max_new_tokens: int = flag(64, "tokens generated per answer (every answer that long unless --stop_at_eos)", low=1)
+    batch_size: int = flag(0, "batched inference size (0: infer.py's default for greedy decoding)", low=0)
+    repeat: int = flag(1, "runs of each benchmark (baseline and ours alternate, ABBA); the medians are reported", low=1)
+    stop_at_eos: bool = flag(False, "let answers end at EOS (the tiny model ends most at once)")
+    data: str = flag("", "instruction data (default: the published file, else the project's)")
+    base_model: str = flag("", "an existing tiny base (default: build one in --workdir)")
+    workdir: str = flag("", "where bases, adapters and answers go (default: a temp folder)")
+    ours_flags: str = flag("", 'extra finetune.py flags for ours, e.g. "--pack_len 512"')
+    skip: str = flag("", "leave out one benchmark: train (then an adapter is trained once for infer) or infer",
+                     choices=("", "train", "infer"))
+
+
+def main(args: BenchArgs) -> list[dict]:
+    """The original recipe against our defaults, training and inference, each run in its own process."""
     from utils.generation.engine import default_batch_size
-
-    default = int(inspect.signature(infer.main).parameters["batch_size"].default)
-    return default or default_batch_size(1)
-
-
-def build_parser() -> StrictParser:
-    parser = StrictParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command")
-    worker = sub.add_parser("answer", help="(internal) one inference process")
-    for name, text in (("--base_model", "the base model folder"), ("--lora_weights", "the adapter folder"),
-                       ("--questions", "the questions (JSON Lines)"), ("--answers", "where the answers go (JSON)")):
-        worker.add_argument(name, default="", help=text)
-    worker.add_argument("--batch_size", type=int, default=1, help="questions answered together")
-    worker.add_argument("--max_new_tokens", type=int, default=64, help="tokens generated per answer")
-    worker.add_argument("--fixed_length", type=int, default=1,
-                        help="1: every answer exactly --max_new_tokens long (min_new_tokens); 0: stop at EOS")
-    parser.add_argument("--rows", type=int, default=2048, help="training rows")
-    parser.add_argument("--questions", type=int, default=128, help="inference questions")
-    parser.add_argument("--max_new_tokens", type=int, default=64,
-                        help="tokens generated per answer (every answer that long unless --stop_at_eos)")
-    parser.add_argument("--batch_size", type=int, default=0, help="batched inference size (0: infer.py's default)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="runs of each benchmark (baseline and ours alternate, ABBA); the medians are reported")
-    parser.add_argument("--stop_at_eos", action="store_true",
-                        help="let answers end at EOS (the tiny model ends most at once) instead of max_new_tokens")
-    parser.add_argument("--data", default="", help="instruction data (default: the published file, else the project's)")
-    parser.add_argument("--base_model", default="", help="an existing tiny base (default: build one in --workdir)")
-    parser.add_argument("--workdir", default="", help="where bases, adapters and answers go (default: a temp folder)")
-    parser.add_argument("--ours_flags", default="", help='extra finetune.py flags for ours, e.g. "--pack_len 512"')
-    parser.add_argument("--skip", choices=["train", "infer"], default=None,
-                        help="leave out one benchmark: train (then an adapter is trained once for infer) or infer")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    args = build_parser().parse_args(argv)
-    args.ours_flags = shlex.split(getattr(args, "ours_flags", ""))
-    if args.command == "answer":
-        answer_worker(args)
-        return []
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bentsao-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    args.batch_size = args.batch_size or default_inference_batch_size()
+    args = replace(args, batch_size=args.batch_size or default_batch_size(1))
     data_path = Path(args.data) if args.data else (REFERENCE_DATA if REFERENCE_DATA.is_file() else PROJECT_DATA)
     rows = read_rows(data_path)
     if len(rows) < args.rows + args.questions:
@@ -313,4 +301,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli({"answer": answer_worker} if sys.argv[1:2] == ["answer"] else main)

@@ -20,39 +20,34 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-
-from bench_flags import StrictParser
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "reference" / "bentsao" / "llama_data.json"
 
-
-def build_parser() -> StrictParser:
-    parser = StrictParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base_model", required=True, help="the tiny base folder (python -m utils.tiny_base)")
-    parser.add_argument("--data", default=str(DATA if DATA.is_file() else REPO / "data" / "llama_data.json"),
-                        help="instruction data; the first 2,048 rows are read (default: the published file)")
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps of 128 rows each")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of every layout; the median is reported")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
-                        help="cpu: process CPU time (steadier on a shared machine); wall: elapsed time")
-    return parser
+from utils.core.cli import flag, run_cli  # noqa: E402 - no torch: a mistyped flag is answered at once
+from utils.core.errors import UserError  # noqa: E402
 
 
-if __name__ == "__main__":
-    build_parser().parse_args()  # a mistyped flag is answered before the torch import below (13-16 s)
+@dataclass(frozen=True)
+class LayoutArgs:
+    """The flags of benchmarks/layouts.py."""
 
-import torch  # noqa: E402
-
-from utils.data import read_instruction_rows, tokenize_row  # noqa: E402
-from utils.prompter import Prompter  # noqa: E402
-from utils.training.batching import PackingCollator, PaddingCollator, first_fit_decreasing  # noqa: E402
+    base_model: str = flag("", "the tiny base folder (python -m utils.tiny_base)")
+    data: str = flag(str(DATA if DATA.is_file() else REPO / "data" / "llama_data.json"),
+                     "instruction data; the first 2,048 rows are read (default: the published file)")
+    steps: int = flag(3, "optimizer steps of 128 rows each", low=1)
+    repeat: int = flag(3, "runs of every layout; the median is reported", low=1)
+    threads: int = flag(1, "torch threads", low=1)
+    clock: str = flag("cpu", "cpu: process CPU time (steadier on a shared machine); wall: elapsed time",
+                      choices=("cpu", "wall"))
 
 
 def layouts(steps: list[list[dict]], pad: int) -> dict[str, list[list[dict]]]:
+    from utils.training.batching import PackingCollator, PaddingCollator, first_fit_decreasing
+
     def sort(rows: list[dict]) -> list[dict]:
         return sorted(rows, key=lambda r: len(r["input_ids"]))
 
@@ -75,6 +70,8 @@ def layouts(steps: list[list[dict]], pad: int) -> dict[str, list[list[dict]]]:
 
 
 def with_label_positions(batch: dict) -> dict:
+    import torch
+
     labels = batch["labels"]
     shift = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
     keep = shift != -100
@@ -92,12 +89,18 @@ def run(model, steps: list[list[dict]], clock) -> tuple[float, float]:
     return clock() - started, total
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def main(args: LayoutArgs) -> None:
+    """Forward + backward of the same optimizer steps in several batch layouts (the design's micro-benchmark)."""
+    import torch
+
+    if not args.base_model:
+        raise UserError("--base_model is required: the tiny base folder (python -m utils.tiny_base)")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from utils.data import read_instruction_rows, tokenize_row
     from utils.model.loading import load_tokenizer
+    from utils.prompter import Prompter
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -138,4 +141,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -97,3 +97,10 @@ def train_adapter(base: Path, data: Path, output_dir: Path, *extra: str) -> Resu
                       *TRAIN_QUICK, *extra)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def run_line(stdout: str) -> str:
+    """finetune.py's one line saying what trains on what (printed once, by the main process)."""
+    lines = [line for line in stdout.splitlines() if line.startswith("training ")]
+    assert len(lines) == 1, lines
+    return lines[0]

@@ -74,8 +74,8 @@ def allow_engines_on_cpu() -> None:
 
     AcceleratorState.__init__ = init
     engines.FSDP_DEVICES = (*engines.FSDP_DEVICES, "cpu")
-    check = engines.check_deepspeed_config
-    finetune.check_deepspeed_config = lambda *args, **kwargs: check(*args, **kwargs, require_cuda=False)
+    check = engines.engine_problems
+    finetune.engine_problems = lambda args: check(args, require_cuda=False)
     if "--deepspeed" in sys.argv:
         import deepspeed
 

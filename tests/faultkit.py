@@ -14,7 +14,8 @@ can be tallied (README, Troubleshooting):
     [false success]  exit 0 or a success line, but the output is missing, empty or broken
 
 Scripts run in-process through `utils.core.cli.run_cli` (the same code path as `python script.py`), except where
-a case needs a process of its own (signals, locks held by another process, resource limits).
+a case needs a process of its own (signals, locks held by another process, resource limits). Cases check the key
+fact of the error line (the flag, the file), not its wording.
 """
 
 from __future__ import annotations
@@ -147,8 +148,9 @@ def running_as_root() -> bool:
 
 @contextmanager
 def read_only(folder: Path) -> Iterator[Path]:
-    """`folder` read-only: chmod 0555; as root (which writes anyway) the kernel's refusal is injected instead, with
-    EROFS, at the OS calls that create or replace entries inside it (os.open, os.mkdir, os.rename, os.replace)."""
+    """`folder` read-only: chmod 0555; as root (which writes anyway) the kernel's answers for a read-only file system
+    are injected instead: EROFS at the OS calls that create or replace entries inside it (os.open, os.mkdir,
+    os.rename, os.replace), and `os.access(..., W_OK)` False for it and what is inside."""
     folder.mkdir(parents=True, exist_ok=True)
     mode = folder.stat().st_mode
     os.chmod(folder, 0o555)
@@ -164,10 +166,17 @@ def read_only(folder: Path) -> Iterator[Path]:
 
         return call
 
+    access = os.access
+
+    def no_write_access(path: Any, mode: int, *args: Any, **kwargs: Any) -> bool:
+        inside_folder = (os.path.abspath(os.fsdecode(path)) + os.sep).startswith(inside)
+        return False if inside_folder and mode & os.W_OK else access(path, mode, *args, **kwargs)
+
     with pytest.MonkeyPatch.context() as patch:
         if running_as_root():
             for name, position in (("open", 0), ("mkdir", 0), ("rename", 1), ("replace", 1)):
                 patch.setattr(os, name, guarded(getattr(os, name), position))
+            patch.setattr(os, "access", no_write_access)
         try:
             yield folder
         finally:

@@ -4,15 +4,41 @@ fixture that keeps tiny models on one torch thread (import it into a test module
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
 
-from utils.core.cli import Outcome, run_in_process
+from utils.core.cli import run_cli
 
-Result = Outcome  # returncode, stdout, stderr
-run_main = run_in_process  # `python <script>.py argv...` in this process
+
+@dataclass
+class Result:
+    """What `python <script>.py argv...` ended with."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(component: Any, *argv: Any) -> Result:
+    """`python <script>.py argv...` in this process; `component` as for `run_cli` (a dict: subcommands)."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv
+    sys.argv = [f"{getattr(component, '__module__', 'script')}.py", *map(str, argv)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run_cli(component, [str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = saved
+    return Result(code, out.getvalue(), err.getvalue())
 
 
 def finetune(base: Any, data: Any, output_dir: Any, *extra: str) -> Result:

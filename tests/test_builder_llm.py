@@ -57,9 +57,9 @@ def api_env(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def run(server: FakeOpenAI, kb: Path, out: Path, key_env: str, **options) -> None:
-    bd.knowledge(kb=str(kb), output=str(out), backend="openai", api_base=server.url, model=options.pop("model", "m1"),
-                 api_key_env=key_env, concurrency=2, per_entity=4, retry_base_delay=0.0, exclude_questions="none",
-                 **options)
+    bd.knowledge(bd.KnowledgeArgs(kb=str(kb), output=str(out), backend="openai", api_base=server.url,
+                                  model=options.pop("model", "m1"), api_key_env=key_env, concurrency=2, per_entity=4,
+                                  retry_base_delay=0.0, exclude_questions="none", **options))
 
 
 def test_grounding_rejects_daily_methotrexate_invented_doses_absolutes_and_foreign_terms() -> None:
@@ -135,8 +135,9 @@ def test_resume_refuses_other_settings_and_resumes_exactly(tmp_path: Path, api_e
             run(server, kb, out, api_env, model="m2", resume=True)
         changed = write_jsonl(tmp_path / "kb2.jsonl", [{**KB[0], "禁忌": ["妊娠期", "哺乳期"]}, *KB[1:]])
         with pytest.raises(UserError, match="other settings .*facts_hash"):
-            bd.knowledge(kb=str(changed), output=str(out), backend="openai", api_base=server.url, model="m1",
-                         api_key_env=api_env, per_entity=4, exclude_questions="none", resume=True)
+            bd.knowledge(bd.KnowledgeArgs(kb=str(changed), output=str(out), backend="openai", api_base=server.url,
+                                          model="m1", api_key_env=api_env, per_entity=4, exclude_questions="none",
+                                          resume=True))
         before = len(server.requests)
         run(server, kb, out, api_env, max_retries=1, resume=True)
         again = [last_user_message(body) for body in server.requests[before:]]
@@ -200,8 +201,8 @@ def test_dry_run_sends_and_writes_nothing(tmp_path: Path, capsys: pytest.Capture
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     kb = write_jsonl(tmp_path / "kb.jsonl", KB)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    bd.knowledge(kb=str(kb), output=str(tmp_path / "rows.json"), backend="openai", dry_run=True, input_price=0.15,
-                 output_price=0.6, exclude_questions="none")
+    bd.knowledge(bd.KnowledgeArgs(kb=str(kb), output=str(tmp_path / "rows.json"), backend="openai", dry_run=True,
+                                  input_price=0.15, output_price=0.6, exclude_questions="none"))
     printed = capsys.readouterr().out
     assert "dry run: 9 requests" in printed and "estimated cost: $" in printed and "“甲氨蝶呤”" in printed
     assert sorted(path.name for path in tmp_path.iterdir()) == ["kb.jsonl"]

@@ -13,8 +13,7 @@ import yaml
 from conftest import REPO
 from in_process import run_main
 
-from utils.core.errors import UserError
-from utils.training.engines import check_deepspeed_config, deepspeed_batch_problems
+from utils.training.engines import deepspeed_batch_problems, engine_problems
 
 DEEPSPEED = REPO / "configs" / "deepspeed"
 ACCELERATE = REPO / "configs" / "accelerate"
@@ -143,17 +142,15 @@ def test_deepspeed_batch_problems():
     assert deepspeed_batch_problems(load("zero3.json"), 128, 4, 8) == []
 
 
-def test_check_deepspeed_config_errors(tmp_path):
-    with pytest.raises(UserError, match=r"--deepspeed nope\.json: no such file .*configs/deepspeed/zero2\.json"):
-        check_deepspeed_config("nope.json", 8, 2, 1)
-    broken = tmp_path / "broken.json"
+def test_a_deepspeed_config_that_cannot_be_read_is_named(tmp_path):
+    from utils.training.args import FinetuneArgs
+
+    broken, listed = tmp_path / "broken.json", tmp_path / "list.json"
     broken.write_text('{"zero_optimization": {"stage": 2},}')
-    with pytest.raises(UserError, match="--deepspeed .*: invalid JSON"):
-        check_deepspeed_config(str(broken), 8, 2, 1)
-    listed = tmp_path / "list.json"
     listed.write_text("[]")
-    with pytest.raises(UserError, match="--deepspeed .* must be a JSON object"):
-        check_deepspeed_config(str(listed), 8, 2, 1)
+    for path in ("nope.json", broken, listed):
+        (problem,) = engine_problems(FinetuneArgs(deepspeed=str(path), batch_size=8, micro_batch_size=2))
+        assert f"--deepspeed {path}" in problem
 
 
 def finetune_with(deepspeed: str, tiny_llama: Path, train_file: Path, tmp_path: Path):

@@ -20,6 +20,7 @@ checkpoint-3 must replay the second epoch's order from its second step (accelera
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import sys
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, project_rows, run_script
+from conftest import REPO, project_rows, run_line, run_script
 from in_process import one_thread, run_main  # noqa: F401  one_thread: an autouse fixture
 from safetensors.torch import load_file
 
@@ -46,14 +47,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def printed_blocks(stdout: str) -> list[dict[str, str]]:
-    blocks = []
-    for chunk in stdout.split("Training BenTsao LoRA with:\n")[1:]:
-        block = chunk.split("\n\n", 1)[0]
-        blocks.append(dict(line.split(": ", 1) for line in block.splitlines()))
-    return blocks
-
-
 def training_flags(base: Path, data: Path, output_dir: Path) -> list[str]:
     return [
         "--base_model", str(base), "--data_path", str(data), "--output_dir", str(output_dir),
@@ -70,7 +63,7 @@ def logged_steps(output_dir: Path, step: int = 4) -> list[dict]:
 
 
 def assert_one_adapter(output_dir: Path, stdout: str) -> None:
-    assert stdout.count("Training BenTsao LoRA with:") == 1, "the parameters must be printed once (rank 0)"
+    run_line(stdout)  # printed once (rank 0)
     assert stdout.count("adapter saved to") == 1 and stdout.count("summary:") == 1
     assert sorted(p.name for p in output_dir.iterdir() if p.is_dir()) == ["checkpoint-3", "checkpoint-4"]
     assert sorted(p.name for p in output_dir.rglob("adapter_config.json")) == ["adapter_config.json"] * 3
@@ -126,8 +119,8 @@ def two_ranks(tiny_llama, rows_file, tmp_path_factory):
 
 def test_torchrun_two_cpu_ranks_match_one_rank(one_rank, two_ranks):
     output_dir, result = two_ranks
-    (params,) = printed_blocks(result.stdout)
-    assert params["world_size"] == "2" and params["gradient_accumulation_steps"] == "4"  # 16 / (2 x 2)
+    assert "2 process(es)" in run_line(result.stdout)  # printed once, by rank 0
+    assert "gradient_accumulation_steps: 4" in result.stdout  # 16 / (2 x 2)
     assert_one_adapter(output_dir, result.stdout)
     assert "rank_0" not in result.stdout  # no per-rank copies of anything
     assert_same_steps(logged_steps(one_rank[0]), logged_steps(output_dir))
@@ -167,8 +160,7 @@ def test_accelerate_launch_with_the_shipped_ddp_config(tiny_llama, rows_file, on
         env={"OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (params,) = printed_blocks(result.stdout)
-    assert params["world_size"] == "2" and params["gradient_accumulation_steps"] == "4"
+    assert "2 process(es)" in run_line(result.stdout) and "gradient_accumulation_steps: 4" in result.stdout
     assert_one_adapter(output_dir, result.stdout)
     assert_same_steps(logged_steps(one_rank[0]), logged_steps(output_dir))
 
@@ -316,15 +308,16 @@ def test_sharded_engine_loads_on_rank_0_only_trains_saves_and_resumes(engine, ti
 
 
 def test_a_rank_other_than_0_does_not_find_rank_0s_run_lock_taken(tiny_llama, rows_file, tmp_path, monkeypatch):
-    """Rank 0 takes --output_dir's run lock; a rank that reaches validate_args after it (a slower process of the
-    same launch) must not refuse the run as "in use by another run", while a second launch (its rank 0) still must."""
+    """Rank 0 takes --output_dir's run lock; another rank of the same launch takes none (it must not refuse the run
+    as in use), while a second launch (its rank 0) is refused."""
     from utils.core.errors import UserError
     from utils.training.args import FinetuneArgs
 
     args = FinetuneArgs(base_model=str(tiny_llama), data_path=str(rows_file), output_dir=str(tmp_path / "run"))
     with finetune.run_lock(args):  # what rank 0 holds while the run lasts
         monkeypatch.setenv("RANK", "1")
-        finetune.validate_args(args)
+        with finetune.run_lock(args):
+            pass
         monkeypatch.setenv("RANK", "0")
-        with pytest.raises(UserError, match="in use by another run"):
-            finetune.validate_args(args)
+        with pytest.raises(UserError, match=f"pid {os.getpid()}"), finetune.run_lock(args):
+            pass

@@ -234,7 +234,7 @@ def test_judge_retries_500_and_malformed_replies_then_resumes_without_asking(tmp
         Reply('{"completeness": 3, "depth": 2, "professionalism": 3}'),
         Reply('评分如下：\n```json\n{"完整性": 1, "深刻性": 0, "专业性": 2}\n```'),
     ]
-    evaluate.main(**judge_args(server, predictions, tmp_path / "m.json"))
+    evaluate.main(evaluate.EvaluateArgs(**judge_args(server, predictions, tmp_path / "m.json")))
     metrics = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
     assert len(server.requests) == 4
     assert metrics["judge-completeness"] == pytest.approx(2.0)
@@ -251,7 +251,7 @@ def test_judge_retries_500_and_malformed_replies_then_resumes_without_asking(tmp
 
     sidecar = Path(f"{predictions}.judge.jsonl")
     assert len(sidecar.read_text(encoding="utf-8").splitlines()) == 2
-    evaluate.main(**judge_args(server, predictions, tmp_path / "again.json"))
+    evaluate.main(evaluate.EvaluateArgs(**judge_args(server, predictions, tmp_path / "again.json")))
     assert len(server.requests) == 4  # nothing asked again
     assert json.loads((tmp_path / "again.json").read_text(encoding="utf-8")) == metrics
 
@@ -265,11 +265,11 @@ def test_judge_failure_keeps_graded_rows_and_a_rerun_asks_only_the_rest(tmp_path
     script.replies = [Reply('{"completeness": 2, "depth": 2, "professionalism": 2}'), Reply(status=503),
                       Reply(status=503)]
     with pytest.raises(UserError, match=r"row 2 .*1 of 2 rows are graded"):
-        evaluate.main(**judge_args(server, predictions, tmp_path / "m.json", max_retries=1))
+        evaluate.main(evaluate.EvaluateArgs(**judge_args(server, predictions, tmp_path / "m.json", max_retries=1)))
     assert len(server.requests) == 3
 
     script.replies = [Reply('{"completeness": 0, "depth": 0, "professionalism": 1}')]
-    evaluate.main(**judge_args(server, predictions, tmp_path / "m.json"))
+    evaluate.main(evaluate.EvaluateArgs(**judge_args(server, predictions, tmp_path / "m.json")))
     assert len(server.requests) == 4
     metrics = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
     assert metrics["judge-completeness"] == pytest.approx(1.0)
@@ -283,5 +283,5 @@ def test_judge_needs_the_key_variable(tmp_path, chat_server, monkeypatch):
     server, _ = chat_server
     predictions = write_jsonl(tmp_path / "pred.jsonl", JUDGE_ROWS)
     with pytest.raises(UserError, match="BENTSAO_TEST_JUDGE_KEY"):
-        evaluate.main(**judge_args(server, predictions, tmp_path / "m.json"))
+        evaluate.main(evaluate.EvaluateArgs(**judge_args(server, predictions, tmp_path / "m.json")))
     assert server.requests == []

@@ -23,7 +23,7 @@ from utils.core.errors import UserError
 from utils.core.io import RunLock
 
 HOLD = ("import sys, time; sys.path.insert(0, '.'); from utils.core.io import RunLock; "
-        "lock = RunLock(sys.argv[1], 'the output').acquire(); print('held', flush=True); time.sleep(120)")
+        "lock = RunLock(sys.argv[1], 'the output').__enter__(); print('held', flush=True); time.sleep(120)")
 
 
 def hold_lock(path: Path) -> subprocess.Popen:
@@ -50,39 +50,39 @@ def test_a_second_finetune_into_a_held_output_dir_is_refused_naming_the_holder(t
             outcome = cli(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", out,
                           *resume, monkeypatch=monkeypatch, capsys=capsys)
             assert_unchanged(before, out)
-            line = assert_refused(outcome, "is in use by another run", f"pid {holder.pid}", ".bentsao.lock")
-            assert "checkpoint" not in line.split("(the lock")[0], f"[message] {line}"  # the holder is the news
+            line = assert_refused(outcome, f"pid {holder.pid}", ".bentsao.lock")
+            assert "checkpoint" not in line, f"[message] {line}"  # the holder is the news
     finally:
         holder.kill()
         holder.wait()
 
 
-def test_a_run_that_finished_into_the_output_dir_while_this_one_read_its_data_is_not_overwritten(
+def test_a_run_that_finished_into_the_output_dir_just_before_this_one_locked_it_is_not_overwritten(
         tiny_llama, train_file, tmp_path, monkeypatch, capsys):
-    """The race of two runs started moments apart: the second passes its checks while the folder is empty, and the
-    first finishes (its adapter published, its lock released) while the second still reads its data. Once the
-    second holds the lock it looks again and refuses, instead of training over the finished adapter."""
+    """The race of two runs started moments apart: the first finishes (its adapter published, its lock released)
+    just before the second takes the lock. The second checks the folder only once it holds the lock, so it refuses
+    instead of training over the finished adapter."""
     out = tmp_path / "out"
-    read_data = finetune.read_data
+    take_lock = RunLock.__enter__
 
-    def meanwhile_the_first_run_finishes(args):
+    def the_first_run_finishes_then_lock(lock):
         out.mkdir(exist_ok=True)
         (out / "adapter_config.json").write_text('{"peft_type": "LORA"}', encoding="utf-8")
         (out / "adapter_model.safetensors").write_bytes(b"the first run's adapter")
-        return read_data(args)
+        return take_lock(lock)
 
-    monkeypatch.setattr(finetune, "read_data", meanwhile_the_first_run_finishes)
+    monkeypatch.setattr(RunLock, "__enter__", the_first_run_finishes_then_lock)
     outcome = cli(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", out,
                   monkeypatch=monkeypatch, capsys=capsys)
-    assert_refused(outcome, "already holds a finished adapter")
+    assert_refused(outcome, str(out), "--overwrite True")
     assert (out / "adapter_model.safetensors").read_bytes() == b"the first run's adapter"
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     path = tmp_path / "out" / ".bentsao.lock"
     holder = hold_lock(path)
-    with pytest.raises(UserError, match=f"in use by another run \\(pid {holder.pid} on "):
-        RunLock(path, "the output").acquire()
+    with pytest.raises(UserError, match=f"pid {holder.pid}"), RunLock(path, "the output"):
+        pass
     holder.send_signal(signal.SIGKILL)  # no chance to clean up: the lock file stays, the kernel drops the lock
     holder.wait()
     assert path.exists()
@@ -231,7 +231,7 @@ def test_a_resumed_finetune_after_a_refused_second_run_still_works(tiny_llama, t
     holder = hold_lock(out / ".bentsao.lock")
     try:
         assert_refused(cli(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", out,
-                           monkeypatch=monkeypatch, capsys=capsys), "in use")
+                           monkeypatch=monkeypatch, capsys=capsys), f"pid {holder.pid}")
     finally:
         holder.kill()
         holder.wait()

@@ -15,6 +15,7 @@ import pytest
 from faultkit import (
     REPO,
     assert_refused,
+    assert_succeeded,
     assert_unchanged,
     cli,
     file_size_limit,
@@ -53,21 +54,28 @@ def output_path(kind: str, files: dict[str, Path], tmp_path: Path, input_name: s
         (tmp_path / "link.json").symlink_to(files["file"])
     if kind == "a pipe":  # a plain file would take the FIFO's place
         os.mkfifo(tmp_path / "pipe.json")
-    return {
-        "a symlink to a file": (tmp_path / "link.json", "is a symbolic link"),
-        "a pipe": (tmp_path / "pipe.json", "is not a regular file"),
-        "a folder": (tmp_path, "is a folder, expected a file name"),
-        "the input": (files[input_name], "is an input of this run"),
-        "under a file": (files["file"] / "out.json", "is a file, not a folder"),
-        "read-only": (files["locked"] / "out.json", "cannot write in"),
-        "a name too long": (tmp_path / ("答" * 100 + ".json"), "cannot use this path (File name too long)"),
-        "a name too long for a temporary file": (tmp_path / ("答" * 80 + ".json"), "more than a file system takes"),
-        "a symlink loop": (tmp_path / "loop" / "out.json", "symbolic link that leads nowhere"),
+    return {  # (the output, the key fact its one error line names besides the flag)
+        "a symlink to a file": (tmp_path / "link.json", "link.json"),
+        "a pipe": (tmp_path / "pipe.json", "pipe.json"),
+        "a folder": (tmp_path, str(tmp_path)),
+        "the input": (files[input_name], input_name),
+        "under a file": (files["file"] / "out.json", "notes.txt"),
+        "read-only": (files["locked"] / "out.json", "locked"),
+        "a name too long": (tmp_path / ("答" * 100 + ".json"), "答"),
+        "a symlink loop": (tmp_path / "loop" / "out.json", "loop"),
     }[kind]
 
 
-OUTPUT_FILES = ["a folder", "the input", "under a file", "read-only", "a name too long",
-                "a name too long for a temporary file", "a symlink loop", "a symlink to a file", "a pipe"]
+OUTPUT_FILES = ["a folder", "the input", "under a file", "read-only", "a name too long", "a symlink loop",
+                "a symlink to a file", "a pipe"]
+
+
+def test_the_longest_name_a_file_system_takes_is_written(files, tmp_path, monkeypatch, capsys):
+    """245 bytes: a valid name (the limit is 255), so the atomic write's temporary file must not exceed it."""
+    output = tmp_path / ("答" * 80 + ".json")
+    assert_succeeded(cli(evaluate.main, "--predictions", files["predictions"], "--output", output,
+                         monkeypatch=monkeypatch, capsys=capsys))
+    assert json.loads(output.read_text(encoding="utf-8"))["rows"] == 1
 
 
 @pytest.mark.parametrize("kind", OUTPUT_FILES)
@@ -102,8 +110,7 @@ def test_infer_never_writes_its_answers_over_the_model_or_the_adapter(tiny_llama
     lora.mkdir()
     (lora / "adapter_config.json").write_text('{"peft_type": "LORA"}', encoding="utf-8")
     before = snapshot(tmp_path, tiny_llama)
-    for output, what in ((lora / "adapter_config.json", "is the adapter"), (tiny_llama / "answers.jsonl",
-                                                                            "is the base model")):
+    for output, what in ((lora / "adapter_config.json", str(lora)), (tiny_llama / "answers.jsonl", str(tiny_llama))):
         outcome = cli(infer.main, "--base_model", tiny_llama, "--lora_weights", lora, "--instruct_dir",
                       files["questions"], "--output_file", output, monkeypatch=monkeypatch, capsys=capsys)
         assert_unchanged(before, tmp_path, tiny_llama)
@@ -113,9 +120,9 @@ def test_infer_never_writes_its_answers_over_the_model_or_the_adapter(tiny_llama
 @pytest.mark.parametrize("cache", ["the predictions", "the metrics", "a folder"])
 def test_the_judge_sidecar_is_never_an_input(cache, files, tmp_path, monkeypatch, capsys):
     """The judge appends graded rows to --judge_cache: pointed at the predictions it would corrupt them."""
-    path, expected = {"the predictions": (files["predictions"], "is an input of this run"),
-                      "the metrics": (files["metrics"], "is an input of this run"),
-                      "a folder": (tmp_path, "is a folder")}[cache]
+    path, expected = {"the predictions": (files["predictions"], "--judge_cache"),
+                      "the metrics": (files["metrics"], "--judge_cache"),
+                      "a folder": (tmp_path, "--judge_cache")}[cache]
     monkeypatch.setenv("FAULT_KEY", "sk-x")
     before = snapshot(tmp_path)
     outcome = cli(evaluate.main, "--predictions", files["predictions"], "--output", files["metrics"], "--judge",
@@ -130,14 +137,14 @@ def test_the_judge_sidecar_is_never_an_input(cache, files, tmp_path, monkeypatch
 def test_finetune_output_dir_is_checked_before_any_work(kind, tiny_llama, train_file, files, tmp_path, monkeypatch,
                                                         capsys):
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
-    output, expected = {
-        "a file": (files["file"], "is a file, expected a folder"),
-        "the base": (tiny_llama, "is the base model"),
-        "inside the base": (tiny_llama / "lora", "is the base model"),
-        "under a file": (files["file"] / "lora", "is a file, not a folder"),
-        "read-only": (files["locked"] / "lora", "cannot write in"),
-        "a name too long": (tmp_path / ("甲" * 80), "more than a file system takes"),
-        "a symlink loop": (tmp_path / "loop" / "lora", "cannot use this path"),
+    output, expected = {  # (the output, the key fact its one error line names besides the flag)
+        "a file": (files["file"], "notes.txt"),
+        "the base": (tiny_llama, str(tiny_llama)),
+        "inside the base": (tiny_llama / "lora", str(tiny_llama)),
+        "under a file": (files["file"] / "lora", "notes.txt"),
+        "read-only": (files["locked"] / "lora", "locked"),
+        "a name too long": (tmp_path / ("甲" * 90), "甲"),
+        "a symlink loop": (tmp_path / "loop" / "lora", "loop"),
     }[kind]
     before = snapshot(tmp_path, tiny_llama)
     with read_only(files["locked"]):
@@ -151,7 +158,7 @@ def test_export_into_a_read_only_folder_is_refused_before_loading(tiny_llama, tm
     with read_only(files["locked"]):
         line = assert_refused(cli(export_hf_checkpoint.main, "--base_model", NO_MODEL, "--lora_weights", "./no/lora",
                                   "--output_dir", files["locked"] / "merged", monkeypatch=monkeypatch, capsys=capsys),
-                              "--output_dir", "cannot write in")
+                              "--output_dir", "locked")
     assert not (files["locked"] / "merged").exists() and line
 
 

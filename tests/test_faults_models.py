@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import export_hf_checkpoint
 import finetune
 import infer
+from utils.training.args import FinetuneArgs
 
 
 def truncate(path: Path, size: int | None = None) -> None:
@@ -76,27 +77,23 @@ def nan_weights(folder: Path) -> None:
                  lambda tensors: {name: torch.full_like(t, float("nan")) for name, t in tensors.items()})
 
 
+# (case, damage, key facts the error line names besides the base model's folder)
 BASES = [
-    ("truncated weights", lambda f: truncate(f / "model.safetensors"),
-     ["model.safetensors is not a readable safetensors file", "truncated"]),
-    ("empty weights", lambda f: truncate(f / "model.safetensors", 0), ["model.safetensors is not a readable"]),
-    ("header lies", lambda f: (f / "model.safetensors").write_bytes((10**15).to_bytes(8, "little") + b"{}"),
-     ["header too large"]),
-    ("truncated tokenizer", lambda f: truncate(f / "tokenizer.json"), ["could not load", "b_truncated tokenizer"]),
+    ("truncated weights", lambda f: truncate(f / "model.safetensors"), []),
+    ("empty weights", lambda f: truncate(f / "model.safetensors", 0), []),
+    ("header lies", lambda f: (f / "model.safetensors").write_bytes((10**15).to_bytes(8, "little") + b"{}"), []),
+    ("truncated tokenizer", lambda f: truncate(f / "tokenizer.json"), ["tokenizer"]),
     ("foreign tokenizer", lambda f: (f / "tokenizer.json").write_text('{"version": "1.0", "model": 5}'),
-     ["could not load the tokenizer of"]),
-    ("config a list", lambda f: (f / "config.json").write_text("[]"), ["config.json must be a JSON object"]),
-    ("config nested", lambda f: (f / "config.json").write_text("[" * 100_000), ["nested too deeply"]),
-    ("no layers", lambda f: edit_json(f / "config.json", lambda c: c.update(num_hidden_layers=-1)),
-     ["`num_hidden_layers` must be a positive integer, got -1"]),
-    ("vocab a word", lambda f: edit_json(f / "config.json", lambda c: c.update(vocab_size="big")),
-     ["`vocab_size` must be a positive integer"]),
-    ("config of another size", lambda f: edit_json(f / "config.json", lambda c: c.update(hidden_size=256)),
-     ["could not load the weights of"]),
+     ["tokenizer"]),
+    ("config a list", lambda f: (f / "config.json").write_text("[]"), ["config.json"]),
+    ("config nested", lambda f: (f / "config.json").write_text("[" * 100_000), ["config.json"]),
+    ("no layers", lambda f: edit_json(f / "config.json", lambda c: c.update(num_hidden_layers=-1)), []),
+    ("vocab a word", lambda f: edit_json(f / "config.json", lambda c: c.update(vocab_size="big")), ["vocab_size"]),
+    ("config of another size", lambda f: edit_json(f / "config.json", lambda c: c.update(hidden_size=256)), []),
     ("unknown architecture", lambda f: edit_json(f / "config.json", lambda c: c.update(model_type="not_real")),
-     ["model_type 'not_real' is not known"]),
-    ("NaN weights", nan_weights, ["computes NaN/inf logits"]),
-    ("no weights", lambda f: (f / "model.safetensors").unlink(), ["could not load"]),
+     ["not_real"]),
+    ("NaN weights", nan_weights, ["NaN"]),
+    ("no weights", lambda f: (f / "model.safetensors").unlink(), []),
 ]
 
 
@@ -108,7 +105,7 @@ def test_broken_base_model(name, damage, expected, tiny_llama, tmp_path, monkeyp
     outcome = answer(base, None, monkeypatch, capsys)
     assert_unchanged(before, tmp_path)
     assert "###model output###" not in outcome.out, "[false success] an answer from a broken model"
-    assert_refused(outcome, *expected)
+    assert_refused(outcome, str(base), *expected)
 
 
 def test_a_pickled_base_that_runs_code_is_refused_unread(tiny_llama, tmp_path, monkeypatch, capsys):
@@ -116,7 +113,8 @@ def test_a_pickled_base_that_runs_code_is_refused_unread(tiny_llama, tmp_path, m
     marker = tmp_path / "pwned"
     (base / "model.safetensors").unlink()
     torch.save({"model.embed_tokens.weight": Evil(marker)}, base / "pytorch_model.bin")
-    assert_refused(answer(base, None, monkeypatch, capsys), "refusing to load", "not plain tensors")
+    line = assert_refused(answer(base, None, monkeypatch, capsys), str(base))
+    assert "pickle" in line and "arbitrary code" in line  # says what it is, in one message
     assert not marker.exists()
 
 
@@ -129,35 +127,34 @@ def set_first(tensors: dict, value: float) -> dict:
     return tensors
 
 
+# (case, damage, key facts the error line names besides the adapter's folder)
 ADAPTERS = [
     ("NaN weight", lambda f: edit_tensors(f / "adapter_model.safetensors", lambda t: set_first(t, float("nan"))),
-     ["hold NaN or inf", "diverged"]),
+     ["NaN"]),
     ("inf weight", lambda f: edit_tensors(f / "adapter_model.safetensors", lambda t: set_first(t, float("inf"))),
-     ["hold NaN or inf"]),
-    ("truncated weights", lambda f: truncate(f / "adapter_model.safetensors"), ["not a readable safetensors file"]),
-    ("no weights", lambda f: (f / "adapter_model.safetensors").unlink(), ["has no adapter_model.safetensors"]),
-    ("no config", lambda f: (f / "adapter_config.json").unlink(), ["has no adapter_config.json"]),
-    ("rank a word", lambda f: edit_json(f / "adapter_config.json", lambda c: c.update(r="8")),
-     ["`r` must be a positive integer, got '8'"]),
-    ("rank 0", lambda f: edit_json(f / "adapter_config.json", lambda c: c.update(r=0)), ["`r` must be a positive"]),
-    ("other rank", lambda f: edit_json(f / "adapter_config.json", lambda c: c.update(r=8)),
-     ["has rank 4, but adapter_config.json says r=8"]),
+     ["inf"]),
+    ("truncated weights", lambda f: truncate(f / "adapter_model.safetensors"), []),
+    ("no weights", lambda f: (f / "adapter_model.safetensors").unlink(), ["adapter_model.safetensors"]),
+    ("no config", lambda f: (f / "adapter_config.json").unlink(), ["adapter_config.json"]),
+    ("rank a word", lambda f: edit_json(f / "adapter_config.json", lambda c: c.update(r="8")), []),
+    ("rank 0", lambda f: edit_json(f / "adapter_config.json", lambda c: c.update(r=0)), ["`r`"]),
+    ("other rank", lambda f: edit_json(f / "adapter_config.json", lambda c: c.update(r=8)), ["size mismatch"]),
     ("other targets", lambda f: edit_json(f / "adapter_config.json", lambda c: c.update(target_modules=["k_proj"])),
-     ["do not name: peft would ignore the trained weights"]),
-    ("alpha a word", lambda f: edit_json(f / "adapter_config.json", lambda c: c.update(lora_alpha="x")),
-     ["`lora_alpha` must be a number"]),
-    ("no peft_type", lambda f: edit_json(f / "adapter_config.json", lambda c: c.pop("peft_type")),
-     ["has no `peft_type`"]),
-    ("IA3", lambda f: edit_json(f / "adapter_config.json", lambda c: c.update(peft_type="IA3")), ["not LoRA"]),
+     ["q_proj"]),
+    ("renamed keys", lambda f: edit_tensors(f / "adapter_model.safetensors",
+                                            lambda t: {k.replace("layers.", "layer."): v for k, v in t.items()}),
+     ["layer.0"]),
+    ("alpha a word", lambda f: edit_json(f / "adapter_config.json", lambda c: c.update(lora_alpha="x")), []),
+    ("no peft_type", lambda f: edit_json(f / "adapter_config.json", lambda c: c.pop("peft_type")), ["peft_type"]),
+    ("IA3", lambda f: edit_json(f / "adapter_config.json", lambda c: c.update(peft_type="IA3")), []),
     ("bad task type", lambda f: edit_json(f / "adapter_config.json", lambda c: c.update(task_type="BOGUS")),
-     ["could not load the adapter", "BOGUS"]),
+     ["BOGUS"]),
     ("flat tensors", lambda f: edit_tensors(f / "adapter_model.safetensors",
-                                            lambda t: {k: v.flatten().contiguous() for k, v in t.items()}),
-     ["does not fit this base model"]),
-    ("config a list", lambda f: (f / "adapter_config.json").write_text("[]"), ["must be a JSON object"]),
-    ("metadata a list", lambda f: (f / "bentsao_training.json").write_text("[1]"), ["must be a JSON object"]),
+                                            lambda t: {k: v.flatten().contiguous() for k, v in t.items()}), []),
+    ("config a list", lambda f: (f / "adapter_config.json").write_text("[]"), []),
+    ("metadata a list", lambda f: (f / "bentsao_training.json").write_text("[1]"), ["bentsao_training.json"]),
     ("metadata of another base", lambda f: (f / "bentsao_training.json").write_text('{"hidden_size": 4096}'),
-     ["trained on a base with hidden_size 4096"]),
+     ["hidden_size 4096"]),
 ]
 
 
@@ -169,7 +166,7 @@ def test_broken_adapter(name, damage, expected, tiny_llama, adapter, tmp_path, m
     outcome = answer(tiny_llama, lora, monkeypatch, capsys)
     assert_unchanged(before, tmp_path)
     assert "###model output###" not in outcome.out, "[false success] an answer from a broken adapter"
-    assert_refused(outcome, *expected)
+    assert_refused(outcome, str(lora), *expected)
 
 
 def test_a_pickled_adapter_that_runs_code_is_refused_unread(tiny_llama, adapter, tmp_path, monkeypatch, capsys):
@@ -178,7 +175,8 @@ def test_a_pickled_adapter_that_runs_code_is_refused_unread(tiny_llama, adapter,
     marker = tmp_path / "pwned"
     torch.save({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": Evil(marker)},
                lora / "adapter_model.bin")
-    assert_refused(answer(tiny_llama, lora, monkeypatch, capsys), "refusing to load it")
+    line = assert_refused(answer(tiny_llama, lora, monkeypatch, capsys), str(lora))
+    assert "pickle" in line and "arbitrary code" in line
     assert not marker.exists()
 
 
@@ -203,9 +201,9 @@ TRAIN = ["--batch_size", "4", "--micro_batch_size", "4", "--val_set_size", "0", 
 def trained(tiny_llama, train_file, tmp_path_factory) -> Path:
     """A finished 2-step run with a checkpoint after each step."""
     out = tmp_path_factory.mktemp("run") / "out"
-    finetune.main(base_model=str(tiny_llama), data_path=str(train_file), output_dir=str(out), max_steps=2,
-                  batch_size=4, micro_batch_size=4, val_set_size=0, cutoff_len=64, learning_rate=3e-3,
-                  save_steps=1, warmup_steps=0)
+    finetune.main(FinetuneArgs(base_model=str(tiny_llama), data_path=str(train_file), output_dir=str(out),
+                               max_steps=2, batch_size=4, micro_batch_size=4, val_set_size=0, cutoff_len=64,
+                               learning_rate=3e-3, save_steps=1, warmup_steps=0))
     return out
 
 
@@ -218,27 +216,26 @@ def edit_state(folder: Path, **fields: object) -> None:
     write_state(folder, {**state, **fields})
 
 
+# (case, damage, extra flags, key facts the error line names)
 CHECKPOINTS = [
-    ("no optimizer", lambda c: (c / "optimizer.pt").unlink(), [], ["optimizer.pt is missing",
-                                                                  "--resume_weights_only True"]),
-    ("no scheduler", lambda c: (c / "scheduler.pt").unlink(), [], ["scheduler.pt is missing"]),
-    ("no RNG state", lambda c: (c / "rng_state.pth").unlink(), [], ["rng_state.pth is missing"]),
-    ("truncated optimizer", lambda c: truncate(c / "optimizer.pt"), [], ["optimizer.pt does not read back"]),
-    ("scheduler garbage", lambda c: (c / "scheduler.pt").write_bytes(b"garbage"), [],
-     ["scheduler.pt does not read back"]),
-    ("torn trainer_state", lambda c: truncate(c / "trainer_state.json"), [], ["trainer_state.json does not read back"]),
-    ("trainer_state a list", lambda c: write_state(c, []), [], ["does not read back"]),
-    ("trainer_state without fields", lambda c: write_state(c, {"global_step": 1}), [], ["does not read back"]),
-    ("no trainer_state", lambda c: (c / "trainer_state.json").unlink(), [], ["has no trainer_state.json"]),
-    ("negative step", lambda c: edit_state(c, global_step=-5), [], ["says step -5 of 2"]),
-    ("step past the end", lambda c: edit_state(c, global_step=9), [], ["says step 9 of 2"]),
-    ("step not the folder's", lambda c: edit_state(c, global_step=2), [], ["step 2, but the folder is checkpoint-1"]),
-    ("truncated adapter", lambda c: truncate(c / "adapter_model.safetensors"), [], ["not a readable safetensors"]),
-    ("adapter config a list", lambda c: (c / "adapter_config.json").write_text("[]"), [], ["must be a JSON object"]),
-    ("other rank", lambda c: None, ["--lora_r", "16"], ["was trained with --lora_r 8 (this run: 16)"]),
-    ("other alpha", lambda c: None, ["--lora_alpha", "32"], ["--lora_alpha 16"]),
+    ("no optimizer", lambda c: (c / "optimizer.pt").unlink(), [], ["optimizer.pt", "--resume_weights_only True"]),
+    ("no scheduler", lambda c: (c / "scheduler.pt").unlink(), [], ["scheduler.pt"]),
+    ("no RNG state", lambda c: (c / "rng_state.pth").unlink(), [], ["rng_state.pth"]),
+    ("truncated optimizer", lambda c: truncate(c / "optimizer.pt"), [], ["optimizer.pt"]),
+    ("scheduler garbage", lambda c: (c / "scheduler.pt").write_bytes(b"garbage"), [], ["scheduler.pt"]),
+    ("torn trainer_state", lambda c: truncate(c / "trainer_state.json"), [], ["trainer_state.json"]),
+    ("trainer_state a list", lambda c: write_state(c, []), [], ["trainer_state.json"]),
+    ("trainer_state without fields", lambda c: write_state(c, {"global_step": 1}), [], ["trainer_state.json"]),
+    ("no trainer_state", lambda c: (c / "trainer_state.json").unlink(), [], ["trainer_state.json"]),
+    ("negative step", lambda c: edit_state(c, global_step=-5), [], ["-5"]),
+    ("step past the end", lambda c: edit_state(c, global_step=9), [], ["9"]),
+    ("step not the folder's", lambda c: edit_state(c, global_step=2), [], ["checkpoint-1"]),
+    ("truncated adapter", lambda c: truncate(c / "adapter_model.safetensors"), [], ["adapter_model.safetensors"]),
+    ("adapter config a list", lambda c: (c / "adapter_config.json").write_text("[]"), [], ["adapter_config.json"]),
+    ("other rank", lambda c: None, ["--lora_r", "16"], ["--lora_r"]),
+    ("other alpha", lambda c: None, ["--lora_alpha", "32"], ["--lora_alpha"]),
     ("other targets", lambda c: None, ["--lora_target_modules", "q_proj,k_proj"], ["--lora_target_modules"]),
-    ("already complete", lambda c: None, ["--max_steps", "1"], ["is complete", "nothing to resume"]),
+    ("shorter run", lambda c: None, ["--max_steps", "1"], ["--max_steps"]),
 ]
 
 
@@ -266,7 +263,7 @@ def test_resume_true_skips_a_torn_newest_checkpoint(trained, tiny_llama, train_f
                   "--max_steps", "2", *TRAIN, "--resume_from_checkpoint", "True", monkeypatch=monkeypatch,
                   capsys=capsys)
     assert_succeeded(outcome)
-    assert f"resume_from_checkpoint: {out / 'checkpoint-1'}" in outcome.out
+    assert f"resuming {out / 'checkpoint-1'}" in outcome.out
     assert f"adapter saved to {out.resolve()}" in outcome.out
     assert all(torch.isfinite(t).all() for t in load_file(str(out / "adapter_model.safetensors")).values())
 
@@ -280,7 +277,8 @@ def test_resume_weights_only_accepts_a_checkpoint_without_optimizer(trained, tin
                   "--max_steps", "2", *TRAIN, "--resume_from_checkpoint", checkpoint, "--resume_weights_only",
                   "True", monkeypatch=monkeypatch, capsys=capsys)
     assert_succeeded(outcome)
-    assert "--resume_weights_only: optimizer.pt is missing" in outcome.out
+    note = next(line for line in outcome.out.splitlines() if "--resume_weights_only" in line)
+    assert "optimizer.pt" in note
     assert (out / "adapter_config.json").is_file()
 
 
@@ -290,7 +288,7 @@ def test_a_finished_run_is_not_restarted_over(trained, tiny_llama, train_file, t
     outcome = cli(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", out,
                   "--max_steps", "2", *TRAIN, monkeypatch=monkeypatch, capsys=capsys)
     assert_unchanged(before, out)
-    assert_refused(outcome, "already holds a finished adapter and 2 checkpoint(s)", "--overwrite True")
+    assert_refused(outcome, str(out), "--overwrite True")
 
 
 # --- export ----------------------------------------------------------------------------------------------------------
@@ -310,16 +308,16 @@ def test_export_never_writes_over_what_it_should_not(where, tiny_llama, adapter,
     project.mkdir()
     (project / "train.py").write_text("print('mine')\n", encoding="utf-8")
     model = copy_of(tiny_llama, tmp_path, "model")
-    output, expected = {
-        "a file": (tmp_path / "notes.txt", "is a file"),
-        "the base": (base, "is the base model"),
-        "inside the base": (base / "merged", "is the base model"),
-        "the adapter": (lora, "is the adapter"),
-        "inside the adapter": (lora / "merged", "is the adapter"),
-        "a folder of other files": (project, "holds train.py (not part of a model checkpoint)"),
-        "a model": (model, "already holds a model; replace it with --overwrite True"),
-        "the working folder": (project, "is the folder this command runs in"),
-        "under a file": (tmp_path / "notes.txt" / "merged", "is a file, not a folder"),
+    output, expected = {  # the key fact besides --output_dir
+        "a file": (tmp_path / "notes.txt", "notes.txt"),
+        "the base": (base, str(base)),
+        "inside the base": (base / "merged", str(base)),
+        "the adapter": (lora, str(lora)),
+        "inside the adapter": (lora / "merged", str(lora)),
+        "a folder of other files": (project, "train.py"),
+        "a model": (model, "--overwrite True"),
+        "the working folder": (project, str(project)),
+        "under a file": (tmp_path / "notes.txt" / "merged", "notes.txt"),
     }[where]
     if where == "the working folder":
         monkeypatch.chdir(project)
@@ -327,7 +325,7 @@ def test_export_never_writes_over_what_it_should_not(where, tiny_llama, adapter,
     outcome = export(base, lora, output, monkeypatch, capsys,
                      *(["--overwrite", "True"] if where in ("a folder of other files", "the working folder") else []))
     assert_unchanged(before, tmp_path)
-    assert_refused(outcome, expected)
+    assert_refused(outcome, "--output_dir", expected)
 
 
 def test_export_overwrite_replaces_a_model_whole(tiny_llama, adapter, tmp_path, monkeypatch, capsys):

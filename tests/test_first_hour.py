@@ -5,6 +5,7 @@ holds; a spy on `from_pretrained` fails the test if the script got that far."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -15,8 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, TRAIN_QUICK, run_script, train_adapter
 from in_process import run_main
+from safetensors.torch import load_file
 
 import build_dataset
 import evaluate
@@ -27,7 +30,6 @@ import infer
 import infer_literature
 from utils import tiny_base
 from utils.core.cli import run_cli
-from utils.core.errors import UserError
 from utils.training import plotting
 
 # every script's entry point, a flag as a user mistypes it, and the flag it meant
@@ -40,7 +42,7 @@ MISTYPED = [
     ("evaluate.py", evaluate.main, ["--predictoins", "p.jsonl"], "--predictions"),
     ("build_dataset.py", {"knowledge": build_dataset.knowledge, "literature": build_dataset.literature},
      ["knowledge", "--outptu", "o.json"], "--output"),
-    ("utils/tiny_base.py", tiny_base.build, ["--pretrain_step", "0"], "--pretrain_steps"),
+    ("utils/tiny_base.py", tiny_base.main, ["--pretrain_step", "0"], "--pretrain_steps"),
     ("utils/training/plotting.py", plotting.main, ["--outptu", "x.png"], "--output"),
     # the benchmarks (argparse): run as scripts, checked before torch is imported; no abbreviations (`--step`)
     ("benchmarks/cpu.py", "benchmarks/cpu.py", ["--repeats", "3"], "--repeat"),
@@ -104,37 +106,28 @@ def test_a_mistyped_flag_is_refused_before_any_work(script, main, argv, meant, t
 
 
 def test_an_unknown_flag_and_bad_values_are_reported_together(tiny_llama, train_file, tmp_path, no_model_loading):
-    """README: every problem in one line. A mistyped flag does not hide the bad values of the known ones."""
+    """Every problem in one line: a mistyped flag does not hide the bad values of the known ones."""
     result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir",
                       tmp_path / "out", "--num_epoch", "1", "--seed", "x", "--lora_dropout", "1")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    for part in ("unknown flag --num_epoch (did you mean --num_epochs?)", "--seed must be an integer, got 'x'",
-                 "--lora_dropout must be in [0, 1)"):
-        assert part in result.stderr, result.stderr
+    for flag in ("--num_epoch", "--num_epochs", "--seed", "--lora_dropout"):
+        assert flag in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
 
 
-def help_entries(text: str) -> dict[str, str]:
-    """{flag: the comment line under it} from `--help`."""
-    entries, flag = {}, None
-    for line in text.splitlines():
-        match = re.match(r"^  --(\w+) \(", line)
-        if match:
-            flag = match.group(1)
-            entries[flag] = ""
-        elif flag and line.startswith("      ") and not entries[flag]:
-            entries[flag] = line.strip()
-    return entries
-
-
 @pytest.mark.parametrize("script, main", SCRIPTS, ids=[case[0] for case in SCRIPTS])
-def test_help_shows_the_comment_beside_every_flag(script, main):
-    result = run_main(main, "--help")
-    assert result.returncode == 0
-    entries = help_entries(result.stdout)
-    assert entries, result.stdout
-    undocumented = [flag for flag, comment in entries.items() if not comment]
-    assert undocumented == [], f"{script} --help shows no comment for {undocumented}"
+def test_every_flag_has_help_and_help_shows_it(script, main):
+    """One way to declare a flag: a dataclass field with a help string; `--help` is written from them."""
+    from utils.core.cli import args_class
+
+    components = main.values() if isinstance(main, dict) else [main]
+    for component in components:
+        fields = dataclasses.fields(args_class(component))
+        assert all(field.metadata.get("help") for field in fields), f"{script}: a flag without help"
+        result = run_main(main, *([next(iter(main))] if isinstance(main, dict) else []), "--help")
+        assert result.returncode == 0 and not result.stderr
+        for field in fields:
+            assert f"--{field.name}" in result.stdout, f"{script} --help does not show --{field.name}"
 
 
 @pytest.mark.parametrize("script", BENCHMARKS)
@@ -149,42 +142,6 @@ def test_help_of_a_benchmark_explains_every_flag(script, monkeypatch):
     undocumented = [action.option_strings for sub in parser.parsers() for action in sub.arguments if not action.help]
     assert undocumented == [], f"{script} --help shows no text for {undocumented}"
     assert not parser.allow_abbrev
-
-
-@pytest.mark.parametrize("main", [infer.main, infer_literature.main, generate.main])
-def test_help_of_a_generating_script_explains_the_shared_generation_flags(main):
-    """The generation flags live once in utils/generation/args.py; --help shows their comments from there."""
-    source = (REPO / "utils" / "generation" / "args.py").read_text(encoding="utf-8")
-    expected = dict(re.findall(r"^    (\w+): [\w ]+ = [^#\n]+#\s*(.+)$", source, flags=re.MULTILINE))
-    entries = help_entries(run_main(main, "--help").stdout)
-    for flag in ("max_new_tokens", "num_beams", "temperature", "top_p", "repetition_penalty"):
-        assert entries[flag] == expected[flag].strip()
-
-
-def readme_section(heading: str) -> str:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    start = text.index(f"\n{heading}") + 1
-    return text[start: text.find("\n#", start + len(heading))]
-
-
-@pytest.mark.parametrize("heading, main", [("### `finetune.py`", finetune.main), ("### `infer.py`", infer.main),
-                                           ("### `python -m utils.tiny_base`", tiny_base.build)],
-                         ids=["finetune.py", "infer.py", "tiny_base"])
-def test_readme_lists_every_flag(heading, main):
-    import inspect
-
-    section = readme_section(heading)
-    missing = [name for name in inspect.signature(main).parameters if not re.search(rf"--{name}(?!\w)", section)]
-    assert missing == [], f"README's {heading} section does not name {missing}"
-
-
-def test_readme_lists_every_variable_of_the_scripts():
-    section = readme_section("### `scripts/`")
-    variables = set()
-    for script in (REPO / "scripts").glob("*.sh"):
-        variables |= set(re.findall(r"\$\{([A-Z][A-Z_]+):-", script.read_text(encoding="utf-8")))
-    variables.discard("LOCAL_RANK")  # set by torchrun for the processes it starts, not by a user
-    assert sorted(name for name in variables if f"`{name}`" not in section) == []
 
 
 # --- restarts --------------------------------------------------------------------------------------------------
@@ -210,24 +167,39 @@ def test_rerunning_a_stopped_run_without_resume_is_refused(finished_run, tiny_ll
         (stopped / name).unlink()  # as a run stopped after its checkpoints, before the end
     before = snapshot(stopped)
     result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file,
-                            "--output_dir", stopped, "--max_steps", "8")
+                      "--output_dir", stopped, "--max_steps", "8")
     assert result.returncode == 2
-    assert "holds" in result.stderr and "earlier run" in result.stderr
     assert "--resume_from_checkpoint True" in result.stderr and "--overwrite True" in result.stderr
     assert snapshot(stopped) == before  # its checkpoints are untouched
 
 
-def test_resuming_a_complete_run_says_it_is_complete(finished_run, tiny_llama, train_file, tmp_path):
+def test_resuming_a_finished_run_says_so_and_exits_0(finished_run, tiny_llama, train_file, tmp_path):
+    """Requeue scripts pass --resume_from_checkpoint True every time: once the run is finished that is one line,
+    exit 0, and nothing changes."""
     done = tmp_path / "done"
     shutil.copytree(finished_run, done)
     before = snapshot(done)
     result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", done,
-                            "--batch_size", "8", "--micro_batch_size", "4", "--max_steps", "4", "--val_set_size", "0",
-                            "--cutoff_len", "128", "--resume_from_checkpoint", "True")
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "is complete" in result.stderr and "nothing to resume" in result.stderr
-    assert "--max_steps" in result.stderr  # how to extend it
-    assert snapshot(done) == before  # bentsao_training.json keeps its losses (no train_loss 0.0)
+                      *TRAIN_QUICK, "--val_set_size", "0", "--resume_from_checkpoint", "True")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stdout.count("\n") == 1 and str(done) in result.stdout and not result.stderr
+    assert snapshot(done) == before
+
+
+def test_a_run_stopped_after_its_last_checkpoint_finishes_on_resume(finished_run, tiny_llama, train_file, tmp_path):
+    """Stopped after checkpoint-4 (its last step) but before the adapter was written: resuming writes the adapter
+    from that checkpoint, the same as the uninterrupted run's, without training another step."""
+    stopped = tmp_path / "stopped"
+    shutil.copytree(finished_run, stopped)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "bentsao_training.json"):
+        (stopped / name).unlink()
+    result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", stopped,
+                      *TRAIN_QUICK, "--val_set_size", "0", "--resume_from_checkpoint", "True")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert sorted(p.name for p in stopped.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]  # no step 5
+    expected = load_file(str(finished_run / "adapter_model.safetensors"))
+    actual = load_file(str(stopped / "adapter_model.safetensors"))
+    assert expected.keys() == actual.keys() and all(torch.equal(actual[k], expected[k]) for k in expected)
 
 
 @pytest.mark.parametrize("length", [["--max_steps", "8"], ["--max_steps", "-1", "--num_epochs", "2"]],
@@ -241,8 +213,7 @@ def test_resuming_a_finished_run_for_longer_is_refused(finished_run, tiny_llama,
     result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", done,
                       *TRAIN_QUICK, "--val_set_size", "0", *length, "--resume_from_checkpoint", "True")
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "is complete (checkpoint-4: step 4 of 4)" in result.stderr and "resuming it for 8 steps" in result.stderr
-    assert "new --output_dir" in result.stderr and "--overwrite True" in result.stderr
+    assert str(done) in result.stderr and "--output_dir" in result.stderr and "--overwrite True" in result.stderr
     assert snapshot(done) == before
 
 
@@ -255,8 +226,7 @@ def test_resuming_a_stopped_run_with_another_length_is_refused(finished_run, tin
     result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", stopped,
                       *TRAIN_QUICK, "--val_set_size", "0", "--max_steps", "6", "--resume_from_checkpoint", "True")
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "that run is 4 steps long (checkpoint-2: step 2 of 4), this command asks for 6" in result.stderr
-    assert "new --output_dir" in result.stderr
+    assert "checkpoint-2" in result.stderr and "--max_steps" in result.stderr
 
 
 def test_rerunning_a_finished_run_advises_a_new_folder_or_overwrite(finished_run, tiny_llama, train_file, tmp_path,
@@ -266,21 +236,17 @@ def test_rerunning_a_finished_run_advises_a_new_folder_or_overwrite(finished_run
     result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", done,
                       "--max_steps", "8")
     assert result.returncode == 2
-    assert "already holds a finished adapter" in result.stderr and "of a finished run" in result.stderr
-    assert "new --output_dir" in result.stderr and "--overwrite True" in result.stderr
-    assert "continue it with --resume_from_checkpoint" not in result.stderr  # a finished run has nothing to resume
+    assert str(done) in result.stderr and "--overwrite True" in result.stderr
+    assert "--resume_from_checkpoint" not in result.stderr  # the user never passed it; a finished run has no resume
 
 
 # --- mistyped paths ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--base_model", "./models/tiny-lama"], "no such folder"),
-    (["--base_model", "tiny-lama"], "no such folder"),
-    (["--lora_weights", "lora-bentsa"], "no such folder"),
-], ids=["path", "bare-name-base", "bare-name-adapter"])
-def test_a_mistyped_local_path_is_no_such_folder_at_once_even_online(argv, message, tiny_llama, monkeypatch,
-                                                                      no_model_loading):
+@pytest.mark.parametrize("argv", [["--base_model", "./models/tiny-lama"], ["--base_model", "tiny-lama"],
+                                  ["--lora_weights", "lora-bentsa"]],
+                         ids=["path", "bare-name-base", "bare-name-adapter"])
+def test_a_mistyped_local_path_is_refused_at_once_even_online(argv, tiny_llama, monkeypatch, no_model_loading):
     """Not a hub id (no org/name): no network wait, even with the hub reachable in principle."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     args = {"--base_model": str(tiny_llama), "--lora_weights": "", "--use_lora": "True"}
@@ -289,8 +255,8 @@ def test_a_mistyped_local_path_is_no_such_folder_at_once_even_online(argv, messa
         args["--use_lora"] = "False"
     started = time.monotonic()
     result = run_main(infer.main, *[item for pair in args.items() for item in pair])
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert argv[1] in result.stderr and time.monotonic() - started < 5
+    assert result.returncode == 2 and f"{argv[0]} {argv[1]}" in result.stderr, result.stderr
+    assert time.monotonic() - started < 5
 
 
 @pytest.fixture
@@ -305,10 +271,10 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
-def test_a_mistyped_path_in_an_existing_folder_is_no_such_folder_at_once_online(tiny_llama, tmp_path, monkeypatch,
-                                                                                no_model_loading, no_network):
-    """`models/tiny-lama` looks like a hub id (org/name), but `models/` is a folder here: a mistyped path, answered
-    at once with the nearest folder, not after a minute of hub retries."""
+def test_a_mistyped_path_beside_its_folder_is_refused_at_once_online(tiny_llama, tmp_path, monkeypatch,
+                                                                      no_model_loading, no_network):
+    """`models/tiny-lama` has the form of a hub id (org/name), but `models/tiny-llama` is a folder here: a mistyped
+    path, answered at once with the nearest folder, not after a minute of hub retries."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     (tmp_path / "models" / "tiny-llama").mkdir(parents=True)
     (tmp_path / "models" / "bloom-560m").mkdir()
@@ -317,15 +283,16 @@ def test_a_mistyped_path_in_an_existing_folder_is_no_such_folder_at_once_online(
     result = run_main(infer.main, "--base_model", "models/tiny-lama", "--use_lora", "False")
     assert time.monotonic() - started < 1
     assert result.returncode == 2, result.stderr
-    assert "--base_model models/tiny-lama: no such folder (did you mean models/tiny-llama?)" in result.stderr
+    assert "--base_model models/tiny-lama" in result.stderr and "models/tiny-llama?" in result.stderr
 
 
-def test_a_cached_hub_id_beside_a_local_folder_of_its_org_loads(tmp_path, monkeypatch, no_network):
-    """`Qwen/Qwen2.5-7B` while `Qwen/Qwen2.5-7B-Instruct` was downloaded into ./Qwen: a real hub id, in the hub
-    cache, is not taken for a mistyped path (online or offline)."""
+def test_a_hub_id_is_left_to_the_hub_unless_offline_and_not_cached(tmp_path, monkeypatch, no_network):
+    """`Qwen/Qwen2.5-7B` while `Qwen/Qwen2.5-7B-Instruct` was downloaded into ./Qwen: in the hub cache it is a hub id
+    online and offline; not cached, offline, it is refused at once; not cached, online, from_pretrained asks the
+    hub (which may have it)."""
     from huggingface_hub import constants
 
-    from utils.model.source import check_model_source
+    from utils.model.source import source_problems
 
     snapshot = tmp_path / "cache" / "models--Qwen--Qwen2.5-7B" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
@@ -337,36 +304,22 @@ def test_a_cached_hub_id_beside_a_local_folder_of_its_org_loads(tmp_path, monkey
     monkeypatch.chdir(tmp_path / "work")
     for offline in ("1", ""):
         monkeypatch.setenv("HF_HUB_OFFLINE", offline)
-        check_model_source("Qwen/Qwen2.5-7B")  # no error, and no network (the no_network fixture)
+        assert source_problems("Qwen/Qwen2.5-7B", "--base_model", "config.json") == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (problem,) = source_problems("meta-llama/Llama-2-7b-hf", "--base_model", "config.json")
+    assert "meta-llama/Llama-2-7b-hf" in problem and "HF_HUB_OFFLINE" in problem
+    monkeypatch.setenv("HF_HUB_OFFLINE", "")
+    assert source_problems("meta-llama/Llama-2-7b-hf", "--base_model", "config.json") == []
 
 
-def test_an_uncached_hub_id_goes_to_the_hub_when_it_can_be_reached(tmp_path, monkeypatch):
-    """Online and reachable, a name beside a local folder of its org is asked of the hub (which may have it), not
-    refused as a typo; unreachable, it is refused at once without a minute of retries."""
-    from utils.model import source
-
-    (tmp_path / "Qwen" / "Qwen2.5-7B-Instruct").mkdir(parents=True)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(source, "hub_reachable", lambda: True)
-    source.check_model_source("Qwen/Qwen2.5-7B")
-    monkeypatch.setattr(source, "hub_reachable", lambda: False)
-    with pytest.raises(UserError, match=r"Qwen/Qwen2.5-7B: no such folder \(did you mean Qwen/Qwen2.5-7B-Instruct\?\); "
-                                        r"Qwen/ is a folder here, and the hub cannot be reached"):
-        source.check_model_source("Qwen/Qwen2.5-7B")
-    with pytest.raises(UserError, match="meta-llama/Llama-2-7b-hf: no such folder, and the hub cannot be reached"):
-        source.check_model_source("meta-llama/Llama-2-7b-hf")
-
-
-def test_a_hub_id_the_hub_cannot_serve_says_first_that_there_is_no_local_folder(monkeypatch):
+def test_a_hub_failure_is_one_line_naming_the_model(monkeypatch):
     """The error transformers raises when the hub is unreachable (an OSError from huggingface_hub's
-    LocalEntryNotFoundError from httpx's ConnectError): the message starts with what the user most likely got wrong."""
+    LocalEntryNotFoundError from httpx's ConnectError) names the model and the library's reason."""
     import httpx
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from utils.model.source import hub_error
+    from utils.model.source import load_error
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     try:
         try:
             try:
@@ -376,9 +329,8 @@ def test_a_hub_id_the_hub_cannot_serve_says_first_that_there_is_no_local_folder(
         except LocalEntryNotFoundError as missing:
             raise OSError("We couldn't connect to 'https://huggingface.co' to load the files") from missing
     except OSError as error:
-        message = str(hub_error("meta-llama/Llama-2-7b-hf", error))
-    assert message.startswith("no local folder meta-llama/Llama-2-7b-hf, and the hub could not be reached"), message
-    assert "We couldn't connect" in message
+        message = str(load_error("the weights of", "meta-llama/Llama-2-7b-hf", error))
+    assert "meta-llama/Llama-2-7b-hf" in message and "We couldn't connect" in message and "\n" not in message
 
 
 def test_an_uncached_hub_id_while_offline_is_refused_at_once(tiny_llama, tmp_path, monkeypatch, no_model_loading):
@@ -386,7 +338,7 @@ def test_an_uncached_hub_id_while_offline_is_refused_at_once(tiny_llama, tmp_pat
     monkeypatch.chdir(tmp_path)  # no models/ folder here: `models/tiny-lama` is read as a hub id
     started = time.monotonic()
     result = run_main(infer.main, "--base_model", "models/tiny-lama", "--use_lora", "False")
-    assert result.returncode == 2 and "HF_HUB_OFFLINE is set" in result.stderr, result.stderr
+    assert result.returncode == 2 and "HF_HUB_OFFLINE" in result.stderr, result.stderr
     assert "models/tiny-lama" in result.stderr and time.monotonic() - started < 5
 
 

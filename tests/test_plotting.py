@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from utils.core.errors import UserError
-from utils.training.plotting import LOSS_PNG, LossPlotCallback, loss_series, main, plot_loss, run_title
+from utils.training.plotting import LOSS_PNG, LossPlotCallback, PlotArgs, loss_series, main, plot_loss, run_title
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -81,11 +81,11 @@ def test_cli_draws_from_a_checkpoint(tmp_path):
     checkpoint = tmp_path / "checkpoint-4"
     checkpoint.mkdir()
     (checkpoint / "trainer_state.json").write_text(json.dumps({"log_history": LOG_HISTORY}), encoding="utf-8")
-    main(str(checkpoint))
+    main(PlotArgs(str(checkpoint)))
     png_size(checkpoint / LOSS_PNG)
     (tmp_path / "broken.json").write_text("{}", encoding="utf-8")
     with pytest.raises(UserError, match="log_history"):
-        main(str(tmp_path / "broken.json"))
+        main(PlotArgs(str(tmp_path / "broken.json")))
 
 
 def test_run_title_shows_steps_when_max_steps_set_the_length():

@@ -51,8 +51,8 @@ def test_8bit_and_4bit_together_is_one_line(tiny_llama, train_file, tmp_path):
     assert result.stderr.strip() == "error: --load_8bit and --load_4bit exclude each other: choose one"
 
 
-def test_the_project_imports_bitsandbytes_only_in_quantization_config():
-    """The one `import bitsandbytes` of the project's own code sits in `quantization_config`, which runs only for
+def test_the_project_imports_bitsandbytes_only_in_quantization_problems():
+    """The one `import bitsandbytes` of the project's own code sits in `quantization_problems`, which runs only for
     --load_8bit/--load_4bit. (peft imports bitsandbytes by itself whenever it is installed; without it installed,
     nothing but those flags needs it: see the next test.)"""
     found = []
@@ -68,7 +68,7 @@ def test_the_project_imports_bitsandbytes_only_in_quantization_config():
 
     for path in sorted(REPO.glob("*.py")) + sorted((REPO / "utils").rglob("*.py")):
         visit(ast.parse(path.read_text(encoding="utf-8")), path, "<module>")
-    assert sorted(set(found)) == [("checks.py", "quantization_config")]
+    assert sorted(set(found)) == [("checks.py", "quantization_problems")]
 
 
 def test_inference_runs_with_bitsandbytes_unimportable(tiny_llama):

@@ -79,7 +79,7 @@ def resolve_template_path(template: str) -> Path:
 def load_template(template: str) -> dict[str, str]:
     path = resolve_template_path(template)
     hint = f"available templates: {', '.join(available_templates())}"
-    data = read_json_object(path, f"template {path}", hint)
+    data = read_json_object(path, f"template {path}")
     missing = [key for key in REQUIRED_KEYS if key not in data]
     if missing:
         raise UserError(f"template {path}: missing key {', '.join(f'`{k}`' for k in missing)}; {hint}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from utils.core.errors import UserError
+from utils.core.errors import UserError, raise_problems
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -37,19 +37,23 @@ def native_bf16(device: str) -> bool:
     return device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+def precision_problems(precision: str, device: str) -> list[str]:
+    """`--precision bf16` where the device lacks it natively (emulated, several times slower), fp16 on CPU."""
+    if precision == "bf16" and not native_bf16(device):
+        return [(f"--precision bf16 is not supported natively on this {device} device (it would be emulated, several "
+                "times slower); use --precision fp16 or auto")]
+    if precision == "fp16" and device == "cpu":
+        return ["--precision fp16 needs a GPU; on CPU use --precision fp32 (or auto)"]
+    return []
+
+
 def resolve_precision(precision: str, device: str) -> str:
     """`auto`: bf16 where the GPU computes in it natively, else fp16 on a GPU, fp32 on CPU."""
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    raise_problems(precision_problems(precision, device))
     if precision == "auto":
         if device == "cuda":
             return "bf16" if native_bf16(device) else "fp16"
         return "fp16" if device == "mps" else "fp32"
-    if precision == "bf16" and not native_bf16(device):
-        raise UserError(f"--precision bf16 is not supported natively on this {device} device (it would be emulated, "
-                        "several times slower); use --precision fp16 or auto")
-    if precision == "fp16" and device == "cpu":
-        raise UserError("--precision fp16 needs a GPU; on CPU use --precision fp32 (or auto)")
     return precision
 
 

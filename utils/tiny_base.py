@@ -24,11 +24,12 @@ import json
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from utils.core.cli import NON_NEGATIVE, Check, option_checks
+from utils.core.cli import flag
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ("llama", "bloom", "qwen2")
@@ -188,15 +189,26 @@ def pretrain(model, tokenizer, documents: list[str], steps: int, seed: int, max_
     return losses
 
 
-@option_checks(arch=Check(choices=ARCHS), vocab_size=Check(low=300), pretrain_steps=NON_NEGATIVE)
-def build(
-    arch: str = "llama",  # llama | bloom | qwen2
-    output_dir: str = "models/tiny-llama",  # the folder to write: config, safetensors weights, tokenizer
-    seed: int = 42,  # seeds the initialisation and the pre-training batches
-    vocab_size: int = 4000,  # tokenizer vocabulary
-    pretrain_steps: int = 120,  # pre-training steps on the corpus (0: the processor-independent initialisation only)
-    corpus_files: str = "",  # comma-separated JSON (Lines) files to learn from; default: data/, data_literature/
-) -> str:
+@dataclass(frozen=True)
+class TinyBaseArgs:
+    """The flags of `python -m utils.tiny_base`."""
+
+    arch: str = flag("llama", "the family: llama, bloom or qwen2", choices=ARCHS)
+    output_dir: str = flag("models/tiny-llama", "the folder to write: config, safetensors weights, tokenizer")
+    seed: int = flag(42, "seeds the initialisation and the pre-training batches", low=0)
+    vocab_size: int = flag(4000, "tokenizer vocabulary", low=300)
+    pretrain_steps: int = flag(120, "pre-training steps on the corpus (0: the processor-independent initialisation "
+                                    "only)", low=0)
+    corpus_files: str = flag("", "comma-separated JSON (Lines) files to learn from; default: data/, data_literature/")
+
+
+def main(args: TinyBaseArgs) -> str:
+    """Build the tiny base model `--arch` into `--output_dir`."""
+    return build(**vars(args))
+
+
+def build(arch: str = "llama", output_dir: str = "models/tiny-llama", seed: int = 42, vocab_size: int = 4000,
+          pretrain_steps: int = 120, corpus_files: str = "") -> str:
     """Build the tiny base model `arch` into `output_dir` and return the folder."""
     from transformers import AutoModelForCausalLM
 
@@ -228,4 +240,4 @@ def build(
 if __name__ == "__main__":
     from utils.core.cli import run_cli
 
-    run_cli(build)
+    run_cli(main)

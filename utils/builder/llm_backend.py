@@ -30,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from tqdm import tqdm
 
@@ -40,7 +40,7 @@ from utils.builder.crossing import GraphIndex
 from utils.builder.graph import Entity, generic_values
 from utils.builder.rows import Row, fill
 from utils.builder.safety import absolute_claim, dose_or_frequency, risky_instruction, stated_numbers
-from utils.core.cli import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Check
+from utils.core.cli import flag
 from utils.core.errors import UserError
 from utils.core.io import append_jsonl, atomic_write, drop_torn_tail, read_jsonl_tolerant
 
@@ -52,25 +52,23 @@ COMPLETION_TOKENS_PER_PAIR = 80
 
 @dataclass(frozen=True)
 class ServerArgs:
-    """The flags of the openai backend, shared by both build_dataset.py commands (`@dataclass_flags`)."""
+    """The flags of the openai backend, shared by both build_dataset.py commands."""
 
-    api_base: str = ""  # openai: the server's base URL, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)
-    model: str = ""  # openai: the model name the server serves
-    api_key_env: str = llm.DEFAULT_API_KEY_ENV  # openai: environment variable holding the API key (never printed)
-    concurrency: int = 4  # openai: requests in flight at once
-    resume: bool = False  # openai: keep the earlier run's answers (same settings only) and ask only the rest
-    max_retries: int = 5  # openai: retries of a request that failed with 429, 5xx, a timeout or a dropped connection
-    retry_base_delay: float = 1.0  # openai: seconds before asking again after an unusable reply
-    timeout: float = 120.0  # openai: seconds to wait for one reply
-    temperature: float = 0.7  # openai: sampling temperature
-    input_price: float = 0.0  # openai: USD per million prompt tokens, for the cost estimate
-    output_price: float = 0.0  # openai: USD per million completion tokens, for the cost estimate
-    dry_run: bool = False  # openai: print the requests and their estimated tokens and cost; send and write nothing
-
-    __option_checks__: ClassVar[dict[str, Check]] = {
-        "concurrency": AT_LEAST_ONE, "max_retries": NON_NEGATIVE, "retry_base_delay": NON_NEGATIVE,
-        "timeout": POSITIVE, "temperature": NON_NEGATIVE, "input_price": NON_NEGATIVE, "output_price": NON_NEGATIVE,
-    }
+    api_base: str = flag("", "openai: the server's base URL, e.g. http://127.0.0.1:8000/v1 (default: OpenAI)")
+    model: str = flag("", "openai: the model name the server serves")
+    api_key_env: str = flag(llm.DEFAULT_API_KEY_ENV, "openai: environment variable holding the API key (never "
+                                                     "printed)")
+    concurrency: int = flag(4, "openai: requests in flight at once", low=1)
+    resume: bool = flag(False, "openai: keep the earlier run's answers (same settings only) and ask only the rest")
+    max_retries: int = flag(5, "openai: retries of a request that failed with 429, 5xx, a timeout or a dropped "
+                               "connection", low=0)
+    retry_base_delay: float = flag(1.0, "openai: seconds before asking again after an unusable reply", low=0)
+    timeout: float = flag(120.0, "openai: seconds to wait for one reply", above=0)
+    temperature: float = flag(0.7, "openai: sampling temperature", low=0)
+    input_price: float = flag(0.0, "openai: USD per million prompt tokens, for the cost estimate", low=0)
+    output_price: float = flag(0.0, "openai: USD per million completion tokens, for the cost estimate", low=0)
+    dry_run: bool = flag(False, "openai: print the requests and their estimated tokens and cost; send and write "
+                                "nothing")
 
     def chat_config(self, backend: str) -> llm.ChatConfig | None:
         """How to reach the server (None for the offline template backend)."""
@@ -81,9 +79,6 @@ class ServerArgs:
         return llm.ChatConfig(model=self.model or "(dry run)", api_base=self.api_base or None,
                               api_key_env=self.api_key_env, temperature=self.temperature, timeout=self.timeout,
                               max_retries=self.max_retries, retry_base_delay=self.retry_base_delay)
-
-
-DEFAULT_SERVER = ServerArgs()  # the `server` default of a command, replaced by its flags
 
 
 @dataclass(frozen=True)

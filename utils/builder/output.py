@@ -14,11 +14,11 @@ from utils.builder.llm_backend import sidecar
 from utils.core.errors import UserError, raise_problems
 from utils.core.io import (
     atomic_write,
-    check_output_dir,
-    check_output_file,
     check_string_fields,
     json_array_text,
     jsonl_text,
+    output_dir_problems,
+    output_file_problems,
     read_records,
     replace_folder,
     same_path,
@@ -114,9 +114,9 @@ def check_paths(source: str, source_flag: str, output: str, extra_inputs: list[s
         problems.append(f"{source_flag} is required (the input)")
     if not output:
         problems.append("--output is required (the file to write)")
-    raise_problems(problems)
     inputs = [name for name in (source, *extra_inputs) if name]
-    output_path = check_output_file(output, "--output", inputs)
+    raise_problems(problems or output_file_problems(output, "--output", inputs))
+    output_path = Path(output).expanduser()
     beside = {"report": report_path(output_path), "lock": Path(f"{output_path}.lock"),
               "work log": sidecar(output_path, ".work.jsonl"),
               "manifest": sidecar(output_path, ".manifest.json")}
@@ -135,7 +135,7 @@ def check_paths(source: str, source_flag: str, output: str, extra_inputs: list[s
 def check_hf_dataset(folder: Path, files: list[Path]) -> None:
     """--hf_dataset is replaced as a whole: only a new folder, an empty one or an earlier export, and never one that
     holds the output, its companions or an input."""
-    check_output_dir(folder, "--hf_dataset")
+    raise_problems(output_dir_problems(folder, "--hf_dataset"))
     inside = next((path for path in files if folder in path.expanduser().resolve().parents), None)
     if inside is not None:
         raise UserError(f"--hf_dataset {folder}: holds {inside}, which replacing the folder would delete; choose a "

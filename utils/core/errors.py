@@ -34,3 +34,12 @@ def redact(text: str) -> str:
     for secret in sorted(_SECRETS, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (libraries write pages; a first line that ends in ':' is joined with the
+    one it announces), or the error's class name."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return (f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0])[:300]

@@ -1,31 +1,27 @@
 """Files, the one way: read records, write atomically, append durably, publish folders, lock a run's output.
 
-- `read_records`: a JSON array or JSON Lines (lines split on `\\n` only: U+2028/U+2029/U+0085 are valid inside JSON
-  strings), every problem one `UserError` naming the file, the line and the field.
-- `read_jsonl_tolerant`: an append-only sidecar (progress, a judge's cache) where a crash may have torn the last
-  line, even in the middle of a UTF-8 character: torn lines are skipped, their item is simply done again.
-- `atomic_write`: a temporary file in the same folder, fsynced, renamed over the target; readable by the group and
-  others as the umask allows (temporary files start at 0600).
-- `publish_files` / `replace_folder`: the same for a folder of files (an adapter, a checkpoint).
-- `check_output_file` / `check_output_dir`: writable, of the right kind, not an input, checked before any work.
-- `RunLock`: one run at a time per output; a second run is refused with one line naming the holder. The lock is an
-  `fcntl.flock`, so the kernel releases it when the holder dies (no stale locks after a kill).
+- `read_records`: a JSON array or JSON Lines (split on `\\n` only: U+2028/U+2029/U+0085 are valid inside JSON
+  strings), UTF-8 (a BOM is fine); every problem one `UserError` naming the file, the line and the field.
+- `read_jsonl_tolerant`: an append-only sidecar where a crash may have torn the last line: torn lines are skipped,
+  their item is simply done again.
+- `atomic_write` / `publish_files` / `replace_folder`: a temporary file or folder beside the target, flushed, renamed
+  into place, read back; the modes the umask gives (temporary files start at 0600).
+- `output_file_problems` / `output_dir_problems`: an output that can be written, of the right kind, not an input
+  or inside a model, checked before any work.
+- `RunLock`: one run at a time per output (`filelock`: the kernel drops it when its holder dies).
 """
 
 from __future__ import annotations
 
-import codecs
 import contextlib
-import errno
 import json
 import os
-import re
 import shutil
 import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Self
 
@@ -33,174 +29,104 @@ from utils.core.errors import UserError, redact
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK  # what open() would give a new file: temporary files start at 0600
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give a new file
 
 
 # --- reading ------------------------------------------------------------------------------------------------------
 
-_BOMS = (
-    (codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
-    (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"),
-)
-
-
-def _not_utf8(path: Path, raw: bytes, error: UnicodeDecodeError) -> UserError:
-    line = raw[: error.start].count(b"\n") + 1
-    for bom, name in _BOMS:
-        if raw.startswith(bom):
-            return UserError(f"{path}: the file is {name}, expected UTF-8; re-encode it, e.g. "
-                             f"`iconv -f {name} -t UTF-8 {path} > fixed.json`")
-    if raw[:200].count(b"\x00") > 20:
-        return UserError(f"{path}: the file looks like UTF-16 (many NUL bytes), expected UTF-8; re-encode it, e.g. "
-                         f"`iconv -f UTF-16 -t UTF-8 {path} > fixed.json`")
-    try:
-        raw.decode("gbk")
-        guess = "probably GBK"
-        source = "GBK"
-    except UnicodeDecodeError:
-        guess, source = "an unknown encoding", "YOUR_ENCODING"
-    return UserError(f"{path} line {line}: not UTF-8 (byte 0x{raw[error.start]:02x}, {guess}); re-encode the file, "
-                     f"e.g. `iconv -f {source} -t UTF-8 {path} > fixed.json`")
-
 
 def read_text(path: str | Path) -> str:
-    """The text of a UTF-8 file (a BOM is dropped); one clear error for a missing file, a folder or another encoding."""
+    """The text of a UTF-8 file (a BOM is dropped); one clear error for a missing file, a folder, a FIFO or device
+    (reading one may never end), or another encoding."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected a file")
-    if not path.is_file():  # a FIFO, a socket or a device such as /dev/zero: reading it may never end
-        raise UserError(f"{path}: is not a regular file")
     try:
+        if not path.is_file():
+            what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "no such file"
+            raise UserError(f"{path}: {what}")
         raw = path.read_bytes()
     except OSError as error:
         raise UserError(f"{path}: cannot read it ({error.strerror or error})") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise _not_utf8(path, raw, error) from None
+        line = raw[: error.start].count(b"\n") + 1
+        raise UserError(f"{path} line {line}: not UTF-8 (byte 0x{raw[error.start]:02x}); re-encode the file, e.g. "
+                        f"`iconv -f GBK -t UTF-8 {path} > fixed.json` for GBK") from None
 
 
 def parse_json(text: str, where: str) -> Any:
-    """`json.loads`, with every failure (bad syntax, nesting too deep to parse, a number too long to convert) as one
+    """`json.loads`, with every failure (bad syntax, nesting too deep, a number too long to convert) as one
     `UserError` naming `where`."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
         line = f" line {error.lineno}" if "\n" in text else ""
         raise UserError(f"{where}{line}: invalid JSON ({error.msg})") from None
-    except RecursionError:
-        raise UserError(f"{where}: the JSON is nested too deeply to read") from None
-    except ValueError as error:  # e.g. an integer of more than 4300 digits (Python's int conversion limit)
-        raise UserError(f"{where}: invalid JSON ({str(error).split(';')[0]})") from None
+    except (RecursionError, ValueError) as error:  # nesting too deep; an int of more than 4300 digits
+        raise UserError(f"{where}: invalid JSON ({str(error).split(';')[0] or 'nested too deeply'})") from None
 
 
-def read_json_object(path: str | Path, where: str = "", hint: str = "") -> dict[str, Any]:
-    """A JSON file that must hold one object (a config, a template): the object, or one `UserError` that starts with
-    `where` (default: the path; e.g. "--deepspeed x.json") for a missing or unreadable file, bad JSON or another
-    type, and ends with `hint` (e.g. which files would do)."""
-    where = where or str(path)
-    tail = f"; {hint}" if hint else ""
-    try:
-        text = read_text(path)
-    except UserError as error:
-        message, named = str(error), str(Path(path))
-        message = where + message[len(named):] if message.startswith(named) else f"{where}: {message}"
-        raise UserError(message + tail) from None
-    try:
-        data = parse_json(text, where)
-    except UserError as error:
-        raise UserError(f"{error}{tail}") from None
+def read_json_object(path: str | Path, where: str = "") -> dict[str, Any]:
+    """A JSON file that must hold one object (a config, a template); errors start with `where` (default: the path)."""
+    data = parse_json(read_text(path), where or str(path))
     if not isinstance(data, dict):
-        raise UserError(f"{where} must be a JSON object, got {type(data).__name__}{tail}")
+        raise UserError(f"{where or path} must be a JSON object, got {type(data).__name__}")
     return data
 
 
-def split_lines(text: str) -> Iterator[tuple[int, str]]:
-    """(line number, line) on `\\n` only (a trailing `\\r` dropped): JSON strings may hold U+2028, U+2029, U+0085."""
-    for number, line in enumerate(text.split("\n"), start=1):
-        yield number, line.removesuffix("\r")
-
-
 def read_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """Rows of a JSON array or a JSON Lines file, each with a location like `line 3` or `row 3`.
-
-    The format is told by the first character: `[` is a JSON array, anything else JSON Lines. Blank lines in
-    JSON Lines are skipped. Every row must be a JSON object.
-    """
+    """Rows of a JSON array (the first character is `[`) or a JSON Lines file (blank lines skipped), each with its
+    location (`row 3`, `line 3`); every row a JSON object."""
     path = Path(path)
     text = read_text(path)
     if not text.strip():
         raise UserError(f"{path}: the file is empty")
-    located: list[tuple[str, Any]] = []
     if text.lstrip().startswith("["):
         rows = parse_json(text, str(path))
-        if not isinstance(rows, list):
-            raise UserError(f"{path}: expected a JSON array of objects")
-        located = [(f"row {index}", row) for index, row in enumerate(rows, start=1)]
+        located = [(f"row {index}", row) for index, row in enumerate(rows, start=1)] if isinstance(rows, list) else []
     else:
-        for number, line in split_lines(text):
-            if line.strip():
-                located.append((f"line {number}", parse_json(line, f"{path} line {number}")))
+        located = [(f"line {number}", parse_json(line, f"{path} line {number}"))
+                   for number, line in enumerate(text.split("\n"), start=1) if line.strip()]
     if not located:
-        raise UserError(f"{path}: holds no rows")
+        raise UserError(f"{path}: holds no rows (expected JSON Lines or a JSON array of objects)")
     for where, row in located:
         if not isinstance(row, dict):
             raise UserError(f"{path} {where}: expected a JSON object, got {type(row).__name__}")
     return located
 
 
-def _has_lone_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def check_string_fields(
-    path: str | Path,
-    located_rows: Iterable[tuple[str, dict[str, Any]]],
-    required: Iterable[str],
-    optional: Iterable[str] = (),
-) -> None:
-    """Fail on the first row where a required field is missing, a field is not a string (None counts as absent), or
-    a string holds an unpaired surrogate (`\\ud800`: valid JSON, but no text can be encoded from it)."""
+def check_string_fields(path: str | Path, located_rows: Iterable[tuple[str, dict[str, Any]]],
+                        required: Iterable[str], optional: Iterable[str] = ()) -> None:
+    """Fail on the first row where a required field is missing (None counts as absent), a field is not a string, or
+    holds an unpaired surrogate (`\\ud800`: valid JSON, but no text can be encoded from it)."""
     required, optional = tuple(required), tuple(optional)
     for where, row in located_rows:
         for field in required:
-            if field not in row or row[field] is None:
+            if row.get(field) is None:
                 raise UserError(f"{path} {where}: missing field `{field}`")
         for field in required + optional:
             value = row.get(field)
-            if value is None:
-                continue
-            if not isinstance(value, str):
+            if value is not None and not isinstance(value, str):
                 raise UserError(f"{path} {where}: field `{field}` must be a string, got {type(value).__name__}")
-            if _has_lone_surrogate(value):
-                raise UserError(f"{path} {where}: field `{field}` holds an unpaired UTF-16 surrogate (an escape such "
-                                "as \\ud800 without its partner); fix or drop that character")
+            if value is not None and not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise UserError(f"{path} {where}: field `{field}` holds an unpaired UTF-16 surrogate (an escape "
+                                    "such as \\ud800 without its partner); fix or drop that character") from None
 
 
 def read_jsonl_tolerant(path: str | Path) -> list[dict[str, Any]]:
-    """The JSON objects of an append-only JSON Lines file (none when it is absent).
-
-    A line torn by a crash mid-write (cut JSON, or cut inside a UTF-8 character) is skipped, not an error: the
-    writer of such a file redoes the item that line stood for.
-    """
+    """The JSON objects of an append-only JSON Lines file (none when it is absent); a line torn by a crash (cut JSON,
+    or cut inside a UTF-8 character) is skipped: its writer redoes the item that line stood for."""
     path = Path(path)
     if not path.is_file():
         return []
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        raise UserError(f"{path}: cannot read it ({error.strerror or error})") from None
     rows = []
-    for line in raw.split(b"\n"):
+    for line in path.read_bytes().split(b"\n"):
         try:
             row = json.loads(line.decode("utf-8"))
-        except (ValueError, RecursionError):  # torn, cut mid-character, or not JSON at all: redone, not fatal
+        except (ValueError, RecursionError):
             continue
         if isinstance(row, dict):
             rows.append(row)
@@ -216,96 +142,46 @@ def jsonl_text(records: Iterable[dict[str, Any]]) -> str:
 
 def json_array_text(records: Sequence[dict[str, Any]]) -> str:
     """A JSON array with one row a line: valid JSON, and a diff shows which rows changed."""
-    if not records:
-        return "[]\n"
-    return "[\n" + ",\n".join(json.dumps(record, ensure_ascii=False) for record in records) + "\n]\n"
+    return "[\n" + ",\n".join(json.dumps(record, ensure_ascii=False) for record in records) + "\n]\n" if records \
+        else "[]\n"
 
 
-_WRITE_REASONS = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is exceeded",
-    errno.EFBIG: "the file is larger than the file system or the file-size limit (ulimit -f) allows",
-    errno.EROFS: "the file system is read-only",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "permission denied",
-    errno.EISDIR: "it is a folder",
-    errno.ENOTDIR: "a part of the path is a file",
-    errno.EIO: "an input/output error (a failing disk or a lost network mount)",
-}
-_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
-# Libraries written in Rust (safetensors, tokenizers) or C++ (torch.save) raise their own exception types for a
-# failed write; the OS error survives only in the message: "... (os error 28)", "Os { code: 28, ... }".
-_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
-_TORCH_WRITE_FAILED = ("file write failed", "PytorchStreamWriter failed writing")
-
-
-def write_failure(error: BaseException) -> str | None:
-    """Why a write failed, in words, when `error` is a storage failure (a full disk, a quota, the file-size limit,
-    a read-only file system, an I/O error), also when a Rust or C++ library raised it; None for anything else."""
-    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
-        return _WRITE_REASONS[error.errno]
-    if isinstance(error, OSError):
-        return None
-    text = str(error)
-    match = _OS_ERROR_IN_TEXT.search(text)
-    if match:
-        code = int(match.group(1) or match.group(2))
-        return _WRITE_REASONS[code] if code in _STORAGE_ERRNOS else None
-    if any(marker in text for marker in _TORCH_WRITE_FAILED):
-        return "the write failed (is the disk full?)"
-    return None
-
-
-def _write_error(path: Path, error: OSError) -> UserError:
-    reason = error.strerror or str(error)
-    return UserError(f"cannot write {path}: {_WRITE_REASONS.get(error.errno or 0, reason)}")
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file (or a folder's entries) to disk, so a rename never publishes data still in the page cache.
-
-    A storage failure reported by the flush (a full disk, a quota, an I/O error: file systems with delayed
-    allocation and network file systems report them only here) raises; a file system that cannot flush a folder
-    does not matter."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder's entries to disk, so that a rename never publishes data still in the page cache."""
     try:
-        descriptor = os.open(path, flags)
+        descriptor = os.open(path, os.O_RDONLY)
     except OSError:
-        return  # folders cannot be opened on some platforms (Windows); the rename is still atomic
+        return  # a folder cannot be opened on some platforms; the rename is still atomic
     try:
         os.fsync(descriptor)
-    except OSError as error:
-        if write_failure(error):
-            raise _write_error(path, error) from error
     finally:
         os.close(descriptor)
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
-    """Write `data` (text as UTF-8) to `path` through a temporary file and a rename: a crash, a full disk or a kill
-    leaves the old file (or none), never a half-written one. A problem is one `UserError`."""
+    """Write `data` (text as UTF-8) to `path` through a flushed temporary file and a rename, then read it back: a
+    crash, a full disk or a kill leaves the old file (or none), never a half-written one."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"cannot write {path}: it is a folder")
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    temporary = None
+    name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        temporary = Path(name)
+        descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")  # short: any valid target name fits
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temporary, FILE_MODE)
-        os.replace(temporary, path)
-        temporary = None
+        os.chmod(name, FILE_MODE)
+        os.replace(name, path)
     except OSError as error:
-        raise _write_error(path, error) from None
+        error.filename = str(path)  # the file meant, not the temporary one
+        raise
     finally:
-        if temporary is not None:
-            temporary.unlink(missing_ok=True)
-    fsync_path(path.parent)
+        if name:
+            Path(name).unlink(missing_ok=True)
+    _fsync(path.parent)
+    if path.read_bytes() != payload:
+        raise UserError(f"{path}: what was written does not read back")
     return path
 
 
@@ -314,36 +190,21 @@ def atomic_write_json(path: str | Path, value: Any) -> Path:
 
 
 def append_jsonl(path: str | Path, records: Sequence[dict[str, Any]]) -> None:
-    """Append records to a JSON Lines file and fsync: once this returns, they survive a crash."""
+    """Append records to a JSON Lines file and flush: once this returns, they survive a crash."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as handle:
-            handle.write(jsonl_text(records))
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as error:
-        raise _write_error(path, error) from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(jsonl_text(records))
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def drop_torn_tail(path: str | Path) -> None:
     """Cut a last line that a crash left without its newline, so appended rows start on a line of their own."""
     path = Path(path)
-    if not path.is_file():
-        return
-    data = path.read_bytes()
+    data = path.read_bytes() if path.is_file() else b""
     if data and not data.endswith(b"\n"):
         atomic_write(path, data[: data.rfind(b"\n") + 1])
-
-
-# --- folders -------------------------------------------------------------------------------------------------------
-
-
-def fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            fsync_path(path)
-    fsync_path(folder)
 
 
 def make_readable(folder: Path) -> None:
@@ -356,115 +217,47 @@ def make_readable(folder: Path) -> None:
 def replace_folder(staging: Path, target: Path) -> None:
     """Put the complete folder `staging` at `target` by renaming; an existing `target` is swapped out first."""
     make_readable(staging)
-    fsync_tree(staging)
+    for path in [*sorted(p for p in staging.rglob("*") if p.is_file()), staging]:
+        _fsync(path)
+    old = target.with_name(f".old-{target.name}")
+    shutil.rmtree(old, ignore_errors=True)
     if target.exists():
-        old = target.with_name(f".old-{target.name}")
-        shutil.rmtree(old, ignore_errors=True)
         os.rename(target, old)
-        os.rename(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, target)
-    fsync_path(target.parent)
+    os.rename(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync(target.parent)
 
 
-def publish_files(
-    output_dir: str | Path, write: Callable[[Path], None], last: Sequence[str] = (), staging_name: str = ".tmp-publish"
-) -> list[Path]:
+def publish_files(output_dir: str | Path, write: Callable[[Path], None], last: Sequence[str] = (),
+                  staging_name: str = ".tmp-publish") -> list[Path]:
     """Call `write(folder)` on a staging folder inside `output_dir`, then move each file into `output_dir` with
-    `os.replace` (atomic per file), the files named in `last` at the end.
-
-    A kill or a full disk while `write` runs leaves `output_dir` as it was; the move itself takes microseconds.
-    Returns the files now in `output_dir`.
-    """
+    `os.replace` (atomic per file), the files named in `last` at the end. A kill or a full disk while `write` runs
+    leaves `output_dir` as it was; the moves take microseconds. Returns the files now in `output_dir`."""
     output = Path(output_dir)
     staging = output / staging_name
+    shutil.rmtree(staging, ignore_errors=True)
     try:
-        output.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        staging.mkdir(parents=True)
         write(staging)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise _write_error(Path(getattr(error, "filename", None) or output), error) from error
-    except Exception as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        reason = write_failure(error)
-        if reason:  # safetensors/tokenizers/torch report a full disk with their own exception types
-            raise UserError(f"cannot write {output}: {reason}; nothing in it was replaced") from error
-        raise
+        make_readable(staging)
+        files = sorted(path for path in staging.rglob("*") if path.is_file())
+        for path in files:
+            _fsync(path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    make_readable(staging)
-    files = sorted(path for path in staging.rglob("*") if path.is_file())
-    for path in files:
-        fsync_path(path)
-    ordered = [p for p in files if p.name not in last] + [p for name in last for p in files if p.name == name]
     moved = []
-    try:
-        for path in ordered:
-            target = output / path.relative_to(staging)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
-            moved.append(target)
-    except OSError as error:  # a rename within one folder needs no space; this is a folder changed under us
-        raise _write_error(Path(getattr(error, "filename", None) or output), error) from error
+    for path in [p for p in files if p.name not in last] + [p for name in last for p in files if p.name == name]:
+        target = output / path.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+        moved.append(target)
     shutil.rmtree(staging, ignore_errors=True)
-    fsync_path(output)
+    _fsync(output)
     return moved
 
 
 # --- checking outputs before any work ----------------------------------------------------------------------------
-
-
-def _probe_writable(folder: Path, prefix: str = ".write-probe-") -> str | None:
-    """None when a file can be created in `folder` (a temporary file named like `prefix`...), else why not."""
-    try:
-        descriptor, name = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
-        os.close(descriptor)
-        os.unlink(name)
-    except OSError as error:
-        return _WRITE_REASONS.get(error.errno or 0, error.strerror or str(error))
-    return None
-
-
-NAME_MAX = 255  # bytes in one file or folder name on Linux, macOS and Windows file systems
-
-
-def _name_problem(path: Path, existing: Path) -> str | None:
-    """A name between `existing` and `path` (the folders still to create, the file) longer than a file system takes;
-    the temporary files of an atomic write add about 20 characters to the last one."""
-    missing = path.relative_to(existing).parts if path != existing else ()
-    for index, part in enumerate(missing):
-        room = NAME_MAX - (20 if index == len(missing) - 1 else 0)
-        if len(part.encode("utf-8")) > room:
-            return f"the name {part[:20]}… is {len(part.encode('utf-8'))} bytes long, more than a file system takes"
-    return None
-
-
-def _checked_path(check: Callable[[], Path], path: str | Path, flag: str) -> Path:
-    """Run an output check; a path the OS cannot even look at (a symlink loop, a name too long) is one line."""
-    try:
-        return check()
-    except (OSError, RuntimeError) as error:  # RuntimeError: pathlib's "Symlink loop"
-        reason = getattr(error, "strerror", None) or str(error)
-        raise UserError(f"{flag} {path}: cannot use this path ({reason})") from None
-    except UserError as error:
-        if str(error).startswith(flag):
-            raise
-        raise UserError(f"{flag} {path}: cannot use this path ({error})") from None
-
-
-def _existing_ancestor(path: Path) -> Path:
-    """The nearest of `path` and its parents that exists; a symbolic link on the way that leads nowhere (broken, or a
-    loop) is an error: creating a folder there would fail only when the run writes its results."""
-    for candidate in [path, *path.parents]:
-        if candidate.exists():
-            return candidate
-        if candidate.is_symlink():
-            raise UserError(f"{candidate} is a symbolic link that leads nowhere (broken, or a loop)")
-    return Path(".")
 
 
 def same_path(a: str | Path, b: str | Path) -> bool:
@@ -474,170 +267,99 @@ def same_path(a: str | Path, b: str | Path) -> bool:
         return False
 
 
-def check_output_file(path: str | Path, flag: str, inputs: Sequence[str | Path] = (),
-                      protected: dict[str, str | Path] | None = None) -> Path:
-    """`path` can be written: not a folder, not one of `inputs`, not inside a `protected` folder (a model, an adapter),
-    its folder writable (or creatable), its name one the file system takes. Nothing is created."""
-    return _checked_path(lambda: _check_output_file(Path(path).expanduser(), flag, inputs, protected or {}), path,
-                         flag)
+def _where_problems(path: Path, flag: str, protected: Sequence[str | Path | None]) -> list[str]:
+    """A path the OS refuses to look at (a name too long, a symlink loop, a file on the way), a path inside a model or
+    an adapter, or a nearest existing folder this user cannot write in."""
+    try:
+        path.exists()
+        ancestor = next(p for p in [path, *path.parents] if p.exists() or p == Path("."))
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as error:  # RuntimeError: pathlib's "Symlink loop"
+        return [f"{flag} {path}: cannot use this path ({getattr(error, 'strerror', None) or error})"]
+    for folder in protected:
+        guarded = Path(folder).expanduser().resolve() if folder and Path(folder).expanduser().is_dir() else None
+        if guarded is not None and (resolved == guarded or guarded in resolved.parents):
+            return [f"{flag} {path}: is inside {folder}, a model or adapter this run reads; choose another folder"]
+    if ancestor != path and not ancestor.is_dir():
+        return [f"{flag} {path}: {ancestor} is a file, not a folder"]
+    if not os.access(ancestor if ancestor.is_dir() else ancestor.parent, os.W_OK):
+        return [f"{flag} {path}: cannot write in {ancestor} (permission denied or a read-only file system)"]
+    return []
 
 
-def _inside_protected(path: Path, flag: str, protected: dict[str, str | Path]) -> None:
-    for what, folder in protected.items():
-        if folder and Path(folder).expanduser().is_dir():
-            resolved, guarded = path.resolve(), Path(folder).expanduser().resolve()
-            if resolved == guarded or guarded in resolved.parents:
-                raise UserError(f"{flag} {path}: is {what} ({folder}); writing there would change it, choose "
-                                "another folder")
-
-
-def _check_output_file(path: Path, flag: str, inputs: Sequence[str | Path], protected: dict[str, str | Path]) -> Path:
-    _inside_protected(path, flag, protected)
-    if path.is_dir():
-        raise UserError(f"{flag} {path}: is a folder, expected a file name")
-    if path.is_symlink() and path.exists():  # an atomic write replaces the link itself, never its target
-        raise UserError(f"{flag} {path}: is a symbolic link (to {os.readlink(path)}); writing would replace the link, "
-                        "not the file it points to: name the file itself")
+def output_file_problems(path: str | Path, flag: str, inputs: Sequence[str | Path | None] = (),
+                         protected: Sequence[str | Path | None] = ()) -> list[str]:
+    """`path` can be written as a whole file: not a folder, pipe or device, not a symbolic link (an atomic write
+    would replace the link, not its target), not one of `inputs`, not inside a `protected` folder."""
+    path = Path(path).expanduser()
+    problems = _where_problems(path, flag, protected)
+    if problems:
+        return problems
+    if path.is_symlink():
+        return [f"{flag} {path}: is a symbolic link; name the file itself (writing would replace the link)"]
     if path.exists() and not path.is_file():
-        raise UserError(f"{flag} {path}: is not a regular file (a pipe, socket or device); name a file to write")
-    for source in inputs:
-        if source and same_path(path, source):
-            raise UserError(f"{flag} {path}: is an input of this run; choose another file")
-    ancestor = _existing_ancestor(path.parent)
-    if not ancestor.is_dir():
-        raise UserError(f"{flag} {path}: {ancestor} is a file, not a folder")
-    reason = _name_problem(path, ancestor) or _probe_writable(ancestor)
-    if reason:
-        raise UserError(f"{flag} {path}: cannot write in {ancestor} ({reason})")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise UserError(f"{flag} {path}: the file is read-only")
-    return path
+        return [f"{flag} {path}: is {'a folder' if path.is_dir() else 'not a regular file'}, expected a file name"]
+    if any(source and same_path(path, source) for source in inputs):
+        return [f"{flag} {path}: is an input of this run; choose another file"]
+    return []
 
 
-def check_output_dir(path: str | Path, flag: str, protected: dict[str, str | Path] | None = None) -> Path:
-    """`path` can take a run's output: not a file, not (inside) a protected folder such as the base model, and
-    writable (or creatable: the nearest existing folder is writable). Nothing is created: a refused run changes
-    nothing on disk."""
-    return _checked_path(lambda: _check_output_dir(Path(path).expanduser(), flag, protected or {}), path, flag)
-
-
-def _check_output_dir(path: Path, flag: str, protected: dict[str, str | Path]) -> Path:
-    _inside_protected(path, flag, protected)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{flag} {path}: is a file, expected a folder")
-    ancestor = _existing_ancestor(path)
-    if not ancestor.is_dir():
-        raise UserError(f"{flag} {path}: {ancestor} is a file, not a folder")
-    reason = _name_problem(path, ancestor) or _probe_writable(ancestor)
-    if reason:
-        raise UserError(f"{flag} {path}: cannot write in {ancestor} ({reason})")
-    return path
+def output_dir_problems(path: str | Path, flag: str, protected: Sequence[str | Path | None] = ()) -> list[str]:
+    """`path` can take a run's output: a folder (or one that can be made), not inside a `protected` folder."""
+    path = Path(path).expanduser()
+    problems = _where_problems(path, flag, protected)
+    if not problems and path.exists() and not path.is_dir():
+        problems.append(f"{flag} {path}: is a file, expected a folder")
+    return problems
 
 
 # --- one run at a time ---------------------------------------------------------------------------------------------
 
 
 class RunLock:
-    """An exclusive lock on `path` (a lock file) for as long as a run writes an output.
-
-    `acquire()` refuses, with one `UserError` naming the holder (pid, host, command, start time), when another
-    process holds it. The kernel drops the lock when its process exits, however it exits. On platforms without
-    `fcntl` (Windows) it is a no-op.
-    """
+    """An exclusive lock file for as long as a run writes an output; a second run is refused at once with one line
+    naming the holder (pid, host, command, start). The lock file, and folders made for it that the run left empty,
+    are removed on release, so a refused run leaves nothing behind."""
 
     def __init__(self, path: str | Path, what: str) -> None:
-        self.path = Path(path)
-        self.what = what
-        self._handle: Any = None
-        self._made: list[Path] = []  # the folders acquire() created, removed again if the run left them empty
+        from filelock import FileLock
 
-    def check_free(self) -> None:
-        """Refuse now, naming the holder, when another run holds the lock; creates nothing (so a run can check this
-        with its other options, before it decides to write anything)."""
-        try:
-            import fcntl
-        except ImportError:
-            return
-        try:
-            handle = open(self.path, encoding="utf-8")  # noqa: SIM115 - closed below
-        except OSError:
-            return  # no lock file: nobody holds it (acquire() will tell an unwritable folder)
-        with handle:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise self._in_use(handle.read().strip()) from None
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        self.path, self.what, self._made = Path(path), what, []
+        self._lock = FileLock(self.path, timeout=0, on_acquired=self._write_holder)
 
-    def _in_use(self, holder: str) -> UserError:
-        return UserError(f"{self.what} is in use by another run ({self._describe(holder)}); wait for it to finish, or "
-                         f"stop it (the lock is {self.path})")
-
-    def acquire(self) -> Self:
-        try:
-            import fcntl
-        except ImportError:  # Windows: no advisory locks here
-            return self
-        missing = [folder for folder in (self.path.parent, *self.path.parent.parents) if not folder.exists()]
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise _write_error(self.path, error) from None
-        self._made = missing
-        for _ in range(10):  # the holder may remove the file between our open and our lock: try again
-            try:
-                handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until release()
-            except FileNotFoundError:  # a refused run just removed the folder it had made: make it again
-                with contextlib.suppress(OSError):
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                continue
-            except OSError as error:
-                raise _write_error(self.path, error) from None
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.seek(0)
-                holder = handle.read().strip()
-                handle.close()
-                raise self._in_use(holder) from None
-            try:
-                same = os.fstat(handle.fileno()).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                handle.seek(0)
-                handle.truncate()
-                handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                         "command": redact(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))[:300],
-                                         "started": time.strftime("%Y-%m-%d %H:%M:%S")}, ensure_ascii=False))
-                handle.flush()
-                self._handle = handle
-                return self
-            handle.close()
-        raise UserError(f"could not lock {self.path}: it keeps being replaced")
-
-    @staticmethod
-    def _describe(holder: str) -> str:
-        try:
-            info = json.loads(holder)
-            return f"pid {info['pid']} on {info['host']}, started {info['started']}: {info['command']}"
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return "holder unknown"
-
-    def release(self) -> None:
-        if self._handle is None:
-            return
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-        self._handle.close()  # closing drops the flock
-        self._handle = None
-        for folder in self._made:  # innermost first: a refused run leaves no empty output folder behind
-            with contextlib.suppress(OSError):  # not empty: the run wrote there; keep it
-                folder.rmdir()
-        self._made = []
+    def _write_holder(self, descriptor: int) -> None:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "command": redact(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))[:300]}
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, json.dumps(holder, ensure_ascii=False).encode(), 0)
 
     def __enter__(self) -> Self:
-        return self.acquire()
+        from filelock import Timeout
+
+        try:
+            self._made = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()
+        except Timeout:
+            try:
+                holder = json.loads(self.path.read_text(encoding="utf-8"))
+                holder = f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: {holder['command']}"
+            except (OSError, ValueError, KeyError, TypeError):
+                holder = "holder unknown"
+            raise UserError(f"{self.what} is in use by another run ({holder}); wait for it to finish, or stop it (the "
+                            f"lock is {self.path})") from None
+        except OSError as error:
+            self._remove_made()
+            raise UserError(f"{self.what}: cannot write there ({error.strerror or error})") from None
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        self.release()
+        # Removed while still held: with timeout=0 no run waits on this file, so none is left locking a dead inode.
+        self.path.unlink(missing_ok=True)
+        self._lock.release()
+        self._remove_made()
+
+    def _remove_made(self) -> None:
+        for folder in self._made:  # innermost first; a folder the run wrote into is not empty and stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()

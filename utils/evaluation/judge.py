@@ -46,8 +46,6 @@ def judge_config(judge: str, model: str, api_base: str | None, api_key_env: str,
     """How to reach the judge (None: no judge), checked before any scoring: the backend, the model, the key."""
     if not judge:
         return None
-    if judge != "openai":
-        raise UserError(f"--judge must be openai (any OpenAI-compatible server), got {judge!r}")
     if not model:
         raise UserError("--judge openai needs --model, the judge model's name at --api_base")
     llm.read_api_key(str(api_key_env))  # fail now, before any scoring, when the key is missing

@@ -1,47 +1,37 @@
-"""The generation flags, once: `GenerationArgs` holds them with their defaults, comments and checks, and
-`@generation_flags(...)` lays them out as flags of a script's `main` (with that script's own defaults), so infer.py,
-infer_literature.py and generate.py take the same `--max_new_tokens`, `--num_beams`, ... and check them the same way.
-"""
+"""The generation flags, once: infer.py, infer_literature.py and generate.py take the same `--max_new_tokens`,
+`--num_beams`, ... (their dataclasses extend `GenerationArgs`) and check them the same way."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
-from utils.core.cli import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Check, dataclass_flags
+from utils.core.cli import flag
 
 
 @dataclass(frozen=True)
 class GenerationArgs:
     """How answers are generated (transformers' `GenerationConfig`, with the flags of the original scripts)."""
 
-    max_new_tokens: int = 256  # answer length limit, in tokens
-    min_new_tokens: int = 0  # no end-of-answer before this many new tokens (0: the model may stop at once)
-    num_beams: int = 4  # beam search width (1: greedy or sampling; beam search is shown when complete)
-    do_sample: bool = False  # sample instead of searching; then temperature, top_p and top_k apply
-    temperature: float = 0.1  # sampling temperature (> 0; lower is more conservative)
-    top_p: float = 0.75  # nucleus sampling: keep the most likely tokens up to this probability mass
-    top_k: int = 40  # sample among the k most likely tokens (0: no limit)
-    repetition_penalty: float = 1.0  # > 1 discourages repeating tokens
+    max_new_tokens: int = flag(256, "answer length limit, in tokens", low=1)
+    min_new_tokens: int = flag(0, "no end-of-answer before this many new tokens (0: the model may stop at once)", low=0)
+    num_beams: int = flag(4, "beam search width (1: greedy or sampling)", low=1)
+    do_sample: bool = flag(False, "sample instead of searching; then temperature, top_p and top_k apply")
+    temperature: float = flag(0.1, "sampling temperature (> 0; lower is more conservative)")
+    top_p: float = flag(0.75, "nucleus sampling: keep the most likely tokens up to this probability mass")
+    top_k: int = flag(40, "sample among the k most likely tokens (0: no limit)", low=0)
+    repetition_penalty: float = flag(1.0, "> 1 discourages repeating tokens", above=0)
 
-    __option_checks__: ClassVar[dict[str, Check]] = {
-        "max_new_tokens": AT_LEAST_ONE, "min_new_tokens": NON_NEGATIVE, "num_beams": AT_LEAST_ONE,
-        "top_k": NON_NEGATIVE, "repetition_penalty": POSITIVE,
-    }
-
-    def problems(self) -> list[str]:
+    def generation_problems(self) -> list[str]:
         """What `generate` would reject with a traceback, or what makes no sense together (the sampling knobs count
         only when sampling)."""
         problems = []
         if self.min_new_tokens > self.max_new_tokens:
             problems.append(f"--min_new_tokens {self.min_new_tokens} exceeds --max_new_tokens {self.max_new_tokens}")
-        if self.do_sample:
-            if not self.temperature > 0:
-                problems.append(f"--temperature must be above 0 when sampling (--do_sample True), got "
-                                f"{self.temperature:g}")
-            if not 0 < self.top_p <= 1:
-                problems.append(f"--top_p must be in (0, 1] when sampling, got {self.top_p:g}")
+        if self.do_sample and not self.temperature > 0:
+            problems.append(f"--temperature must be above 0 when sampling (--do_sample True), got {self.temperature:g}")
+        if self.do_sample and not 0 < self.top_p <= 1:
+            problems.append(f"--top_p must be in (0, 1] when sampling, got {self.top_p:g}")
         return problems
 
     def config(self, tokenizer: Any) -> Any:
@@ -49,13 +39,9 @@ class GenerationArgs:
         from transformers import GenerationConfig
 
         kwargs: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "num_beams": self.num_beams,
-            "do_sample": self.do_sample,
-            "repetition_penalty": self.repetition_penalty,
-            "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
+            "max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "do_sample": self.do_sample,
+            "repetition_penalty": self.repetition_penalty, "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
         }
         if self.min_new_tokens:
             kwargs["min_new_tokens"] = self.min_new_tokens
@@ -64,15 +50,26 @@ class GenerationArgs:
         return GenerationConfig(**kwargs)
 
 
-DEFAULT_GENERATION = GenerationArgs()  # the `generation` default of a script's main, replaced by its flags
+@dataclass(frozen=True)
+class ModelArgs:
+    """The flags every script that answers with a base model and an adapter takes."""
 
+    base_model: str = flag("", "local folder or hub id of the base model (required)")
+    lora_weights: str = flag("", "adapter folder written by finetune.py (or a hub id)")
+    use_lora: bool = flag(True, "apply --lora_weights (False: a merged checkpoint or the bare base)")
+    load_8bit: bool = flag(False, "load the base in 8-bit (CUDA + bitsandbytes)")
+    load_4bit: bool = flag(False, "load the base in 4-bit nf4 (CUDA + bitsandbytes)")
+    precision: str = flag("auto", "auto | bf16 | fp16 | fp32 (fp32 on CPU)", choices=("auto", "bf16", "fp16", "fp32"))
+    trust_remote_code: bool = flag(False, "allow a hub model's own Python code to run")
+    seed: int = flag(42, "seeds sampling", low=0, high=2**32 - 1)
 
+    def model_problems(self) -> list[str]:
+        if self.use_lora and not self.lora_weights:
+            return [("--lora_weights is required with --use_lora True (for a merged checkpoint or a bare base model, "
+                    "pass --use_lora False)")]
+        return []
 
-def generation_flags(**defaults: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Replace `main`'s `generation: GenerationArgs` parameter by one flag per field (with these `defaults`); `main`
-    receives the flags packed into a `GenerationArgs`.
-
-        @generation_flags(num_beams=1)
-        def main(base_model: str = "", generation: GenerationArgs = DEFAULT_GENERATION) -> None: ...
-    """
-    return dataclass_flags("generation", GenerationArgs, **defaults)
+    @property
+    def adapter(self) -> str | None:
+        """The adapter to apply, or None (`--use_lora False`)."""
+        return self.lora_weights if self.use_lora else None

@@ -1,30 +1,26 @@
 """Loading a base model, its tokenizer and a LoRA adapter: the one sequence every script follows.
 
-tokenizer -> does it fit config.json -> weights -> does it fit the embeddings -> adapter (checked first). Everything
-that can be checked without the weights is checked before them (`utils.model.checks`).
+paths and flags -> tokenizer -> does it fit config.json -> weights -> does it fit the embeddings -> adapter. A
+library's failure on the way is one line naming what it was loading (`source.load_error`).
 """
 
 from __future__ import annotations
 
-import json
-import pickle
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from utils.core.errors import UserError
+from utils.core.errors import UserError, first_line, raise_problems
 from utils.model.checks import (
-    TRAINING_METADATA,
-    check_adapter,
+    adapter_source_problems,
+    check_loaded_adapter,
     check_tokenizer_fits,
     config_embedding_rows,
     linear_layers,
-    preflight_model,
     quantization_config,
+    quantization_problems,
 )
-from utils.model.source import check_model_source, hub_error
+from utils.model.source import load_error, source_problems
 from utils.runtime import resolve_device, resolve_precision, torch_dtype
 
 # LoRA targets by architecture when --lora_target_modules is not given (the published recipes' choices).
@@ -46,66 +42,53 @@ NOT_LORA_TARGETS = ("lm_head", "score")
 
 
 def load_tokenizer(base_model: str, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
-    """The base model's tokenizer, with a pad token (unk or eos when the model has none, as LLaMA)."""
+    """The base model's tokenizer, with a pad token (unk or eos when the model has none, as LLaMA), checked against
+    the embedding rows of its config.json before any weights load."""
     from transformers import AutoTokenizer
 
-    check_model_source(base_model)
+    raise_problems(source_problems(base_model, "--base_model", "config.json"))
+    rows = config_embedding_rows(base_model)  # config.json read first: the tokenizer's own failure on it is cryptic
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, json.JSONDecodeError) as error:
-        raise hub_error(base_model, error) from error
-    except Exception as error:  # the tokenizers library raises plain Exception/KeyError for a broken tokenizer.json
-        raise UserError(f"could not load the tokenizer of {base_model}: {first_line(error)} (is tokenizer.json "
-                        "damaged or from another library version?)") from error
+    except Exception as error:  # tokenizers raises plain Exception/KeyError for a broken tokenizer.json
+        raise load_error("the tokenizer of", base_model, error) from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     tokenizer.padding_side = padding_side
+    check_tokenizer_fits(tokenizer, rows, base_model)
     return tokenizer
 
 
-def load_base_model(
-    base_model: str,
-    precision: str = "auto",
-    device: str | None = None,
-    load_8bit: bool = False,
-    load_4bit: bool = False,
-    trust_remote_code: bool = False,
-    device_map: Any = None,
-    attn_implementation: str = "",
-    dtype: Any = None,
-) -> Any:
+def load_base_model(base_model: str, precision: str = "auto", device: str | None = None, load_8bit: bool = False,
+                    load_4bit: bool = False, trust_remote_code: bool = False, device_map: Any = None,
+                    attn_implementation: str = "", dtype: Any = None, tokenizer: Any = None) -> Any:
     """`AutoModelForCausalLM` in the resolved precision on `device` (or spread by `device_map`), with
-    `attn_implementation` when one is given; `dtype` ("auto": as stored) overrides the precision."""
+    `attn_implementation` when one is given; `dtype` ("auto": as stored) overrides the precision; checked to fit
+    `tokenizer` when one is given."""
     from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
-    check_model_source(base_model)
     device = device or resolve_device()
     dtype = dtype if dtype is not None else torch_dtype(resolve_precision(precision, device))
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    quant = quantization_config(load_8bit, load_4bit, dtype if isinstance(dtype, torch.dtype) else torch.float16)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
+    quantization = quantization_config(load_8bit, load_4bit, dtype if isinstance(dtype, torch.dtype) else torch.float16)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
         device_map = device_map or {"": torch.cuda.current_device()}
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
-    except pickle.UnpicklingError as error:  # a pytorch_model.bin that is more than tensors: refused unread
-        raise UserError(f"refusing to load {base_model}: a weights file in it is a pickle that is not plain "
-                        f"tensors ({str(error).strip().splitlines()[0][:200]}); use safetensors weights") from None
-    except (OSError, ValueError, json.JSONDecodeError) as error:
-        raise hub_error(base_model, error) from error
-    except Exception as error:  # RuntimeError, SafetensorError, ...: a truncated, corrupt or mismatched weights file
-        if isinstance(error, torch.cuda.OutOfMemoryError):
-            raise
-        raise UserError(f"could not load the weights of {base_model}: {first_line(error)} (is a file truncated, "
-                        "or config.json from another model?)") from error
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as error:  # SafetensorError, OSError, ValueError, RuntimeError: a damaged or mismatched model
+        raise load_error("the weights of", base_model, error) from error
     if device_map is None and not is_deepspeed_zero3_enabled():  # ZeRO-3: zero.Init placed the partitions already
         model.to(device)
+    if tokenizer is not None:  # num_embeddings: the full size, also when ZeRO-3 partitions the weight
+        check_tokenizer_fits(tokenizer, getattr(model.get_input_embeddings(), "num_embeddings", None), base_model)
     return model
 
 
@@ -114,121 +97,48 @@ def lora_target_names(model: Any) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name in linear_layers(model)} - set(NOT_LORA_TARGETS))
 
 
-def resolve_lora_targets(model: Any, requested: str | list[str] | tuple[str, ...] | None) -> list[str] | str:
-    """The architecture's default targets, `all-linear`, or the requested names checked against the model."""
+def resolve_lora_targets(model: Any, requested: str | None) -> list[str] | str:
+    """The architecture's default targets, `all-linear`, or the requested names (`a,b` or `[a, b]`) checked against
+    the model."""
     valid = lora_target_names(model)
-    if requested in (None, "", [], ()):
-        model_type = getattr(model.config, "model_type", "")
-        targets = DEFAULT_LORA_TARGETS.get(model_type)
-        if targets is None or not set(targets) <= set(valid):
-            return "all-linear"
-        return targets
-    if isinstance(requested, str):
-        if requested == "all-linear":
-            return "all-linear"
-        requested = [name.strip() for name in requested.strip("[]").split(",") if name.strip()]
-    requested = [str(name).strip().strip("'\"") for name in requested]
-    unknown = [name for name in requested if name not in valid]
-    if unknown or not requested:
-        raise UserError(
-            f"--lora_target_modules: {', '.join(unknown) or 'nothing named'} not in this model; valid names: "
-            f"{', '.join(valid)} (or all-linear)"
-        )
-    return requested
-
-
-def read_training_metadata(lora_weights: str) -> dict[str, Any]:
-    path = Path(lora_weights) / TRAINING_METADATA
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-            return {}
-        return data if isinstance(data, dict) else {}
-    return {}
+    if not requested:
+        targets = DEFAULT_LORA_TARGETS.get(getattr(model.config, "model_type", ""))
+        return targets if targets is not None and set(targets) <= set(valid) else "all-linear"
+    if requested == "all-linear":
+        return requested
+    names = [name.strip().strip("'\"") for name in requested.strip("[]").split(",") if name.strip()]
+    unknown = [name for name in names if name not in valid]
+    if unknown or not names:
+        raise UserError(f"--lora_target_modules: {', '.join(unknown) or 'nothing named'} not in this model; valid "
+                        f"names: {', '.join(valid)} (or all-linear)")
+    return names
 
 
 def load_adapter(model: Any, lora_weights: str, is_trainable: bool = False) -> Any:
-    """Wrap `model` with the LoRA adapter in `lora_weights` (a folder, or a hub id)."""
+    """`model` wrapped with the LoRA adapter in `lora_weights` (a folder, or a hub id), refused when it does not fit."""
     from peft import PeftModel
 
-    # exists, has a config and safetensors or weights-only-loadable .bin weights, and fits this model's layers
-    tensors = check_adapter(lora_weights, getattr(model, "name_or_path", None) or None, model=model)
-    lora_b = [tensor for name, tensor in (tensors or {}).items() if "lora_B" in name]
-    if lora_b and not any(torch.count_nonzero(tensor).item() for tensor in lora_b):
-        print(f"warning: every lora_B weight of {lora_weights} is zero, so the adapter changes nothing (an untrained "
-              "adapter?); the answers are the base model's", file=sys.stderr, flush=True)
+    raise_problems(adapter_source_problems(lora_weights))
     try:
-        return PeftModel.from_pretrained(model, lora_weights, is_trainable=is_trainable)
-    except pickle.UnpicklingError as error:  # peft loads .bin with weights_only=True; a hub .bin lands here
-        raise UserError(
-            f"refusing to load the adapter {lora_weights}: its weights are a pickle that is not plain tensors "
-            f"({str(error).strip().splitlines()[0][:200]})"
-        ) from None
-    except RuntimeError as error:  # size mismatch: an adapter made for another base
-        first = str(error).strip().splitlines()
-        detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
-        raise UserError(f"the adapter {lora_weights} does not fit this base model ({detail})") from error
-    except Exception as error:  # OSError, ValueError, TypeError, KeyError: peft on a config or file it cannot use
-        raise UserError(f"could not load the adapter {lora_weights}: {first_line(error)}") from error
+        model = PeftModel.from_pretrained(model, lora_weights, is_trainable=is_trainable)
+    except Exception as error:  # size mismatch (another base), a config or weights file peft cannot read
+        raise load_error("--lora_weights", lora_weights, error) from error
+    check_loaded_adapter(model, lora_weights)
+    return model
 
 
-def load_checked_tokenizer(base_model: str, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
-    """The base model's tokenizer, checked against its config.json (before any weights load)."""
-    tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code, padding_side=padding_side)
-    check_tokenizer_fits(tokenizer, config_embedding_rows(base_model), base_model)
-    return tokenizer
-
-
-def load_checked(
-    base_model: str,
-    *,
-    precision: str,
-    device: str,
-    load_8bit: bool = False,
-    load_4bit: bool = False,
-    trust_remote_code: bool = False,
-    device_map: Any = None,
-    attn_implementation: str = "",
-    padding_side: str = "right",
-    dtype: Any = None,
-    tokenizer: Any = None,
-) -> tuple[Any, Any]:
-    """(model, tokenizer): the tokenizer (or `tokenizer`, from `load_checked_tokenizer`), its fit to config.json,
-    the weights, its fit to the loaded embeddings."""
-    if tokenizer is None:
-        tokenizer = load_checked_tokenizer(base_model, trust_remote_code=trust_remote_code, padding_side=padding_side)
-    model = load_base_model(
-        base_model, precision=precision, device=device, load_8bit=load_8bit, load_4bit=load_4bit,
-        trust_remote_code=trust_remote_code, device_map=device_map, attn_implementation=attn_implementation,
-        dtype=dtype,
-    )
-    embeddings = model.get_input_embeddings()  # num_embeddings: the full size, also when ZeRO-3 partitions the weight
-    check_tokenizer_fits(tokenizer, getattr(embeddings, "num_embeddings", None), base_model)
-    return model, tokenizer
-
-
-def load_for_inference(
-    base_model: str,
-    lora_weights: str | None = None,
-    precision: str = "auto",
-    load_8bit: bool = False,
-    load_4bit: bool = False,
-    trust_remote_code: bool = False,
-    device_map: Any = None,
-) -> tuple[Any, Any, str]:
-    """(model, tokenizer, device) ready for `generate`: base + optional adapter, eval mode, left padding.
-
-    Everything that can be checked without the weights (paths, configs, flags, the adapter's fit) is checked first.
-    """
-    device, precision = preflight_model(
-        base_model, lora_weights, precision=precision, load_8bit=load_8bit, load_4bit=load_4bit,
-        trust_remote_code=trust_remote_code,
-    )
-    model, tokenizer = load_checked(
-        base_model, precision=precision, device=device, load_8bit=load_8bit, load_4bit=load_4bit,
-        trust_remote_code=trust_remote_code, device_map=device_map, padding_side="left",
-    )
+def load_for_inference(base_model: str, lora_weights: str | None = None, precision: str = "auto",
+                       load_8bit: bool = False, load_4bit: bool = False, trust_remote_code: bool = False,
+                       device_map: Any = None) -> tuple[Any, Any, str]:
+    """(model, tokenizer, device) ready for `generate`: base + optional adapter, eval mode, left padding; what needs
+    no weights is checked first."""
+    device = resolve_device()
+    raise_problems(source_problems(base_model, "--base_model", "config.json")
+                   + (adapter_source_problems(lora_weights) if lora_weights else [])
+                   + quantization_problems(load_8bit, load_4bit))
+    tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code, padding_side="left")
+    model = load_base_model(base_model, precision=precision, device=device, load_8bit=load_8bit, load_4bit=load_4bit,
+                            trust_remote_code=trust_remote_code, device_map=device_map, tokenizer=tokenizer)
     if lora_weights:
         model = load_adapter(model, lora_weights)
     model.eval()
@@ -241,17 +151,13 @@ def check_finite_logits(model: Any, tokenizer: Any, base_model: str, lora_weight
     """One short forward pass: a model that computes NaN/inf (broken weights, or a model that overflows in fp16)
     would otherwise answer with empty strings and exit 0."""
     encoded = tokenizer("你好", return_tensors="pt")
-    embeddings = model.get_input_embeddings()
-    device = embeddings.weight.device if embeddings is not None else torch.device("cpu")
-    if device.type == "meta":  # offloaded by device_map: accelerate's hooks move the inputs themselves
-        device = torch.device("cpu")
-    logits = model(**{name: tensor.to(device) for name, tensor in encoded.items()}).logits
+    device = model.get_input_embeddings().weight.device
+    device = torch.device("cpu") if device.type == "meta" else device  # offloaded: accelerate's hooks move inputs
+    try:
+        logits = model(**{name: tensor.to(device) for name, tensor in encoded.items()}).logits
+    except Exception as error:  # a config transformers accepted but cannot compute with (num_hidden_layers: -1)
+        raise UserError(f"{base_model} cannot compute a forward pass: {first_line(error)}") from error
     if not torch.isfinite(logits).all():
         adapter = f" with the adapter {lora_weights}" if lora_weights else ""
         raise UserError(f"{base_model}{adapter} computes NaN/inf logits, so every answer would be empty: its weights "
                         "are broken, or the model overflows in this precision (try --precision bf16 or fp32)")
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__

@@ -46,7 +46,7 @@ import torch
 from transformers import TrainerCallback
 
 from utils.compat import attention_implementation, is_varlen_attention
-from utils.core.errors import UserError
+from utils.core.errors import raise_problems
 from utils.data import IGNORE_INDEX
 
 # Architectures whose causal mask comes from masking_utils with position_ids (packed sequences detected) and whose
@@ -473,17 +473,11 @@ class BatchingPlan:
                 f"{self.micro_batches_per_step} micro-batches per step per process{head}{why}")
 
 
-def check_batching_args(pack_len: int, cutoff_len: int, micro_batch_tokens: int) -> None:
-    """--pack_len: 0 (= cutoff_len) or at least cutoff_len (a row must fit in a bin); --micro_batch_tokens >= 0."""
-    problems = []
-    if isinstance(pack_len, bool) or not isinstance(pack_len, int) or pack_len < 0:
-        problems.append(f"--pack_len must be 0 (= --cutoff_len) or a positive integer, got {pack_len!r}")
-    elif 0 < pack_len < cutoff_len:
-        problems.append(f"--pack_len {pack_len} is shorter than --cutoff_len {cutoff_len}: a row must fit in one")
-    if isinstance(micro_batch_tokens, bool) or not isinstance(micro_batch_tokens, int) or micro_batch_tokens < 0:
-        problems.append(f"--micro_batch_tokens must be 0 (no limit) or a positive integer, got {micro_batch_tokens!r}")
-    if problems:
-        raise UserError("; ".join(problems))
+def batching_problems(pack_len: int, cutoff_len: int, micro_batch_tokens: int) -> list[str]:
+    """--pack_len: 0 (= cutoff_len) or at least cutoff_len (a row must fit in a bin)."""
+    if 0 < pack_len < cutoff_len:
+        return [f"--pack_len {pack_len} is shorter than --cutoff_len {cutoff_len}: a row must fit in one"]
+    return []
 
 
 def micro_batches_per_step(lengths: Sequence[int], batch_size: int, micro_batch_size: int, world_size: int = 1,
@@ -522,7 +516,7 @@ def plan_batching(
     it (one flattened row per micro-batch under FlashAttention), else length buckets. Micro-batches per step:
     `micro_batches_per_step`.
     """
-    check_batching_args(pack_len, cutoff_len, micro_batch_tokens)
+    raise_problems(batching_problems(pack_len, cutoff_len, micro_batch_tokens))
     accumulation = micro_batches_per_step(lengths, batch_size, micro_batch_size, world_size, packing,
                                           micro_batch_tokens)
     if not packing:

@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from utils.core.errors import UserError
+from utils.core.errors import UserError, first_line
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
@@ -112,9 +112,35 @@ def checkpoint_problems(folder: Path) -> list[str]:
     elif (why := _inconsistent(folder, state)) is not None:
         problems.append(f"its {TRAINER_STATE} {why}")
     deepspeed = any(path.is_dir() and path.name.startswith("global_step") for path in folder.iterdir())
-    if not deepspeed and not any((folder / name).is_file() for name in ADAPTER_FILES):
-        problems.append("it has no adapter weights")
+    if not deepspeed:  # the adapter is read when training resumes, deep inside the Trainer
+        problems += _adapter_problems(folder)
     return problems
+
+
+def _adapter_problems(folder: Path) -> list[str]:
+    """A checkpoint's adapter: its config a JSON object, its safetensors weights readable (the header parses)."""
+    from safetensors import safe_open
+
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        config = None
+    if not isinstance(config, dict):
+        return ["its adapter_config.json is missing or not a JSON object"]
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        return [] if (folder / "adapter_model.bin").is_file() else ["it has no adapter weights"]
+    try:
+        with safe_open(str(weights), framework="pt"):
+            return []
+    except Exception as error:  # noqa: BLE001 - safetensors' own error type: torn or not safetensors at all
+        return [f"its adapter_model.safetensors does not read back ({first_line(error)})"]
+
+
+def at_last_step(folder: Path) -> bool:
+    """The checkpoint was saved at the run's last step (the Trainer always saves there)."""
+    state = read_trainer_state(folder) or {}
+    return state.get("global_step", -1) == state.get("max_steps")
 
 
 def latest_complete(output_dir: str | Path) -> Path | None:
@@ -165,7 +191,7 @@ def check_same_lora(folder: Path, lora_r: int, lora_alpha: int, targets: Any) ->
     except (OSError, ValueError, RecursionError):
         return  # DeepSpeed checkpoints keep the engine state instead; the Trainer reports a mismatch itself
     if not isinstance(config, dict):
-        return  # check_adapter (in resolve) has refused it already
+        return  # checkpoint_problems has refused it already
     problems = []
     if isinstance(config.get("r"), int) and config["r"] != lora_r:
         problems.append(f"--lora_r {config['r']} (this run: {lora_r})")

@@ -8,8 +8,8 @@ FSDP through accelerate); this module holds the few decisions around it:
   (and packed rows); one clear line says to launch one process per GPU instead;
 - `training_device_args`: on CPU, DDP needs `use_cpu` and the gloo backend (accelerate would otherwise treat each
   torchrun rank as a lone process, so every rank trained alone and wrote its own adapter);
-- `check_deepspeed_config`: a `--deepspeed` file exists, parses, leaves the batch sizes to the CLI ("auto") and can
-  run here, all checked before any weights load;
+- `engine_problems`: a `--deepspeed` file exists, parses, leaves the batch sizes to the CLI ("auto") and can run
+  here; quantised loading is not combined with a sharding engine; all checked before any weights load;
 - `weights_placement`: where `from_pretrained` puts the weights under the engine the launcher chose. It is called
   after the `TrainingArguments` exist (finetune.py builds them before loading), so under ZeRO-3 transformers' live
   DeepSpeed config makes `from_pretrained` partition the weights as they load (`zero.Init`), and under FSDP with
@@ -130,26 +130,32 @@ def deepspeed_batch_problems(
     return problems
 
 
-def check_deepspeed_config(path: str, batch_size: int, micro_batch_size: int, processes: int | None = None,
-                           require_cuda: bool = True) -> dict:
-    """Everything about `--deepspeed` that can be checked before the model loads; returns the parsed config.
-
-    The file (exists, JSON object), its batch sizes ("auto", or equal to what the CLI gives), then the machine
-    (the deepspeed package, CUDA GPUs: accelerate runs DeepSpeed only on accelerators; `require_cuda=False` is for
-    tests/engines_on_cpu.py, which lifts that rule).
-    """
-    processes = world_size() if processes is None else processes
-    config = read_deepspeed_config(path)
-    problems = deepspeed_batch_problems(config, batch_size, micro_batch_size, processes)
-    if problems:
-        raise UserError(
-            f"--deepspeed {path}: {'; '.join(problems)}; set these to \"auto\" so finetune.py's flags decide"
-        )
+def engine_problems(args: Any, require_cuda: bool = True) -> list[str]:
+    """What finetune.py's engine flags cannot do here, checked before the model loads: the `--deepspeed` file (exists,
+    a JSON object, batch sizes "auto" or equal to the CLI's), the machine (the deepspeed package and CUDA GPUs:
+    accelerate runs DeepSpeed only on accelerators; `require_cuda=False` is for tests/engines_on_cpu.py), and
+    quantised loading under an engine that shards the weights (bitsandbytes layers cannot be partitioned)."""
+    problems = []
+    if (args.load_8bit or args.load_4bit) and (args.deepspeed or fsdp_requested()):
+        engine = "--deepspeed" if args.deepspeed else "an FSDP launch"
+        problems.append(f"--load_8bit/--load_4bit cannot be combined with {engine}: quantised weights cannot be "
+                        "sharded; train QLoRA with torchrun (DDP), or drop the quantisation")
+    if not args.deepspeed:
+        return problems
+    try:
+        config = read_deepspeed_config(args.deepspeed)
+    except UserError as error:
+        return [*problems, str(error)]
+    mismatched = deepspeed_batch_problems(config, args.batch_size, args.micro_batch_size, world_size())
+    if mismatched:
+        problems.append(f"--deepspeed {args.deepspeed}: {'; '.join(mismatched)}; set these to \"auto\" so "
+                        "finetune.py's flags decide")
     if importlib.util.find_spec("deepspeed") is None:
-        raise UserError(f"--deepspeed {path} needs the deepspeed package: pip install -r requirements-gpu.txt")
-    if require_cuda and not torch.cuda.is_available():
-        raise UserError(f"--deepspeed {path} needs CUDA GPUs; on this machine train without --deepspeed")
-    return config
+        problems.append(f"--deepspeed {args.deepspeed} needs the deepspeed package: pip install -r "
+                        "requirements-gpu.txt")
+    elif require_cuda and not torch.cuda.is_available():
+        problems.append(f"--deepspeed {args.deepspeed} needs CUDA GPUs; on this machine train without --deepspeed")
+    return problems
 
 
 def materialize_trainable(model: Any) -> None:

@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import textwrap
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+
+from utils.core.cli import flag
 
 LOSS_PNG = "loss.png"
 
@@ -130,22 +133,27 @@ class LossPlotCallback(TrainerCallback):
         return control
 
 
-def main(
-    trainer_state: str,  # a checkpoint-N folder, or its trainer_state.json
-    output: str = "",  # where to write the PNG (default: loss.png beside trainer_state.json)
-    title: str = "",  # the plot's title (default: the checkpoint folder's name)
-) -> None:
+@dataclass(frozen=True)
+class PlotArgs:
+    """The flags of `python -m utils.training.plotting`."""
+
+    trainer_state: str = flag("", "a checkpoint-N folder, or its trainer_state.json")
+    output: str = flag("", "where to write the PNG (default: loss.png beside trainer_state.json)")
+    title: str = flag("", "the plot's title (default: the checkpoint folder's name)")
+
+
+def main(args: PlotArgs) -> None:
     """Draw `loss.png` from a checkpoint's trainer_state.json (default: next to it)."""
     from utils.core.errors import UserError
 
-    source = Path(trainer_state)
+    source = Path(args.trainer_state)
     if source.is_dir():
         source = source / "trainer_state.json"
     try:
         history = json.loads(source.read_text(encoding="utf-8"))["log_history"]
     except (OSError, json.JSONDecodeError, KeyError) as error:
         raise UserError(f"{source}: not a readable trainer_state.json with a log_history ({error})") from None
-    written = plot_loss(history, output or source.parent / LOSS_PNG, title or source.parent.name)
+    written = plot_loss(history, args.output or source.parent / LOSS_PNG, args.title or source.parent.name)
     if written is None:
         raise UserError(f"{source}: the log_history holds no loss to draw")
     print(f"wrote {written}")

@@ -3,11 +3,13 @@ what a storage failure during training means for the run."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import torch
 
+from utils.core.errors import UserError
 from utils.training import checkpoints
 from utils.training.batching import BatchingPlan
 
@@ -25,7 +27,7 @@ def run_summary(trainer: Any, result: Any, report: dict[str, Any], batching: Bat
     """The run's figures for bentsao_training.json and the summary line; the final validation loss evaluated now
     unless the schedule's last evaluation was at the last step."""
     summary: dict[str, Any] = {
-        "train_loss": round(result.training_loss, 4),
+        "train_loss": round(result.training_loss, 4) if math.isfinite(result.training_loss) else None,
         "steps": trainer.state.global_step,
         "train_runtime_s": round(time.time() - started, 1),
         "train_rows": report["rows"],
@@ -41,6 +43,15 @@ def run_summary(trainer: Any, result: Any, report: dict[str, Any], batching: Bat
             last = trainer.evaluate()
         summary["eval_loss"] = round(last["eval_loss"], 4)
     return summary
+
+
+def verify_adapter(folder: str, saved: dict[str, torch.Tensor]) -> None:
+    """The adapter on disk holds exactly the weights that were saved (read back before any success line)."""
+    from peft.utils import load_peft_weights
+
+    on_disk = load_peft_weights(folder, device="cpu")
+    if on_disk.keys() != saved.keys() or any(not torch.equal(on_disk[k], saved[k].cpu()) for k in saved):
+        raise UserError(f"the adapter written to {folder} does not read back as it was saved")
 
 
 def adapter_problems(state_dict: dict[str, torch.Tensor]) -> list[str]:

@@ -10,11 +10,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from utils.compat import attention_implementation
 from utils.core.errors import UserError
-from utils.core.io import atomic_write_json
+from utils.core.io import atomic_write_json, read_json_object
 from utils.model.checks import TRAINING_METADATA
 from utils.runtime import log
-from utils.training.checkpoints import checkpoint_folders, latest_complete, read_trainer_state
+from utils.training.checkpoints import checkpoint_folders, read_trainer_state
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
@@ -107,42 +108,49 @@ def earlier_run(output_dir: str | Path) -> str | None:
     return " and ".join(parts) or None
 
 
-def check_restart(output_dir: str | Path, resuming: bool, overwrite: bool) -> None:
-    """A run never silently starts over an earlier one: it resumes a stopped one, or replaces it with `--overwrite
-    True`; a finished one (its adapter is there) has nothing to resume, so only a new folder or `--overwrite` fits."""
+def finished(output_dir: str | Path) -> bool:
+    """A run wrote its adapter into `output_dir` (published last, so the adapter is whole)."""
+    return (Path(output_dir) / "adapter_config.json").is_file()
+
+
+def restart_problems(output_dir: str | Path, resuming: bool, overwrite: bool) -> list[str]:
+    """A run never silently starts over an earlier one: it resumes a stopped one (a finished one is then left as it
+    is, see finetune.py), or replaces it with `--overwrite True`."""
     left = earlier_run(output_dir)
     if not left or resuming or overwrite:
-        return
-    if (Path(output_dir) / "adapter_config.json").is_file():
-        raise UserError(f"{output_dir} already holds {left} of a finished run, so --resume_from_checkpoint True has "
-                        "nothing to resume; write the new run into a new --output_dir, or replace the finished one "
-                        "with --overwrite True")
-    raise UserError(f"{output_dir} already holds {left} of an earlier run; continue it with "
-                    "--resume_from_checkpoint True, or replace it with --overwrite True")
+        return []
+    if finished(output_dir):
+        return [(f"{output_dir} already holds {left} of a finished run; write the new run into a new --output_dir, "
+                "or replace the finished one with --overwrite True")]
+    return [(f"{output_dir} already holds {left} of an earlier run; continue it with --resume_from_checkpoint True, "
+            "or replace it with --overwrite True")]
 
 
 EXTEND_HINT = ("to train longer, train into a new --output_dir (or start over in this one with --overwrite True) "
                "with more --num_epochs (or --max_steps)")
 
 
-def check_not_complete(checkpoint: Path, steps: int) -> None:
-    """Resuming a run that already reached its last step would train nothing and overwrite its results; resuming
-    with another run length would continue a learning-rate schedule laid out for the old length (it reached 0 at
-    the old end, then jumps) and replace the finished adapter."""
+def finished_run_problems(output_dir: str | Path, num_epochs: float, max_steps: int) -> list[str]:
+    """Resuming a finished run for another length would continue a learning-rate schedule that reached 0 at its end
+    and replace its adapter."""
+    path = Path(output_dir) / TRAINING_METADATA
+    trained = read_json_object(path) if path.is_file() else {}
+    same_epochs = max_steps > 0 or trained.get("num_epochs", num_epochs) == num_epochs
+    if trained.get("max_steps", max_steps) == max_steps and same_epochs:
+        return []
+    return [(f"{output_dir} holds a finished run of another length (--num_epochs {trained.get('num_epochs')}, "
+             f"--max_steps {trained.get('max_steps')}); {EXTEND_HINT}")]
+
+
+def check_resume_length(checkpoint: Path, steps: int) -> None:
+    """A resumed run keeps its length: another one would continue a learning-rate schedule laid out for the old length
+    (it reached 0 at the old end, then jumps). A checkpoint at the run's last step resumes to no training at all: the
+    adapter is written from it (a run stopped after its last checkpoint, before its adapter)."""
     state = read_trainer_state(checkpoint) or {}
-    done = state.get("global_step", 0)
-    planned = state.get("max_steps") or steps
-    if done >= steps:
-        raise UserError(f"the run in {checkpoint.parent} is complete ({checkpoint.name}: step {done} of {steps}), "
-                        f"there is nothing to resume; {EXTEND_HINT}")
-    if done >= planned:
-        raise UserError(f"the run in {checkpoint.parent} is complete ({checkpoint.name}: step {done} of {planned}); "
-                        f"resuming it for {steps} steps would continue a learning-rate schedule that reached 0 at step "
-                        f"{planned} and replace its adapter; {EXTEND_HINT}")
+    done, planned = state.get("global_step", 0), state.get("max_steps") or steps
     if planned != steps:
         raise UserError(f"--resume_from_checkpoint {checkpoint}: that run is {planned} steps long ({checkpoint.name}: "
-                        f"step {done} of {planned}), this command asks for {steps}; a resumed run keeps its length "
-                        f"(its learning-rate schedule was laid out for {planned} steps): resume with the run's own "
+                        f"step {done} of {planned}), this command asks for {steps}; resume with the run's own "
                         f"--num_epochs/--max_steps, or {EXTEND_HINT}")
 
 
@@ -153,10 +161,6 @@ def clear_earlier_run(output_dir: str | Path) -> None:
         shutil.rmtree(checkpoint)
     for name in (*ADAPTER_FILES, TRAINING_METADATA):
         (folder / name).unlink(missing_ok=True)
-
-
-def newest_checkpoint(output_dir: str | Path) -> Path | None:
-    return latest_complete(output_dir)
 
 
 # --- the adapter -----------------------------------------------------------------------------------------------------
@@ -194,8 +198,11 @@ def write_training_metadata(folder: str | Path, model: Any, tokenizer: Any, args
         "tokenizer_length": len(tokenizer),
         "prompt_template_name": args.prompt_template_name,
         "cutoff_len": args.cutoff_len,
+        "num_epochs": args.num_epochs,
+        "max_steps": args.max_steps,
         "train_on_inputs": args.train_on_inputs,
         "lora_target_modules": targets,
+        "attn_implementation": attention_implementation(model.get_base_model()),
         "lora_r": args.lora_r,
         "lora_alpha": args.lora_alpha,
         "data_path": args.data_path,
