@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -48,6 +49,38 @@ def test_the_published_command_line_warms_up_like_the_original_recipe():
     assert setup.warmup(100, steps) == 100
     assert setup.warmup(100, 4) == 0 and setup.warmup(100, 40) == 8  # a short run is not spent warming up
     assert setup.warmup(0, steps) == 0 and setup.warmup(20, steps) == 20
+
+
+def test_qlora_setup_checkpoints_without_reentrancy(tiny_llama, monkeypatch):
+    """`--load_4bit True --gradient_checkpointing True`: build_peft_model prepares the base with peft's
+    prepare_model_for_kbit_training, then every decoder layer is recomputed with use_reentrant=False (peft's own
+    checkpointing call passes no such argument: reentrant, which torch deprecates). What runs is recorded in a
+    training step; without CUDA a plain base stands in for the 4-bit one bitsandbytes would load."""
+    import transformers.modeling_utils
+    from torch.utils.checkpoint import checkpoint
+    from transformers import AutoModelForCausalLM
+
+    calls = []
+
+    def recorded(function, *args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", recorded)
+    import peft
+
+    prepared, prepare = [], peft.prepare_model_for_kbit_training
+    monkeypatch.setattr(peft, "prepare_model_for_kbit_training",
+                        lambda model, **kwargs: prepared.append(kwargs) or prepare(model, **kwargs))
+    args = SimpleNamespace(load_8bit=False, load_4bit=True, gradient_checkpointing=True, lora_r=4, lora_alpha=8,
+                           lora_dropout=0.0)
+    model = setup.build_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), ["q_proj", "v_proj"], args)
+    model.train()
+    ids = torch.tensor([[1, 5, 9, 14, 2]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert prepared == [{"use_gradient_checkpointing": False}]
+    assert calls == [False] * model.config.num_hidden_layers
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
 def test_parse_device_map():
