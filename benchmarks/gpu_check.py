@@ -210,21 +210,31 @@ class Report:
 # --- the project's scripts, in this process -------------------------------------------------------------------------
 
 
-def run_script(main: Callable[..., Any], argv: list[str], log: io.TextIOBase) -> tuple[int, str]:
-    """`python script.py argv` in this process: (exit code, what it printed); the output also goes to `log`."""
+class Tee(io.StringIO):
+    """What a script prints, kept, and copied to the log as it comes (a run killed at its limit leaves it there)."""
+
+    def __init__(self, log: io.TextIOBase) -> None:
+        super().__init__()
+        self.log = log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        return super().write(text)
+
+
+def run_script(main: Callable[..., Any], argv: list[Any], log: io.TextIOBase) -> tuple[int, str]:
+    """`python script.py argv` in this process: (exit code, what it printed), the output copied to `log`."""
     from utils.core.cli import run_cli
 
-    buffer = io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+    log.write(f"\n$ {main.__module__}.py {' '.join(map(str, argv))}\n")
+    output, code = Tee(log), 0
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
         try:
             run_cli(main, [str(a) for a in argv])
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-    log.write(f"\n$ {getattr(main, '__module__', main)} {' '.join(map(str, argv))}\n{buffer.getvalue()}"
-              f"exit code {code}\n")
-    log.flush()
-    return code, buffer.getvalue()
+    log.write(f"exit code {code}\n")
+    return code, output.getvalue()
 
 
 @contextlib.contextmanager
@@ -648,8 +658,15 @@ def quantized_facts(trainer: Any) -> Callable[[], dict[str, Any]]:
 
 
 def check_qlora(space: Workspace) -> dict[str, Any]:
-    if not has_cuda():
-        raise NeedsGPU("bitsandbytes' 4-bit layers need CUDA (tests/test_gpu.py checks the non-reentrant setup on CPU)")
+    if not has_cuda():  # the CPU part: the flag is refused with one line before anything loads
+        import finetune
+
+        argv = ["--base_model", space.base("llama-1b"), "--data_path", space.data("rows"), "--output_dir",
+                space.root / "qlora-cpu", "--load_4bit", True]
+        code, printed = run_script(finetune.main, argv, space.log)
+        expect(code == 2 and printed.strip().startswith("error:"), f"--load_4bit on CPU: exit {code}, {printed}")
+        raise NeedsGPU(f"bitsandbytes' 4-bit layers need CUDA (on CPU: {printed.strip()}; tests/test_gpu.py checks "
+                       "the non-reentrant setup)")
     with recorded_checkpointing() as modes:
         run = space.finetune("qlora", {**STEPS, "max_steps": 2, "load_4bit": True, "gradient_checkpointing": True},
                              inspect=quantized_facts)
@@ -741,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:  # code paths, not speed: one thread never fights a busy machine's other work
         torch.set_num_threads(1)
     try:
-        with open(output / f"{name}-scripts.log", "w", encoding="utf-8") as log, \
+        with open(output / f"{name}-scripts.log", "w", encoding="utf-8", buffering=1) as log, \
                 tempfile.TemporaryDirectory(dir=args.workdir or None) as workdir:
             return run_plan(args, only or list(CHECKS), Workspace(Path(workdir), args.dry_run, args.tokenizer_from,
                                                                   log), output / f"{name}.json")
