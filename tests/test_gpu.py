@@ -142,6 +142,7 @@ def test_gpu_check_dry_run_reaches_every_check_on_cpu(tiny_llama, tmp_path):
     assert "accepted" in checks["export"]["details"]["1.0"]
     assert all("refused" in checks["export"]["details"][scale] for scale in ("0.75", "1.5"))
     assert "26/26" in checks["device_map"]["reason"] and "3 steps" in checks["throughput"]["reason"]
+    assert "on CPU: error:" in checks["qlora"]["reason"]  # --load_4bit refused with one line before any work
     assert (tmp_path / "gpu-check-dry-run-scripts.log").stat().st_size > 0
 
 
