@@ -531,6 +531,7 @@ def check_export(space: Workspace) -> dict[str, Any]:
         model, tokenizer = load_checked(str(base), precision=space.precision, device=space.device,
                                         device_map={"": space.device})
         model = load_adapter(model, str(adapter)).eval()
+        space.work["model_loads"] += 1
         merge = model.merge_and_unload
 
         def mis_scaled(*args: Any, _merge: Any = merge, _scale: float = scale, _model: Any = model, **kwargs: Any):
