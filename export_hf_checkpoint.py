@@ -102,7 +102,7 @@ def validate(args: ExportArgs) -> list[str]:
 
 @torch.inference_mode()
 def probe_logits(model: Any, tokenizer: Any) -> torch.Tensor:
-    encoded = tokenizer(PROBE_TEXT, return_tensors="pt")
+    encoded = tokenizer(PROBE_TEXT, return_tensors="pt").to(model.device)
     return model(**encoded).logits.float()
 
 
@@ -139,28 +139,37 @@ def expected_merges(model: Any) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     return expected
 
 
+def merge_mismatch(merged: torch.Tensor, base: torch.Tensor, delta: torch.Tensor) -> tuple[int, int]:
+    """(elements of `merged` farther than one unit in the last place from round(W + ΔW) in `merged`'s dtype,
+    elements whose ΔW is larger than that unit). A merge adds ΔW once and rounds once, so a right merge is within one
+    unit everywhere; a merge that lost or mis-scaled ΔW (0.75x, 1.5x) is off by more wherever ΔW exceeds a few units."""
+    expected = (base.float() + delta.float()).to(merged.dtype).float()
+    info = torch.finfo(merged.dtype)
+    unit = torch.ldexp(torch.full_like(expected, info.eps / 2), torch.frexp(expected).exponent)  # |x| in [2^(e-1), 2^e)
+    unit = unit.clamp_min(info.smallest_normal * info.eps)  # zero and subnormals: the subnormal spacing
+    off = int(((merged.float() - expected).abs() > unit).sum())
+    return off, int((delta.float().abs() > unit).sum())
+
+
 def weights_problem(merged: Any, expected: list[tuple[str, torch.Tensor, torch.Tensor]]) -> tuple[str | None, int]:
-    """Whether each sampled merged weight is W + ΔW (closer to it than to the bare W), wherever ΔW stands out of the
-    dtype's rounding of W + ΔW: a check that does not depend on the logits' scale, so a small adapter lost in the
-    merge is caught also in bf16. Returns (the problem or None, how many weights could be compared)."""
+    """Whether each sampled merged weight is round(W + ΔW) in the merged dtype, element by element (`merge_mismatch`):
+    a check that does not depend on the logits' scale, so a lost or mis-scaled adapter is caught also in bf16.
+    Returns (the problem or None, how many weights had a ΔW large enough to tell)."""
     compared = 0
     for name, base, delta in expected:
-        weight = merged.get_submodule(name).weight.detach().float()
-        rounding = torch.finfo(merged.get_submodule(name).weight.dtype).eps / 2 * (base + delta).norm().item()
-        if delta.norm().item() <= 4 * rounding:
-            continue  # the adapter's change here is within one rounding of the weights: nothing to tell apart
-        compared += 1
-        kept, dropped = (weight - base - delta).norm().item(), (weight - base).norm().item()
-        if not kept < dropped:
-            return (f"{name}: the merged weight is not base + adapter (|W_merged - W - ΔW| = {kept:.2e}, "
-                    f"|ΔW| = {delta.norm().item():.2e})"), compared
+        weight = merged.get_submodule(name).weight.detach()
+        off, telling = merge_mismatch(weight, base, delta)
+        compared += bool(telling)
+        if off:
+            return (f"{name}: {off} of {weight.numel()} merged weights differ from W + ΔW by more than one unit of "
+                    f"{str(weight.dtype).removeprefix('torch.')} rounding"), compared
     return None, compared
 
 
 def merge_checked(model: Any, tokenizer: Any) -> Any:
     """peft's `merge_and_unload`, accepted only when the merged logits are finite, equal base + adapter within the
     rounding of the dtype, and keep the adapter's effect: in the logits (closer to base + adapter than the bare base
-    is) and in a few merged weights (W + ΔW, in fp32)."""
+    is) and in a few merged weights (round(W + ΔW) in the merged dtype, element by element)."""
     expected = probe_logits(model, tokenizer)
     with model.disable_adapter():
         bare = probe_logits(model, tokenizer)

@@ -1,52 +1,54 @@
-"""One command that proves the GPU paths, for the day a GPU is lent: no downloads, sized (by estimate, not yet timed
-on a GPU) to take at most 8 minutes on one H100/H200.
+"""One prepared command that proves the GPU rows on one GPU, through the project's own scripts (finetune.py and the
+Trainer, export_hf_checkpoint.py's merge check, infer.py), no downloads, at most 8 minutes on one H100 by arithmetic
+(docs/multi_gpu.md: the command with the wheels it needs, the arithmetic, what each check proves).
 
-    python benchmarks/gpu_check.py                 # on a CUDA GPU: 7B-shaped LLaMA and Qwen2.5, random init, bf16
-    python benchmarks/gpu_check.py --dry_run       # the whole plan on CPU at tiny shapes (what the test suite runs)
+    python benchmarks/gpu_check.py                       # on a CUDA GPU: report, log in $OUT (else benchmarks/results)
+    python benchmarks/gpu_check.py --only resume,export  # some checks again (what they need is built again)
+    python benchmarks/gpu_check.py --dry_run             # the same plan on CPU at tiny shapes (the test suite runs it)
 
-The plan (each check runs on its own; one that fails does not stop the others):
-
-- `environment`: torch / CUDA / GPU, native bf16, flash-attn and bitsandbytes, library versions;
-- `packed_training[<shape>, sdpa|flash_attention_2]`: on a random-init LLaMA-7B and Qwen2.5-7B shape (bf16, LoRA
-  r=8 on every linear layer), one optimizer step's loss with finetune.py's batch layout (packed rows under sdpa; one
-  flattened row with cu_seq_lens under FlashAttention-2) equals the rows run one by one, then a few optimizer steps
-  train (finite, falling loss); peak memory;
-- `gradient_checkpointing[<shape>]`: the same step with activation recomputation: the same loss, less peak memory;
-- `benchmark[<shape>]`: benchmarks/gpu.py's throughput / memory / utilisation figures, original layout vs packed;
-- `precision`: `--precision auto` picks bf16 only where the GPU computes it natively; without native bf16,
-  `--precision bf16` is refused with one line; an fp16 finetune.py run trains (loss scaling);
-- `qlora_4bit`, `lora_8bit`: finetune.py steps on a quantized base (bitsandbytes), peak memory;
-- `resume`: finetune.py (gradient checkpointing) for 4 steps, and again resumed from checkpoint-2: the same adapter;
-- `device_map_auto`: infer.py with `--device_map auto` answers as without it;
-- `export_bf16`: export_hf_checkpoint.py merges the adapter into the bf16 base and saves it (the merge check passes).
-
-The script-driven checks (precision, quantized, resume, device_map, export) run the project's scripts in this
-process on a LLaMA-1B shape saved to a temporary folder (`--disk_shape llama-7b` for the full size: ~13 GB written and
-read several times, several minutes more), with the tiny base's tokenizer (`python -m utils.tiny_base`, built once).
-
-It writes one JSON report (`--output`, default benchmarks/results/gpu-check-<date>.json) and exits 1 when any check
-failed. A check whose library or hardware is missing here is "unavailable" (exit 1 with `--strict`); under
-`--dry_run` a check that needs CUDA, bitsandbytes or flash-attn is reported "needs a GPU", never passed.
+Checks, each within its time limit (LIMITS), one failing never stopping the others:
+- environment: GPU, native bf16, measured bf16 matmul rate; every package the scripts need at the pinned version
+  (torch excepted: it cannot travel); on a GPU a missing one fails;
+- packing_sdpa, packing_flex: finetune.py on a LLaMA-1B shape (random init, bf16), 6 steps of 16 rows: packed per-step
+  losses equal `--packing False`'s within a tolerance derived from two unpacked runs that differ only in micro-batch
+  size (rounding, not mathematics), with and without gradient checkpointing; the attention function that ran and
+  the mask it got are recorded and asserted; a packed run with a cache (packed sequences then see each other) must
+  fall outside the tolerance, else the check has no power;
+- precision: `--precision auto` is bf16 here; the first-step loss in bf16 equals fp32's within bf16 rounding;
+- resume: a run stopped at checkpoint-5 (inside epoch 2) and resumed equals the uninterrupted run (step-6 loss,
+  adapter) within the same tolerance;
+- export: export_hf_checkpoint's merge check on the GPU accepts the trained adapter's bf16 merge and refuses it
+  mis-scaled by 0.75x and 1.5x;
+- device_map: infer.py `--device_map auto` with the GPU limited to 1 GiB (max_memory) spreads the model over GPU
+  and CPU and answers as without it;
+- throughput: finetune.py at its defaults (batch 128, micro-batch 4, packed, no checkpointing) on a LLaMA-7B shape,
+  22 steps, the last 20 timed: tokens/s, model FLOPs utilisation against the spec and the measured matmul peak
+  (attention and recomputation counted), peak memory asserted against docs/multi_gpu.md's figure;
+- qlora: `--load_4bit True --gradient_checkpointing True`: 4-bit layers, compute dtype, non-zero LoRA gradients,
+  non-reentrant checkpointing; 7B peak memory in 4-bit against bf16;
+- rows a single GPU cannot prove are reported "not covered", never passed.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import gc
+import io
 import json
 import math
 import os
 import platform
+import shutil
+import signal
 import sys
 import tempfile
 import time
 import traceback
 import unittest.mock
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -54,47 +56,68 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_flags import StrictParser  # noqa: E402
 
-FULL_SHAPES = ("llama-7b", "qwen2.5-7b")
-DRY_SHAPES = ("tiny", "tiny-qwen2")
+# Per-check limits (s) on an H100: 2.5 times docs/multi_gpu.md's estimate (its arithmetic), at least 60 s. A first GPU
+# run's measured seconds replace them (the report has them).
+LIMITS = {"environment": 60, "packing_sdpa": 100, "packing_flex": 180, "precision": 60, "resume": 60, "export": 60,
+          "device_map": 60, "throughput": 150, "qlora": 120}
+CHECKS = tuple(LIMITS)
+NOT_COVERED = {
+    "ddp_nccl": "several GPUs (torchrun over NCCL); tests/test_distributed.py runs it on 2 CPU processes (gloo)",
+    "fsdp": "several GPUs; FSDP runs on 2 CPU processes in the slow tests",
+    "deepspeed_zero": "several GPUs and deepspeed (not in the image, its ops build against CUDA); ZeRO-3 runs on CPU "
+                      "in the slow tests",
+    "device_map_two_gpus": "two GPUs; here the split is GPU and CPU (the device_map check)",
+    "flash_attention_2": "flash-attn has no wheel for this image's torch 2.11/CUDA 13 and cannot be built within the "
+                         "lease; its varlen layout runs on CPU kernels in tests/test_batching.py",
+}
+SHAPES = {
+    "llama-7b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                 "intermediate_size": 11008, "vocab_size": 32000},
+    "llama-1b": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16,
+                 "intermediate_size": 5632, "vocab_size": 32000},
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 172, "vocab_size": 1000},
+}
+SPEC_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, NVIDIA data sheets
+PEAK_GIB_7B_DEFAULTS = 17.0  # docs/multi_gpu.md's arithmetic: finetune.py's defaults, LLaMA-7B shape, bf16, one GPU
+PINNED = ("transformers", "peft", "accelerate", "datasets", "fire", "safetensors")  # versions from requirements.txt
+BF16_UNIT = 2.0**-8  # bf16's unit roundoff
+PASSED, FAILED, NEEDS_GPU, NOT_COVERED_STATUS = "passed", "failed", "needs a GPU", "not covered"
 
 
 def build_parser() -> StrictParser:
     parser = StrictParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry_run", action="store_true", help="the whole plan on CPU at tiny shapes, fp32")
-    parser.add_argument("--shapes", default="", help=f"in-memory shapes (default {','.join(FULL_SHAPES)})")
-    parser.add_argument("--disk_shape", default="", help="the shape the scripts train (default llama-1b; tiny dry)")
+    parser.add_argument("--dry_run", action="store_true", help="the plan on CPU at tiny shapes, fp32")
+    parser.add_argument("--only", default="", help=f"comma-separated checks to run: {','.join(CHECKS)}")
+    parser.add_argument("--output", default="", help="folder for the report and the scripts' log (default $OUT when "
+                                                     "set, else benchmarks/results)")
+    parser.add_argument("--workdir", default="", help="where models and runs go (default: a temporary folder)")
     parser.add_argument("--tokenizer_from", default="", help="a tiny base folder whose tokenizer to use "
                                                              "(default: build one with utils.tiny_base)")
-    parser.add_argument("--benchmark_rows", type=int, default=0, help="synthetic rows for the benchmark")
-    parser.add_argument("--benchmark_steps", type=int, default=0, help="timed steps per benchmark layout")
-    parser.add_argument("--output", default="", help="the JSON report (default benchmarks/results/...)")
-    parser.add_argument("--workdir", default="", help="where models and runs go (default: a temporary folder)")
-    parser.add_argument("--strict", action="store_true", help="a check unavailable here fails the run too")
     return parser
 
 
 if __name__ == "__main__":
-    build_parser().parse_args()  # a mistyped flag is answered before the torch import below (13-16 s)
+    build_parser().parse_args()  # a mistyped flag is answered before the torch import below
 
-import gpu as bench  # noqa: E402  benchmarks/gpu.py
 import torch  # noqa: E402
-
-from utils.data import IGNORE_INDEX  # noqa: E402
-from utils.training.batching import plan_batching  # noqa: E402
-
-PASSED, FAILED, NEEDS_GPU, UNAVAILABLE = "passed", "failed", "needs a GPU", "unavailable"
 
 
 class CheckFailed(AssertionError):
     """A check ran and found something wrong."""
 
 
+class NeedsGPU(Exception):
+    """Raised by a check in a dry run after its CPU part: the rest needs CUDA (or bitsandbytes, flex's backward)."""
+
+
+class TimedOut(BaseException):
+    """A check ran past its limit (a BaseException, so that no `except Exception` in the scripts swallows it)."""
+
+
 def expect(condition: bool, message: str) -> None:
     if not condition:
         raise CheckFailed(message)
-
-
-# --- what this machine has ----------------------------------------------------------------------------------------
 
 
 def has_cuda() -> bool:
@@ -103,461 +126,625 @@ def has_cuda() -> bool:
 
 def one_gpu(environ: dict[str, str]) -> str | None:
     """The GPU the checks run on, made the only visible one (before CUDA starts): the project's scripts run in this
-    process, and finetune.py refuses one process driving several GPUs (use torchrun for those). None: no change."""
+    process, and finetune.py refuses one process driving several GPUs. None: no change."""
     visible = environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and "," not in visible:
-        return None  # already one GPU (or none)
+        return None
     first = (visible or "0").split(",")[0].strip()
     environ["CUDA_VISIBLE_DEVICES"] = first
     return first
 
 
-def has_flash_attention() -> bool:
-    from transformers.utils import is_flash_attn_2_available
-
-    return has_cuda() and is_flash_attn_2_available()
-
-
-def has_bitsandbytes() -> bool:
-    import importlib.util
-
-    return has_cuda() and importlib.util.find_spec("bitsandbytes") is not None
-
-
-REQUIREMENTS: dict[str, tuple[Callable[[], bool], str]] = {
-    "cuda": (has_cuda, "no CUDA GPU on this machine"),
-    "flash_attn": (has_flash_attention,
-                   "flash-attn is not installed for this GPU (pip install flash-attn --no-build-isolation)"),
-    "bitsandbytes": (has_bitsandbytes, "bitsandbytes is not installed (pip install -r requirements-gpu.txt)"),
-}
-
-
-def peak_memory_gib() -> float | None:
+def peak_gib() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if has_cuda() else None
 
 
-def reset_memory() -> None:
+def free_memory() -> None:
     gc.collect()
     if has_cuda():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
 
-# --- the report ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """SIGALRM raises TimedOut in the check after `seconds` (None: no limit)."""
+    if not seconds:
+        yield
+        return
+
+    def alarm(signum: int, frame: Any) -> None:
+        raise TimedOut(f"ran past its limit of {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class Report:
-    """Runs checks one by one, each isolated, and collects their results."""
+    """The checks' results, written to `path` after every check (a killed run still leaves what it found)."""
 
-    def __init__(self, dry_run: bool) -> None:
-        self.dry_run = dry_run
+    def __init__(self, path: Path, dry_run: bool, limits: bool, work: dict[str, int]) -> None:
+        self.path, self.dry_run, self.limits = path, dry_run, limits
+        self.work = work  # what the scripts did so far: finetune.py runs, optimizer steps, model loads
         self.checks: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
 
-    def run(self, name: str, check: Callable[[], dict[str, Any] | None], needs: tuple[str, ...] = ()) -> bool:
-        missing = [need for need in needs if not REQUIREMENTS[need][0]()]
-        entry: dict[str, Any] = {"name": name, "needs": list(needs)}
-        started = time.perf_counter()
-        if missing and self.dry_run:
-            entry.update(status=NEEDS_GPU, reason="; ".join(REQUIREMENTS[m][1] for m in missing))
-        elif missing:
-            entry.update(status=UNAVAILABLE, reason="; ".join(REQUIREMENTS[m][1] for m in missing))
-        else:
-            reset_memory()
-            try:
-                entry.update(status=PASSED, details=check() or {})
-            except Exception as error:  # noqa: BLE001  one failing check must not stop the others
-                entry.update(status=FAILED, error=f"{type(error).__name__}: {error}"[:2000],
-                             traceback=traceback.format_exc()[-4000:])
-            finally:
-                reset_memory()
+    def run(self, name: str, check: Callable[[], dict[str, Any]]) -> None:
+        entry: dict[str, Any] = {"name": name, "limit_s": LIMITS[name] if self.limits else None}
+        started, before = time.perf_counter(), dict(self.work)
+        free_memory()
+        try:
+            with time_limit(entry["limit_s"]):
+                entry.update(status=PASSED, details=check())
+        except NeedsGPU as error:
+            entry.update(status=NEEDS_GPU, reason=str(error))
+        except (Exception, TimedOut) as error:  # noqa: BLE001  one failing check must not stop the others
+            entry.update(status=FAILED, error=f"{type(error).__name__}: {error}"[:3000],
+                         traceback=traceback.format_exc()[-4000:])
         entry["seconds"] = round(time.perf_counter() - started, 1)
+        entry["work"] = {key: self.work[key] - before[key] for key in self.work}
+        free_memory()
         self.checks.append(entry)
         print(f"[{entry['status']}] {name} ({entry['seconds']} s)"
               + (f": {entry.get('error') or entry.get('reason')}" if entry["status"] != PASSED else ""), flush=True)
-        return entry["status"] == PASSED
+        self.write()
 
-    def failed(self, strict: bool) -> list[str]:
-        bad = (FAILED, UNAVAILABLE) if strict else (FAILED,)
-        return [c["name"] for c in self.checks if c["status"] in bad]
+    def write(self) -> dict[str, Any]:
+        from utils.core.io import atomic_write_json
 
-
-# --- in-memory checks on the 7B shapes ----------------------------------------------------------------------------
-
-
-def synthetic_features(count: int, vocab: int, seed: int = 1) -> list[dict[str, list[int]]]:
-    return bench.synthetic_rows(count, vocab, seed)
-
-
-def step_loss_separate(model: Any, features: list[dict], device: str) -> tuple[float, int]:
-    """The sum of every row's token losses, rows run alone, over the label-token count."""
-    total, count = 0.0, 0
-    for feature in features:
-        ids = torch.tensor([feature["input_ids"]], device=device)
-        labels = torch.tensor([feature["labels"]], device=device)
-        total += model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(1, device=device)).loss.item()
-        count += int((labels[:, 1:] != IGNORE_INDEX).sum())
-    return total / count, count
+        summary = {"when": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+                   "dry_run": self.dry_run, "seconds": round(time.perf_counter() - self.started, 1),
+                   "failed": [c["name"] for c in self.checks if c["status"] == FAILED],
+                   "counts": {s: sum(c["status"] == s for c in self.checks)
+                              for s in (PASSED, FAILED, NEEDS_GPU, NOT_COVERED_STATUS)},
+                   "work": self.work, "checks": self.checks}
+        atomic_write_json(self.path, json.loads(json.dumps(summary, default=str)))
+        return summary
 
 
-def to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+# --- the project's scripts, in this process -------------------------------------------------------------------------
 
 
-def packed_micro_batches(model: Any, features: list[dict]) -> tuple[Any, list[list[int]], list[dict[str, Any]]]:
-    """finetune.py's layout for one optimizer step of these rows (4 micro-batches): (plan, rows, batches)."""
-    lengths = [len(f["input_ids"]) for f in features]
-    plan = plan_batching(model, lengths, pad_token_id=0, batch_size=len(features), micro_batch_size=4,
-                         cutoff_len=max(lengths), pack_len=1024)
-    groups = list(plan.sampler(lengths))
-    return plan, groups, [plan.collator([features[i] for i in rows]) for rows in groups]
+class Tee(io.StringIO):
+    """What a script prints, kept, and copied to the log as it comes (a run killed at its limit leaves it there)."""
+
+    def __init__(self, log: io.TextIOBase) -> None:
+        super().__init__()
+        self.log = log
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        return super().write(text)
 
 
-def sequence_spans(plan: Any, rows: list[int], lengths: list[int], batch: dict[str, Any]) -> list[tuple[int, int, int]]:
-    """(feature index, batch row, start) of every sequence in a collated micro-batch."""
-    from utils.training.batching import first_fit_decreasing
+def run_script(main: Callable[..., Any], argv: list[Any], log: io.TextIOBase) -> tuple[int, str]:
+    """`python script.py argv` in this process: (exit code, what it printed), the output copied to `log`."""
+    from utils.core.cli import run_cli
 
-    if plan.varlen:  # one row, the sequences in order, cut at cu_seq_lens
-        return [(index, 0, start) for index, start in zip(rows, batch["cu_seq_lens_q"].tolist(), strict=False)]
-    spans = []
-    for row, members in enumerate(first_fit_decreasing([lengths[i] for i in rows], plan.pack_len)):
-        start = 0
-        for member in members:
-            spans.append((rows[member], row, start))
-            start += lengths[rows[member]]
-    return spans
-
-
-def logit_differences(model: Any, plan: Any, groups: list[list[int]], micro: list[dict], features: list[dict],
-                      device: str) -> tuple[float, float, float]:
-    """(largest |logit| difference between each sequence in its packed micro-batch and run alone, the same when the
-    micro-batch's sequences are simply concatenated so that they see each other, the largest |logit|)."""
-    lengths = [len(f["input_ids"]) for f in features]
-    alone = [model(input_ids=torch.tensor([f["input_ids"]], device=device)).logits[0].float() for f in features]
-    packed, leaked = 0.0, 0.0
-    for rows, batch in zip(groups, micro, strict=True):
-        plain = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels", "logits_to_keep")}
-        logits = model(**to_device(plain, device)).logits.float()
-        for index, row, start in sequence_spans(plan, rows, lengths, batch):
-            window = logits[row, start:start + lengths[index]]
-            packed = max(packed, (window - alone[index]).abs().max().item())
-        joined = torch.tensor([[t for i in rows for t in features[i]["input_ids"]]], device=device)
-        mixed, offset = model(input_ids=joined).logits[0].float(), lengths[rows[0]]
-        for index in rows[1:]:  # every sequence after the first sees the ones before it
-            leaked = max(leaked, (mixed[offset:offset + lengths[index]] - alone[index]).abs().max().item())
-            offset += lengths[index]
-    return packed, leaked, max(a.abs().max().item() for a in alone)
-
-
-def packed_training(model: Any, shape: str, attention: str, device: str, dtype: torch.dtype) -> dict[str, Any]:
-    from utils.compat import attention_implementation
-
-    expect(attention_implementation(model) == attention, f"the model runs {attention_implementation(model)}")
-    features = synthetic_features(16, bench.SHAPES[shape]["vocab_size"])
-    plan, groups, micro = packed_micro_batches(model, features)
-    expect(plan.mode == "pack", f"batching mode {plan.mode}, expected pack")
-    expect(plan.varlen == attention.startswith("flash"), f"varlen {plan.varlen} under {attention}")
-    model.eval()
-    with torch.no_grad():
-        separate, count = step_loss_separate(model, features, device)
-        packed = sum(model(**to_device(b, device), num_items_in_batch=torch.tensor(count, device=device)).loss.item()
-                     for b in micro)
-        logit_difference, leak_difference, scale = logit_differences(model, plan, groups, micro, features, device)
-    full = dtype == torch.float32
-    tolerance = 1e-5 if full else 2e-2  # bf16: kernels of other shapes round differently
-    difference = abs(packed - separate) / abs(separate)
-    expect(difference <= tolerance, f"packed step loss {packed:.6f} vs rows one by one {separate:.6f} "
-                                    f"(relative {difference:.2e} > {tolerance:.0e})")
-    expect(logit_difference <= (1e-4 if full else 5e-2) * scale,
-           f"packed logits differ from separate ones by {logit_difference:.3e} (largest logit {scale:.3e})")
-    expect(logit_difference <= 0.25 * leak_difference,
-           f"packed logits differ by {logit_difference:.3e}, sequences that see each other by {leak_difference:.3e}")
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for _ in range(4):
-        loss = 0.0
-        for batch in micro:
-            step = model(**to_device(batch, device), num_items_in_batch=torch.tensor(count, device=device)).loss
-            step.backward()
-            loss += step.item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss)
-    expect(all(math.isfinite(x) for x in losses), f"non-finite losses {losses}")
-    expect(losses[-1] < losses[0], f"the loss does not fall over 4 steps on one batch: {losses}")
-    del optimizer
-    return {"separate_loss": round(separate, 6), "packed_loss": round(packed, 6), "relative_difference": difference,
-            "logit_difference": logit_difference, "leak_difference": leak_difference, "largest_logit": scale,
-            "micro_batches": len(micro), "layout": plan.describe(), "train_losses": [round(x, 5) for x in losses],
-            "peak_gib": peak_memory_gib()}
-
-
-def gradient_checkpointing(model: Any, shape: str, device: str) -> dict[str, Any]:
-    """One training step without, then with activation recomputation: the same loss, less peak memory (no dropout:
-    LoRA dropout is 0 and the configs' attention dropout too, so both passes compute the same)."""
-    features = synthetic_features(16, bench.SHAPES[shape]["vocab_size"], seed=2)
-    _, _, micro = packed_micro_batches(model, features)
-    count = sum(int((b["shift_labels"] if "shift_labels" in b else b["labels"][:, 1:]).ne(IGNORE_INDEX).sum())
-                for b in micro)
-    model.train()  # checkpointing recomputes only in training mode
-
-    def one_step() -> tuple[float, float | None]:
-        reset_memory()
-        total = 0.0
-        for batch in micro:
-            loss = model(**to_device(batch, device), num_items_in_batch=torch.tensor(count, device=device)).loss
-            loss.backward()
-            total += loss.item()
-        model.zero_grad(set_to_none=True)
-        return total, peak_memory_gib()
-
-    plain_loss, plain_peak = one_step()
-    bench.enable_gradient_checkpointing(model)
-    recomputed_loss, recomputed_peak = one_step()
-    expect(abs(recomputed_loss - plain_loss) <= 1e-3 * abs(plain_loss),
-           f"loss {recomputed_loss} with checkpointing vs {plain_loss} without")
-    if plain_peak is not None:
-        expect(recomputed_peak < plain_peak, f"peak {recomputed_peak} GiB with checkpointing vs {plain_peak} GiB")
-    return {"loss": plain_loss, "peak_gib_without": plain_peak, "peak_gib_with": recomputed_peak}
-
-
-def benchmark(built: tuple[Any, int], shape: str, args: argparse.Namespace, device: str, dtype: torch.dtype,
-              peak_flops: float, attention: str) -> dict[str, Any]:
-    options = argparse.Namespace(rows=args.benchmark_rows, steps=args.benchmark_steps, warmup=1 if args.dry_run else 2,
-                                 micro_batch_tokens=4096 if not args.dry_run else 512, gradient_checkpointing=True,
-                                 attn_implementation=attention)
-    lines = [bench.benchmark(shape, layout, options, device, dtype, peak_flops, built=built)
-             for layout in ("cutoff256", "packed2048")]
-    for line in lines:
-        expect(line["tokens_per_s"] > 0 and math.isfinite(line["utilization"]), f"benchmark line {line}")
-    return {"lines": lines, "speedup": round(lines[1]["tokens_per_s"] / lines[0]["tokens_per_s"], 2)}
-
-
-def shape_checks(report: Report, shape: str, args: argparse.Namespace, device: str, dtype: torch.dtype,
-                 peak_flops: float) -> None:
-    built: list[Any] = []
-
-    def build() -> dict[str, Any]:
-        model, n_params = bench.build_model(shape, device, dtype, gradient_checkpointing=False,
-                                            attn_implementation="sdpa", lora_dropout=0.0)
-        built[:] = [model, n_params]
-        return {"parameters": n_params, "peak_gib": peak_memory_gib()}
-
-    if not report.run(f"build[{shape}]", build):
-        return
-    model, n_params = built
-    report.run(f"packed_training[{shape}, sdpa]", lambda: packed_training(model, shape, "sdpa", device, dtype))
-
-    def flash() -> dict[str, Any]:
-        model.get_base_model().set_attn_implementation("flash_attention_2")
+    log.write(f"\n$ {main.__module__}.py {' '.join(map(str, argv))}\n")
+    output, code = Tee(log), 0
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
         try:
-            return packed_training(model, shape, "flash_attention_2", device, dtype)
-        finally:
-            model.get_base_model().set_attn_implementation("sdpa")
-
-    report.run(f"packed_training[{shape}, flash_attention_2]", flash, needs=("cuda", "flash_attn"))
-    report.run(f"gradient_checkpointing[{shape}]", lambda: gradient_checkpointing(model, shape, device))
-    attention = "flash_attention_2" if has_flash_attention() else "sdpa"
-
-    def run_benchmark() -> dict[str, Any]:
-        model.get_base_model().set_attn_implementation(attention)
-        return benchmark((model, n_params), shape, args, device, dtype, peak_flops, attention)
-
-    report.run(f"benchmark[{shape}, {attention}]", run_benchmark)
-    built.clear()  # the closures above go with this call: the model is freed before the next shape
+            run_cli(main, [str(a) for a in argv])
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    log.write(f"exit code {code}\n")
+    return code, output.getvalue()
 
 
-# --- the project's scripts on a model saved to disk ---------------------------------------------------------------
+@contextlib.contextmanager
+def recorded_attention() -> Iterator[dict[str, int]]:
+    """Counts the calls of each attention function transformers dispatches to, by the kind of mask it got
+    ("sdpa/Tensor", "flex_attention/BlockMask", "sdpa/None": plain causal, no packed sequences seen)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    calls: dict[str, int] = {}
+    originals = {name: ALL_ATTENTION_FUNCTIONS[name] for name in ("sdpa", "flex_attention")}
+
+    def counted(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, *args: Any, **kwargs: Any):
+            kind = f"{name}/{type(attention_mask).__name__ if attention_mask is not None else 'None'}"
+            calls[kind] = calls.get(kind, 0) + 1
+            return function(module, query, key, value, attention_mask, *args, **kwargs)
+        return attention
+
+    for name, function in originals.items():
+        ALL_ATTENTION_FUNCTIONS[name] = counted(name, function)
+    try:
+        yield calls
+    finally:
+        for name, function in originals.items():
+            ALL_ATTENTION_FUNCTIONS[name] = function
 
 
-def cli(main: Callable[..., Any], *argv: str) -> tuple[int, str, str]:
-    """`python script.py argv...` in this process: (exit code, stdout, stderr)."""
-    from utils.core.cli import run_in_process
+@contextlib.contextmanager
+def recorded_checkpointing() -> Iterator[list[Any]]:
+    """The `use_reentrant` argument of every activation recomputation transformers runs (set up when the model is
+    prepared, so enter this before the model loads)."""
+    import transformers.modeling_utils
+    from torch.utils.checkpoint import checkpoint
 
-    outcome = run_in_process(main, *argv)
-    return outcome.returncode, outcome.stdout, outcome.stderr
+    modes: list[Any] = []
+
+    def recorded(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        modes.append(kwargs.get("use_reentrant"))
+        return checkpoint(function, *args, **kwargs)
+
+    with unittest.mock.patch.object(transformers.modeling_utils, "checkpoint", recorded):
+        yield modes
 
 
-def succeeded(result: tuple[int, str, str], what: str) -> str:
-    code, out, err = result
-    expect(code == 0, f"{what} exited {code}: {(err or out)[-1500:]}")
-    return out
+class Run(NamedTuple):
+    """What one finetune.py run did: its per-step losses, where it wrote, what ran inside."""
+
+    output_dir: Path
+    losses: list[float]
+    seconds: float
+    peak_gib: float | None
+    attention: dict[str, int]
+    step_times: list[tuple[float, int]]  # (time, real tokens collated so far) at each step's end
+    facts: dict[str, Any]
+
+
+from transformers import TrainerCallback  # noqa: E402
+
+
+class StepClock(TrainerCallback):
+    """(time, real tokens collated so far) at the end of every optimizer step."""
+
+    def __init__(self, trainer: Any, times: list[tuple[float, int]]) -> None:
+        self.trainer, self.times = trainer, times
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if has_cuda():
+            torch.cuda.synchronize()
+        self.times.append((time.perf_counter(), self.trainer.batching.stats.real_tokens))
 
 
 class Workspace:
-    """A base model of `shape` saved to disk (bf16 on a GPU) with the tiny base's tokenizer, and training data."""
+    """The bases (random init, bf16, the tiny base's tokenizer), the data, and the finetune.py runs, each made once."""
 
-    def __init__(self, root: Path, shape: str, dtype: torch.dtype, device: str, tokenizer_from: str) -> None:
-        self.root, self.shape, self.dtype, self.device = root, shape, dtype, device
-        self.tokenizer_from = tokenizer_from
-        self.base = root / f"base-{shape}"
-        self.data = root / "rows.jsonl"
-        self.adapter: Path | None = None
+    def __init__(self, root: Path, dry_run: bool, tokenizer_from: str, log: io.TextIOBase) -> None:
+        self.root, self.dry_run, self.tokenizer_from, self.log = root, dry_run, tokenizer_from, log
+        self.device = "cpu" if dry_run else "cuda"
+        self.precision = "fp32" if dry_run else "bf16"
+        self.made: dict[str, Any] = {}
+        self.work = {"finetune_runs": 0, "optimizer_steps": 0, "model_loads": 0}
 
-    def build(self) -> dict[str, Any]:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def once(self, key: str, make: Callable[[], Any]) -> Any:
+        """`make()`'s value, made once; one that failed fails again at once (a failed run is not redone)."""
+        if key not in self.made:
+            try:
+                self.made[key] = make()
+            except (Exception, TimedOut) as error:
+                self.made[key] = error
+                raise
+        if isinstance(self.made[key], BaseException):
+            raise CheckFailed(f"{key} failed earlier: {self.made[key]}")
+        return self.made[key]
 
-        tokenizer_dir = Path(self.tokenizer_from) if self.tokenizer_from else self.root / "tiny-llama"
-        if not self.tokenizer_from:
+    def tokenizer(self) -> Path:
+        def make() -> Path:
+            if self.tokenizer_from:
+                return Path(self.tokenizer_from)
             from utils.tiny_base import build
 
-            build(arch="llama", output_dir=str(tokenizer_dir), pretrain_steps=0)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        config = bench.base_config(self.shape)
-        config.update({"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                       "pad_token_id": tokenizer.pad_token_id,
-                       "vocab_size": max(config.vocab_size, len(tokenizer))})
-        torch.manual_seed(0)
-        with torch.device(self.device):  # saved in bf16, as Qwen2.5 / Llama-3 ship (export_bf16 merges into it)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        model.save_pretrained(self.base)
-        tokenizer.save_pretrained(self.base)
-        rows = [json.loads(line) for line in (REPO / "data" / "infer.json").read_text(encoding="utf-8").splitlines()
-                if line.strip()]
-        self.data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in (rows * 3)[:64]),
-                             encoding="utf-8")
-        return {"base": str(self.base), "parameters": sum(p.numel() for p in model.parameters()),
-                "tokenizer": str(tokenizer_dir)}
+            return Path(build(arch="llama", output_dir=str(self.root / "tiny-llama"), pretrain_steps=0))
+        return self.once("tokenizer", make)
 
-    def finetune(self, output_dir: Path, *extra: str) -> tuple[int, str, str]:
-        import finetune
+    def base(self, shape: str) -> Path:
+        """A random-init base of `shape` (tiny in a dry run) saved in bf16, as Llama-3/Qwen2.5 ship."""
+        def make() -> Path:
+            from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        return cli(finetune.main, "--base_model", str(self.base), "--data_path", str(self.data), "--output_dir",
-                   str(output_dir), "--batch_size", "16", "--micro_batch_size", "4", "--cutoff_len", "256",
-                   "--val_set_size", "0", "--learning_rate", "1e-3", "--logging_steps", "1", "--lora_dropout", "0",
-                   "--warmup_steps", "0", *extra)
+            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer())
+            settings = dict(SHAPES["tiny" if self.dry_run else shape])
+            settings["vocab_size"] = max(settings["vocab_size"], len(tokenizer))
+            config = AutoConfig.for_model("llama", **settings, max_position_embeddings=2048, tie_word_embeddings=False,
+                                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                          pad_token_id=tokenizer.pad_token_id)
+            torch.manual_seed(0)
+            with torch.device(self.device):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+            folder = self.root / f"base-{shape}"
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            return folder
+        return self.once(f"base-{shape}", make)
+
+    def data(self, kind: str) -> Path:
+        """`rows`: 64 of data/llama_data.json's rows (66 tokens each on average under the tiny tokenizer); `long`: all
+        of them joined in pairs, 1,657 rows of 95 tokens (the published data's rows: 122), for the throughput."""
+        def make() -> Path:
+            rows = [json.loads(line) for line in (REPO / "data" / "llama_data.json").read_text(encoding="utf-8")
+                    .splitlines() if line.strip()]
+            rows = [{k: row[k] for k in ("instruction", "input", "output")} for row in rows]
+            if kind == "long":
+                rows = [{"instruction": a["instruction"] + b["instruction"], "input": "",
+                         "output": a["output"] + b["output"]} for a, b in zip(rows[::2], rows[1::2], strict=False)]
+            path = self.root / f"{kind}.jsonl"
+            rows = rows[:64] if kind == "rows" else rows
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+            return path
+        return self.once(f"data-{kind}", make)
+
+    def finetune(self, name: str, flags: dict[str, Any], shape: str = "llama-1b", data: str = "rows",
+                 inspect: Callable[[Any], Any] | None = None) -> Run:
+        """finetune.py with `flags` on the base of `shape`, once per name; `inspect(trainer)` runs before training
+        and what it returns, called again after training, goes into the run's facts."""
+        def make() -> Run:
+            import finetune
+
+            argv = {"base_model": self.base(shape), "data_path": self.data(data), "output_dir": self.root / name,
+                    "val_set_size": 0, **flags}
+            losses: list[float] = []
+            times: list[tuple[float, int]] = []
+            facts: dict[str, Any] = {}
+            real_train = finetune.train
+
+            def train(trainer: Any, run: Any, args: Any) -> Any:
+                after = inspect(trainer) if inspect else None
+                trainer.add_callback(StepClock(trainer, times))
+                result = real_train(trainer, run, args)
+                losses.extend(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+                self.work["optimizer_steps"] += len(times)
+                facts.update(after() if after else {})
+                return result
+
+            free_memory()
+            started = time.perf_counter()
+            with recorded_attention() as attention, unittest.mock.patch.object(finetune, "train", train):
+                code, output = run_script(finetune.main, [x for k, v in argv.items() for x in (f"--{k}", v)],
+                                          self.log)
+            self.work["finetune_runs"] += 1
+            self.work["model_loads"] += 1
+            expect(code == 0, f"finetune.py ({name}) exited {code}: {output[-1500:]}")
+            return Run(self.root / name, losses, round(time.perf_counter() - started, 1), peak_gib(), attention,
+                       times, facts)
+        return self.once(f"run-{name}", make)
 
 
-def adapter_difference(a: Path, b: Path) -> tuple[float, float]:
+# --- the checks -------------------------------------------------------------------------------------------------------
+
+STEPS = {"batch_size": 16, "micro_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1, "lora_dropout": 0,
+         "warmup_steps": 0, "max_steps": 6, "save_steps": 5}  # 64 rows: 4 steps an epoch, checkpoint-5 in epoch 2
+
+
+def largest_difference(a: list[float], b: list[float]) -> float:
+    expect(len(a) == len(b) and a, f"runs of different lengths: {len(a)} and {len(b)} logged losses")
+    return max(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def reference(space: Workspace) -> dict[str, Any]:
+    """The unpacked run (`--packing False`), and its tolerance: the largest per-step difference between two unpacked
+    runs that differ only in micro-batch size (the same rows and loss per step; other shapes, other rounding), times
+    4, and at least 1e-5 of the loss (fp32)."""
+    def make() -> dict[str, Any]:
+        common = {**STEPS, "precision": space.precision, "packing": False}
+        first = space.finetune("unpacked", common)
+        second = space.finetune("unpacked-mb2", {**common, "micro_batch_size": 2})
+        noise = largest_difference(first.losses, second.losses)
+        return {"run": first, "second": second, "noise": noise, "tolerance": max(4 * noise, 1e-5 * max(first.losses))}
+    return space.once("reference", make)
+
+
+def adapter_difference(a: Path, b: Path) -> float:
     from safetensors.torch import load_file
 
     first, second = (load_file(str(folder / "adapter_model.safetensors")) for folder in (a, b))
     expect(first.keys() == second.keys(), "the two adapters hold different tensors")
-    return (max((first[k].float() - second[k].float()).abs().max().item() for k in first),
-            max(first[k].float().abs().max().item() for k in first))
+    return max((first[k].float() - second[k].float()).abs().max().item() for k in first)
 
 
-def script_checks(report: Report, space: Workspace, precision: str) -> None:
+def packed(space: Workspace, attention: str, recompute: bool) -> Run:
+    """finetune.py's default layout (packed) with `attention`, with or without gradient checkpointing."""
+    flags = {**STEPS, "precision": space.precision, "attn_implementation": attention,
+             "gradient_checkpointing": recompute}
+    return space.finetune(f"packed-{attention}{'-gc' if recompute else ''}", flags)
+
+
+def check_packing(space: Workspace, attention: str) -> dict[str, Any]:
+    if attention == "flex_attention" and space.dry_run:  # torch: "FlexAttention does not support backward on CPU"
+        raise NeedsGPU("flex_attention trains only on a GPU (torch has no FlexAttention backward on CPU)")
+    ref = reference(space)
+    details: dict[str, Any] = {"noise": ref["noise"], "tolerance": ref["tolerance"],
+                               "unpacked_losses": ref["run"].losses}
+    calls = {}
+    for gc_on in (False, True):
+        run = packed(space, attention, gc_on)
+        difference = largest_difference(run.losses, ref["run"].losses)
+        label = "with checkpointing" if gc_on else "without checkpointing"
+        details[label] = {"losses": run.losses, "difference": difference, "attention_calls": run.attention,
+                          "seconds": run.seconds, "peak_gib": run.peak_gib}
+        expect(difference <= ref["tolerance"], f"packed ({attention}, {label}) per-step losses differ from "
+                                               f"--packing False by {difference:.3e} > {ref['tolerance']:.3e}")
+        masked = {"sdpa": "sdpa/Tensor", "flex_attention": "flex_attention/BlockMask"}[attention]
+        expect(run.attention.get(masked, 0) > 0 and set(run.attention) == {masked},
+               f"packed {attention} ran {run.attention}: expected {masked} only (packed sequences detected)")
+        calls[gc_on] = run.attention[masked]
+    expect(calls[True] == 2 * calls[False], f"attention ran {calls[True]} times with checkpointing, "
+                                            f"{calls[False]} without: the recomputation did not run")
+    if attention == "sdpa":  # the power of the tolerance: packed rows whose sequences see each other
+        from utils.training import batching
+
+        collate = batching.PackingCollator.__call__
+        with unittest.mock.patch.object(batching.PackingCollator, "__call__",
+                                        lambda self, rows: {**collate(self, rows), "use_cache": True}):
+            leak = space.finetune("packed-with-cache", {**STEPS, "precision": space.precision})
+        difference = largest_difference(leak.losses, ref["run"].losses)
+        details["sequences_see_each_other"] = {"difference": difference, "attention_calls": leak.attention}
+        expect(difference > ref["tolerance"], f"packed sequences that see each other differ by only {difference:.3e}"
+                                              f" (tolerance {ref['tolerance']:.3e}): the check cannot tell")
+    return details
+
+
+def check_precision(space: Workspace) -> dict[str, Any]:
+    from utils.runtime import resolve_precision
+
+    ref = reference(space)["run"]
+    full = space.finetune("fp32-first-step", {**STEPS, "precision": "fp32", "packing": False, "max_steps": 1})
+    difference = abs(full.losses[0] - ref.losses[0])
+    details = {"fp32": full.losses[0], space.precision: ref.losses[0],
+               "relative_difference": difference / full.losses[0]}
+    expect(difference <= BF16_UNIT * abs(full.losses[0]), f"first-step loss {ref.losses[0]} ({space.precision}) vs "
+                                                          f"{full.losses[0]} (fp32): more than bf16's rounding apart")
+    if space.dry_run:
+        raise NeedsGPU(f"bf16 against fp32 on a GPU (the CPU part, {space.precision} vs fp32, agreed: {details})")
+    expect(resolve_precision("auto", "cuda") == "bf16", "--precision auto does not pick bf16 on this GPU")
+    return details
+
+
+def check_resume(space: Workspace) -> dict[str, Any]:
+    ref = reference(space)
+    whole = packed(space, "sdpa", True)
+    flags = {**STEPS, "precision": space.precision, "attn_implementation": "sdpa", "gradient_checkpointing": True}
+    resumed_dir = space.root / "resumed"
+    shutil.copytree(whole.output_dir / "checkpoint-5", resumed_dir / "checkpoint-5")
+    resumed = space.finetune("resumed", {**flags, "resume_from_checkpoint": True})
+    tolerance = 4 * adapter_difference(ref["run"].output_dir, ref["second"].output_dir)
+    adapters = adapter_difference(whole.output_dir, resumed.output_dir)
+    details = {"whole": whole.losses, "resumed": resumed.losses, "adapter_difference": adapters,
+               "adapter_tolerance": tolerance, "loss_tolerance": ref["tolerance"]}
+    expect(len(resumed.step_times) == 1 and len(resumed.losses) == 6, f"the resumed run trained "
+           f"{len(resumed.step_times)} steps and logged {len(resumed.losses)}: expected step 6 after checkpoint-5")
+    expect(abs(resumed.losses[-1] - whole.losses[-1]) <= ref["tolerance"],
+           f"step 6 resumed: loss {resumed.losses[-1]} vs {whole.losses[-1]} uninterrupted")
+    expect(adapters <= max(tolerance, 1e-7), f"the resumed adapter differs by {adapters:.3e} > {tolerance:.3e}")
+    return details
+
+
+def check_export(space: Workspace) -> dict[str, Any]:
+    """The merge check of export_hf_checkpoint.py on this device: the right merge passes, mis-scaled ones do not."""
     import export_hf_checkpoint
+    from utils.core.errors import UserError
+    from utils.model.loading import load_adapter, load_checked
+
+    adapter = packed(space, "sdpa", True).output_dir
+    base = space.base("llama-1b")
+    outcomes: dict[str, Any] = {}
+    for scale in (1.0, 0.75, 1.5):
+        model, tokenizer = load_checked(str(base), precision=space.precision, device=space.device,
+                                        device_map={"": space.device})
+        model = load_adapter(model, str(adapter)).eval()
+        space.work["model_loads"] += 1
+        merge = model.merge_and_unload
+
+        def mis_scaled(*args: Any, _merge: Any = merge, _scale: float = scale, _model: Any = model, **kwargs: Any):
+            for layer in _model.modules():  # peft's LoRA layers: ΔW = scaling x B A
+                if isinstance(getattr(layer, "scaling", None), dict):
+                    layer.scaling = {name: value * _scale for name, value in layer.scaling.items()}
+            return _merge(*args, **kwargs)
+
+        model.merge_and_unload = mis_scaled
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                merged = export_hf_checkpoint.merge_checked(model, tokenizer)
+            outcomes[str(scale)] = {"accepted": printed.getvalue().strip(), "dtype": str(merged.dtype),
+                                    "device": str(merged.device)}
+        except UserError as error:
+            outcomes[str(scale)] = {"refused": str(error)}
+        del model
+        free_memory()
+    expect("accepted" in outcomes["1.0"], f"the right merge was refused: {outcomes['1.0']}")
+    expect(all("refused" in outcomes[s] for s in ("0.75", "1.5")), f"a mis-scaled merge was accepted: {outcomes}")
+    return outcomes
+
+
+def check_device_map(space: Workspace) -> dict[str, Any]:
+    """infer.py --device_map auto with this GPU limited to 1 GiB: part of the model on the GPU, the rest on CPU."""
+    from transformers import AutoModelForCausalLM
+
     import infer
 
-    if not report.run(f"save_base[{space.shape}]", space.build):
-        return
+    adapter = packed(space, "sdpa", True).output_dir
+    base = space.base("llama-1b")
+    load = AutoModelForCausalLM.from_pretrained
+    placed: list[dict[str, Any]] = []
 
-    def check_precision() -> dict[str, Any]:
-        from utils.core.errors import UserError
-        from utils.runtime import native_bf16, resolve_precision
+    def limited(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("device_map") == "auto" and has_cuda():
+            kwargs["max_memory"] = {0: "1GiB", "cpu": "100GiB"}
+        model = load(*args, **kwargs)
+        placed.append(dict(getattr(model, "hf_device_map", {}) or {}))
+        return model
 
-        native = native_bf16("cuda")
-        auto = resolve_precision("auto", "cuda")
-        expect(auto == ("bf16" if native else "fp16"), f"--precision auto picked {auto} (native bf16: {native})")
-        details: dict[str, Any] = {"native_bf16": native, "auto": auto,
-                                   "capability": list(torch.cuda.get_device_capability())}
-        if native:  # bf16 must be accepted here, and the refusal is shown on an emulated device without it
-            try:
-                resolve_precision("bf16", "cuda")
-            except UserError as error:
-                raise CheckFailed(f"bf16 refused on a GPU with native bf16: {error}") from None
-        without_native = contextlib.nullcontext() if not native else unittest.mock.patch.object(
-            torch.cuda, "is_bf16_supported", lambda including_emulation=True: bool(including_emulation))
-        with without_native:  # on a native-bf16 GPU only the device's answer is emulated; finetune.py runs for real
-            code, _, err = space.finetune(space.root / "bf16-refused", "--precision", "bf16", "--max_steps", "1")
-        expect(code == 2 and len(err.strip().splitlines()) == 1 and "not supported natively" in err,
-               f"--precision bf16 without native bf16: exit {code}, {err[-500:]}")
-        details["bf16_refused"] = err.strip() + (" (device without native bf16 emulated)" if native else "")
-        out = succeeded(space.finetune(space.root / "fp16", "--precision", "fp16", "--max_steps", "2"), "fp16 run")
-        details["fp16_summary"] = json.loads(out.split("summary: ", 1)[1].splitlines()[0])
-        return details
+    answers = []
+    for extra in ([], ["--device_map", "auto"]):
+        output = space.root / f"answers{len(extra)}.jsonl"
+        with unittest.mock.patch.object(AutoModelForCausalLM, "from_pretrained", limited):
+            code, printed = run_script(infer.main, ["--base_model", base, "--lora_weights", adapter, "--instruct_dir",
+                                                    REPO / "data" / "infer.json", "--max_new_tokens", 16,
+                                                    "--num_beams", 1, "--output_file", output, *extra], space.log)
+        space.work["model_loads"] += 1
+        expect(code == 0, f"infer.py {' '.join(extra)} exited {code}: {printed[-1500:]}")
+        answers.append([json.loads(line)["model_output"] for line in output.read_text(encoding="utf-8").splitlines()])
+    devices = sorted({str(device) for device in placed[-1].values()})
+    same = sum(a == b for a, b in zip(*answers, strict=True))
+    details = {"devices": devices, "identical_answers": f"{same}/{len(answers[0])}",
+               "modules_by_device": {d: sum(str(v) == d for v in placed[-1].values()) for d in devices}}
+    expect(same == len(answers[0]), f"{len(answers[0]) - same} answers differ under --device_map auto")
+    if space.dry_run:
+        raise NeedsGPU(f"the split over GPU and CPU (on CPU both runs answered alike: {details})")
+    expect(len(devices) > 1 and "cpu" in devices, f"--device_map auto under max_memory placed the model on {devices}")
+    return details
 
-    report.run("precision", check_precision, needs=("cuda",))
 
-    def quantized(flag: str) -> Callable[[], dict[str, Any]]:
-        def run() -> dict[str, Any]:
-            out = succeeded(space.finetune(space.root / flag.strip("-"), flag, "True", "--gradient_checkpointing",
-                                           "True", "--max_steps", "2", "--precision", precision), f"{flag} run")
-            summary = json.loads(out.split("summary: ", 1)[1].splitlines()[0])
-            expect(math.isfinite(summary["train_loss"]), f"train loss {summary['train_loss']}")
-            return {"summary": summary, "peak_gib": peak_memory_gib()}
-        return run
+def flops_per_token(shape: dict[str, Any], context: float, label_share: float, recompute: bool) -> float:
+    """Model FLOPs of one trained token, LoRA on a frozen base: the decoder's matmuls forward, backward to their
+    inputs (no weight gradients) and again when recomputed; attention's QK^T and PV over `context` keys on average,
+    forward, twice that backward, again when recomputed; the LM head on label positions only."""
+    d, layers, heads = shape["hidden_size"], shape["num_hidden_layers"], shape["num_attention_heads"]
+    kv = d // heads * shape["num_key_value_heads"]
+    linear = layers * (2 * d * d + 2 * d * kv + 3 * d * shape["intermediate_size"])
+    attention = layers * 4 * d * context
+    return (4 + 2 * recompute) * linear + (3 + recompute) * attention + 4 * d * shape["vocab_size"] * label_share
 
-    report.run("qlora_4bit", quantized("--load_4bit"), needs=("cuda", "bitsandbytes"))
-    report.run("lora_8bit", quantized("--load_8bit"), needs=("cuda", "bitsandbytes"))
 
-    def resume() -> dict[str, Any]:
-        whole, resumed = space.root / "whole", space.root / "resumed"
-        flags = ("--max_steps", "4", "--save_steps", "2", "--gradient_checkpointing", "True", "--precision", precision)
-        succeeded(space.finetune(whole, *flags), "the uninterrupted run")
-        import shutil
+def data_facts(trainer: Any) -> Callable[[], dict[str, Any]]:
+    """What the run trained on: the rows' token counts and the share of tokens that are labels (the LM head's)."""
+    rows = trainer.train_dataset
+    lengths = [len(ids) for ids in rows["input_ids"]]
+    labels = sum(sum(label != -100 for label in row) for row in rows["labels"])
+    context = sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)  # keys a token attends to, on average
+    return lambda: {"rows": len(lengths), "mean_row_tokens": sum(lengths) / len(lengths), "context": context,
+                    "label_share": labels / sum(lengths)}
 
-        resumed.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(whole / "checkpoint-2", resumed / "checkpoint-2")
-        succeeded(space.finetune(resumed, *flags, "--resume_from_checkpoint", "True"), "the resumed run")
-        difference, scale = adapter_difference(whole, resumed)
-        tolerance = 1e-6 if space.device == "cpu" else 1e-2  # GPU attention backward kernels are not bitwise
-        expect(difference <= 1e-7 + tolerance * scale, f"resumed adapter differs by {difference:.2e} "
-                                                       f"(largest weight {scale:.2e})")
-        space.adapter = whole
-        return {"max_difference": difference, "largest_weight": scale, "peak_gib": peak_memory_gib()}
 
-    report.run("resume", resume)
+def check_throughput(space: Workspace) -> dict[str, Any]:
+    steps, timed = (3, 2) if space.dry_run else (22, 20)  # otherwise finetune.py's defaults: batch 128, micro 4
+    run = space.finetune("throughput", {"max_steps": steps, "logging_steps": 1}, shape="llama-7b", data="long",
+                         inspect=data_facts)
+    expect(len(run.step_times) == steps, f"{len(run.step_times)} steps timed, {steps} expected")
+    (start, tokens_start), (end, tokens_end) = run.step_times[-timed - 1], run.step_times[-1]
+    tokens_per_s = (tokens_end - tokens_start) / (end - start)
+    flops = flops_per_token(SHAPES["tiny" if space.dry_run else "llama-7b"], run.facts["context"],
+                            run.facts["label_share"], recompute=False)
+    peaks = {key: (space.made.get("environment") or {}).get(f"{key}_tflops") for key in ("matmul", "spec")}
+    achieved = flops * tokens_per_s / 1e12
+    details = {**run.facts, "steps": steps, "timed_steps": timed, "tokens_per_s": round(tokens_per_s, 1),
+               "s_per_step": round((end - start) / timed, 3), "tflop_per_token": flops / 1e12,
+               "achieved_tflops": round(achieved, 2), "peak_gib": run.peak_gib, "losses": run.losses,
+               **{f"mfu_vs_{key}": round(achieved / peak, 4) if peak else None for key, peak in peaks.items()}}
+    expect(all(math.isfinite(loss) for loss in run.losses), f"losses {run.losses}")
+    if space.dry_run:
+        raise NeedsGPU(f"7B throughput and memory (the CPU part, {steps} steps at a tiny shape: {details})")
+    space.made["bf16-7b-peak"] = run.peak_gib  # the qlora check compares its 4-bit peak with it
+    expect(run.peak_gib is not None and run.peak_gib <= PEAK_GIB_7B_DEFAULTS,
+           f"peak memory {run.peak_gib} GiB > the {PEAK_GIB_7B_DEFAULTS} GiB docs/multi_gpu.md states")
+    return details
 
-    def device_map_auto() -> dict[str, Any]:
-        expect(space.adapter is not None, "no adapter: the resume check failed")
-        answers = []
-        for extra in ((), ("--device_map", "auto")):
-            output = space.root / f"answers{len(extra)}.jsonl"
-            succeeded(cli(infer.main, "--base_model", str(space.base), "--lora_weights", str(space.adapter),
-                          "--instruct_dir", str(REPO / "data" / "infer.json"), "--max_new_tokens", "16",
-                          "--num_beams", "1", "--output_file", str(output), *extra), f"infer.py {' '.join(extra)}")
-            answers.append([json.loads(line)["model_output"] for line in output.read_text(encoding="utf-8")
-                            .splitlines()])
-        same = sum(a == b for a, b in zip(*answers, strict=True))
-        expect(same == len(answers[0]), f"{len(answers[0]) - same} of {len(answers[0])} answers differ under "
-                                        "--device_map auto")
-        return {"answers": len(answers[0]), "identical": same, "gpus": torch.cuda.device_count()}
 
-    report.run("device_map_auto", device_map_auto)
+def quantized_facts(trainer: Any) -> Callable[[], dict[str, Any]]:
+    """The 4-bit layers and their compute dtype now; the largest LoRA gradient seen in training, afterwards."""
+    import bitsandbytes as bnb
 
-    def export() -> dict[str, Any]:
-        expect(space.adapter is not None, "no adapter: the resume check failed")
-        out = succeeded(cli(export_hf_checkpoint.main, "--base_model", str(space.base), "--lora_weights",
-                            str(space.adapter), "--output_dir", str(space.root / "merged")), "export")
-        line = next(line for line in out.splitlines() if line.startswith("merge check"))
-        return {"merge_check": line, "base_dtype": "bfloat16"}
+    model = trainer.model
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    largest: dict[str, float] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and "lora_" in name:
+            def keep(grad: torch.Tensor, _name: str = name) -> None:
+                largest[_name] = max(largest.get(_name, 0.0), grad.abs().max().item())
+            parameter.register_hook(keep)
+    facts = {"linear4bit_layers": len(four_bit), "compute_dtypes": sorted({str(m.compute_dtype) for m in four_bit}),
+             "quant_type": sorted({str(getattr(m.weight, "quant_type", "")) for m in four_bit})}
+    return lambda: {**facts, "lora_tensors_with_gradients": sum(v > 0 for v in largest.values()),
+                    "lora_tensors": len(largest)}
 
-    report.run("export_bf16", export)
+
+def check_qlora(space: Workspace) -> dict[str, Any]:
+    if not has_cuda():  # the CPU part: the flag is refused with one line before anything loads
+        import finetune
+
+        argv = ["--base_model", space.base("llama-1b"), "--data_path", space.data("rows"), "--output_dir",
+                space.root / "qlora-cpu", "--load_4bit", True]
+        code, printed = run_script(finetune.main, argv, space.log)
+        expect(code == 2 and printed.strip().startswith("error:"), f"--load_4bit on CPU: exit {code}, {printed}")
+        raise NeedsGPU(f"bitsandbytes' 4-bit layers need CUDA (on CPU: {printed.strip()}; tests/test_gpu.py checks "
+                       "the non-reentrant setup)")
+    with recorded_checkpointing() as modes:
+        run = space.finetune("qlora", {**STEPS, "max_steps": 2, "load_4bit": True, "gradient_checkpointing": True},
+                             inspect=quantized_facts)
+    facts = run.facts
+    layers = SHAPES["llama-1b"]["num_hidden_layers"]
+    expect(facts["linear4bit_layers"] == 7 * layers, f"{facts['linear4bit_layers']} 4-bit layers, not {7 * layers}")
+    expect(facts["compute_dtypes"] == ["torch.bfloat16"], f"4-bit compute dtype {facts['compute_dtypes']}")
+    expect(facts["lora_tensors"] > 0 and facts["lora_tensors_with_gradients"] == facts["lora_tensors"],
+           f"LoRA tensors with a gradient: {facts['lora_tensors_with_gradients']} of {facts['lora_tensors']}")
+    expect(modes and set(modes) == {False}, f"checkpointing ran with use_reentrant {sorted(set(map(str, modes)))}")
+    seven = space.finetune("qlora-7b", {"max_steps": 2, "load_4bit": True, "gradient_checkpointing": True},
+                           shape="llama-7b", data="long")
+    bf16_weights = 6.74e9 * 2 / 2**30
+    details = {**facts, "recomputations": len(modes), "use_reentrant": sorted(set(map(str, modes))),
+               "losses": run.losses, "peak_gib_1b": run.peak_gib, "peak_gib_7b_4bit": seven.peak_gib,
+               "peak_gib_7b_bf16": space.made.get("bf16-7b-peak"), "bf16_weights_gib_7b": round(bf16_weights, 2)}
+    expect(seven.peak_gib < 0.6 * bf16_weights, f"7B in 4-bit peaked at {seven.peak_gib} GiB, the bf16 weights "
+                                                f"alone are {bf16_weights:.1f} GiB")
+    return details
+
+
+def environment(dry_run: bool) -> dict[str, Any]:
+    """Versions, the GPU, the measured bf16 matmul rate; on a GPU every package the scripts need at its pin."""
+    import importlib
+    import importlib.metadata
+
+    pins = dict(line.split("==") for line in (REPO / "requirements.txt").read_text(encoding="utf-8").splitlines()
+                if "==" in line and not line.startswith("#"))
+    details: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                               "torch_pinned": pins["torch"], "cuda": torch.version.cuda}
+    problems = []
+    for name in (*PINNED, "bitsandbytes", "pyarrow", "pandas", "sentencepiece"):
+        try:
+            importlib.import_module(name)
+            details[name] = importlib.metadata.version(name)
+        except ImportError as error:
+            details[name] = None
+            if name != "bitsandbytes" or not dry_run:
+                problems.append(f"{name} does not import ({error}): bash scripts/device_wheels.sh, then carry .whl")
+        if name in PINNED and details[name] not in (None, pins[name]):
+            problems.append(f"{name} {details[name]}, the project pins {pins[name]}")
+    if not dry_run:
+        name = torch.cuda.get_device_name()
+        details.update(device=name, capability=list(torch.cuda.get_device_capability()),
+                       memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+                       native_bf16=torch.cuda.is_bf16_supported(including_emulation=False),
+                       spec_tflops=next((v for k, v in SPEC_BF16_TFLOPS.items() if k in name), None))
+        a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        for repeat in (3, 20):  # warm-up, then timed
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(repeat):
+                a @ b
+            torch.cuda.synchronize()
+        details["matmul_tflops"] = round(2 * 8192**3 * 20 / (time.perf_counter() - started) / 1e12, 1)
+        if not details["native_bf16"]:
+            problems.append("this GPU has no native bf16: the plan is for an H100/H200")
+    else:
+        details["device"] = f"cpu ({torch.get_num_threads()} threads)"
+    expect(not problems, "; ".join(problems))
+    return details
 
 
 # --- main ---------------------------------------------------------------------------------------------------------
 
 
-def environment(dry_run: bool) -> dict[str, Any]:
-    import accelerate
-    import peft
-    import transformers
-
-    details: dict[str, Any] = {
-        "dry_run": dry_run, "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__,
-        "cuda": torch.version.cuda, "gpus": torch.cuda.device_count() if has_cuda() else 0,
-        "flash_attn": has_flash_attention(), "bitsandbytes": has_bitsandbytes(),
-    }
-    if has_cuda():
-        details.update(device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
-                       memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
-                       native_bf16=torch.cuda.is_bf16_supported(including_emulation=False))
-    else:
-        details.update(device=f"cpu ({torch.get_num_threads()} threads)")
-    return details
-
-
-def default_output(dry_run: bool) -> Path:
-    date = datetime.date.today().isoformat()
-    return REPO / "benchmarks" / "results" / f"gpu-check{'-dry-run' if dry_run else ''}-{date}.json"
+def default_output() -> Path:
+    return Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "benchmarks" / "results"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in only if name not in CHECKS]
+    if unknown:
+        print(f"error: --only {','.join(unknown)}: not a check; the checks: {','.join(CHECKS)}", file=sys.stderr)
+        return 2
     chosen = None if args.dry_run else one_gpu(os.environ)  # before anything asks CUDA how many GPUs there are
     if chosen is not None:
         print(f"gpu_check runs on one GPU: CUDA_VISIBLE_DEVICES={chosen}", file=sys.stderr)
@@ -565,42 +752,39 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no CUDA GPU here; `python benchmarks/gpu_check.py --dry_run` runs the plan on CPU",
               file=sys.stderr)
         return 2
-    device, dtype = ("cpu", torch.float32) if args.dry_run else ("cuda", torch.bfloat16)
+    output = Path(args.output) if args.output else default_output()
+    output.mkdir(parents=True, exist_ok=True)
+    name = "gpu-check-dry-run" if args.dry_run else "gpu-check"
     threads = torch.get_num_threads()
-    if args.dry_run:  # code paths, not speed: one thread never fights a busy machine's other work (OpenMP spinning)
+    if args.dry_run:  # code paths, not speed: one thread never fights a busy machine's other work
         torch.set_num_threads(1)
     try:
-        return run_plan(args, device, dtype)
+        with open(output / f"{name}-scripts.log", "w", encoding="utf-8", buffering=1) as log, \
+                tempfile.TemporaryDirectory(dir=args.workdir or None) as workdir:
+            return run_plan(args, only or list(CHECKS), Workspace(Path(workdir), args.dry_run, args.tokenizer_from,
+                                                                  log), output / f"{name}.json")
     finally:
         torch.set_num_threads(threads)
 
 
-def run_plan(args: argparse.Namespace, device: str, dtype: torch.dtype) -> int:
-    """Every check in order; the JSON report; 1 when a check failed."""
-    shapes = args.shapes.split(",") if args.shapes else list(DRY_SHAPES if args.dry_run else FULL_SHAPES)
-    args.benchmark_rows = args.benchmark_rows or (64 if args.dry_run else 512)
-    args.benchmark_steps = args.benchmark_steps or (1 if args.dry_run else 5)
-    report = Report(args.dry_run)
-    started = time.perf_counter()
-    report.run("environment", lambda: environment(args.dry_run))
-    peak_flops = bench.matmul_flops(device, dtype, 256 if args.dry_run else 8192, 3 if args.dry_run else 50)
-    for shape in shapes:
-        shape_checks(report, shape, args, device, dtype, peak_flops)
-    with tempfile.TemporaryDirectory(dir=args.workdir or None) as workdir:
-        space = Workspace(Path(workdir), args.disk_shape or ("tiny" if args.dry_run else "llama-1b"), dtype, device,
-                          args.tokenizer_from)
-        script_checks(report, space, "fp32" if args.dry_run else "bf16")
-    failed = report.failed(args.strict)
-    summary = {"when": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-               "seconds": round(time.perf_counter() - started, 1), "failed": failed,
-               "counts": {s: sum(c["status"] == s for c in report.checks)
-                          for s in (PASSED, FAILED, NEEDS_GPU, UNAVAILABLE)},
-               "checks": report.checks}
-    output = Path(args.output) if args.output else default_output(args.dry_run)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(summary, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    print(f"{len(report.checks)} checks in {summary['seconds']} s: {summary['counts']}; report: {output}")
-    return 1 if failed else 0
+def run_plan(args: Any, only: list[str], space: Workspace, path: Path) -> int:
+    report = Report(path, args.dry_run, limits=not args.dry_run, work=space.work)
+    checks: dict[str, Callable[[], dict[str, Any]]] = {
+        "environment": lambda: space.once("environment", lambda: environment(args.dry_run)),
+        "packing_sdpa": lambda: check_packing(space, "sdpa"),
+        "packing_flex": lambda: check_packing(space, "flex_attention"),
+        "precision": lambda: check_precision(space), "resume": lambda: check_resume(space),
+        "export": lambda: check_export(space), "device_map": lambda: check_device_map(space),
+        "throughput": lambda: check_throughput(space), "qlora": lambda: check_qlora(space),
+    }
+    for name in CHECKS:
+        if name == "environment" or name in only:
+            report.run(name, checks[name])
+    report.checks += [{"name": name, "status": NOT_COVERED_STATUS, "reason": f"not covered on one GPU: {reason}"}
+                      for name, reason in NOT_COVERED.items()]
+    summary = report.write()
+    print(f"{len(report.checks)} rows in {summary['seconds']} s: {summary['counts']}; report: {path}")
+    return 1 if summary["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -187,6 +187,28 @@ def test_step_loss_equals_rows_one_by_one(tiny_models, arch, mode):
             assert loss == pytest.approx(expected, abs=1e-5), (label_positions, loss, expected)
 
 
+def test_packing_refuses_a_model_that_would_build_a_cache(tiny_models):
+    """With a cache transformers skips the packed-sequence detection (position_ids restarts), so packed sequences
+    would see each other: plan_batching packs only for a model whose config.use_cache is False (finetune.py sets
+    it), and each packed batch says use_cache=False as well."""
+    model, tokenizer = tiny_lora(tiny_models["llama"], "llama")
+    prompter = Prompter("med_template")
+    features = [{"input_ids": it.input_ids, "labels": it.labels} for it in
+                (tokenize_row(row, prompter, tokenizer, 96, False) for row in project_rows()[:8])]
+    lengths = [len(f["input_ids"]) for f in features]
+    plan = plan_batching(model, lengths, tokenizer.pad_token_id, batch_size=8, micro_batch_size=2, cutoff_len=96,
+                         pack_len=320)
+    batch = plan.collator(features[:4])
+    assert plan.mode == "pack" and batch["use_cache"] is False and batch["input_ids"].shape[0] < 4  # rows share bins
+    with torch.no_grad():  # what the refusal prevents: the same packed batch with a cache computes other logits
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        apart, mixed = (model(**inputs, use_cache=cache).logits for cache in (False, True))
+    assert (apart - mixed).abs().max() > 1e-3
+    model.config.use_cache = True
+    with pytest.raises(ValueError, match="use_cache"):
+        plan_batching(model, lengths, tokenizer.pad_token_id, batch_size=8, micro_batch_size=2, cutoff_len=96)
+
+
 @pytest.mark.parametrize("model_type", sorted(LABEL_POSITION_MODEL_TYPES))
 def test_packed_forward_equals_separate(model_type):
     """Every architecture in PACKING_MODEL_TYPES keeps packed sequences apart, and every one in

@@ -25,14 +25,3 @@ def test_cpu_benchmark_on_a_few_rows(tiny_llama, tmp_path):
     assert abs(train["train_loss"]["ours"] - train["train_loss"]["baseline"]) <= 2e-4
     assert infer["answers_identical"] == "6/6" and infer["batch_size"] == {"baseline": 1, "ours": 32}
 
-
-def test_gpu_benchmark_tiny_mode_on_cpu():
-    result = run_script("benchmarks/gpu.py", "--tiny", "--rows", "96", "--steps", "2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    cutoff, packed = json_lines(result.stdout)
-    assert cutoff["name"] == "tiny/cutoff256" and packed["name"] == "tiny/packed2048"
-    for line in (cutoff, packed):
-        assert line["tokens_per_s"] > 0 and 0 < line["utilization"] and line["projection"]["hours"] > 0
-        assert line["lora"] == "r=8 all-linear" and line["gradient_checkpointing"] is True
-        assert line["attention"] == "sdpa"
-    assert packed["pad_fraction"] < cutoff["pad_fraction"]

@@ -105,3 +105,27 @@ def test_a_bf16_merge_that_drops_the_adapter_is_refused(tiny_llama, tmp_path, mo
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "nothing saved" in result.stderr  # a large adapter: its logits differ; a small one: its weights
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [1.0, 0.75, 1.5])
+def test_the_merge_check_refuses_a_mis_scaled_merge(dtype, scale):
+    """peft's own merge of a LoRA layer in bf16/fp16 is round(W + ΔW) within one unit in the last place everywhere;
+    the same merge with ΔW scaled by 0.75 or 1.5 is refused (the old check, "closer to W + ΔW than to W", accepted
+    any scale above 0.5). The mis-scaling is made by peft itself, its LoRA scale changed just before merging."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(256, 256, bias=False)).to(dtype)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["0"], init_lora_weights=False))
+    model = model.to(dtype)
+    [(name, base_weight, delta)] = export_hf_checkpoint.expected_merges(model)
+    assert (delta.abs() > 0.05 * base_weight.abs()).float().mean() > 0.2  # an adapter of a trained one's size
+    for layer in (module for module in model.modules() if hasattr(module, "scaling")):
+        layer.scaling = {adapter: value * scale for adapter, value in layer.scaling.items()}
+    merged = model.merge_and_unload()
+    off, telling = export_hf_checkpoint.merge_mismatch(merged.get_submodule(name).weight, base_weight, delta)
+    assert telling > 0.5 * delta.numel()
+    assert (off == 0) == (scale == 1.0), (off, scale)
+    problem, compared = export_hf_checkpoint.weights_problem(merged, [(name, base_weight, delta)])
+    assert compared == 1 and (problem is None) == (scale == 1.0)

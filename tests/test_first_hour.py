@@ -46,7 +46,6 @@ MISTYPED = [
     ("utils/training/plotting.py", plotting.main, ["--outptu", "x.png"], "--output"),
     # the benchmarks (argparse): run as scripts, checked before torch is imported; no abbreviations (`--step`)
     ("benchmarks/cpu.py", "benchmarks/cpu.py", ["--repeats", "3"], "--repeat"),
-    ("benchmarks/gpu.py", "benchmarks/gpu.py", ["--tiny", "--step", "2"], "--steps"),
     ("benchmarks/layouts.py", "benchmarks/layouts.py", ["--thread", "2"], "--threads"),
     ("benchmarks/gpu_check.py", "benchmarks/gpu_check.py", ["--dryrun"], "--dry_run"),
 ]

@@ -525,7 +525,11 @@ def plan_batching(
     pack_len = pack_len or cutoff_len
     label_only = label_positions_supported(model)
     if packing_supported(model):
-        collator = PackingCollator(pad_token_id, pack_len, label_only, varlen=varlen_supported(model))
+        varlen = varlen_supported(model)
+        if not varlen and getattr(_unwrap(model).config, "use_cache", False):  # the batches say so too
+            raise ValueError("packed batches need the model's config.use_cache False: with a cache, transformers "
+                             "does not look for packed sequences in position_ids and they would see each other")
+        collator = PackingCollator(pad_token_id, pack_len, label_only, varlen=varlen)
         return BatchingPlan("pack", collator, accumulation, batch_size, pack_len, label_only, seed)
     base = _unwrap(model)
     reason = (f"{base.config.model_type} takes positions from the attention mask (ALiBi), so packed rows would see "

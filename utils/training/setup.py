@@ -170,9 +170,9 @@ def build_peft_model(model: Any, targets: list[str] | str, args: Any) -> Any:
     """`model` wrapped with LoRA adapters on `targets` (gradient checkpointing / k-bit preparation first)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if args.load_8bit or args.load_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
-    elif args.gradient_checkpointing:
+    if args.load_8bit or args.load_4bit:  # norms in fp32, the base frozen; its checkpointing would be reentrant
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if args.gradient_checkpointing:  # non-reentrant (the reentrant kind is deprecated in torch), quantized base too
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=targets,
