@@ -47,6 +47,7 @@ import time
 import traceback
 import unittest.mock
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -54,7 +55,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_flags import StrictParser  # noqa: E402
+from utils.core.cli import flag, run_cli  # noqa: E402
+from utils.core.errors import UserError, raise_problems  # noqa: E402
 
 # Per-check limits (s) on an H100: 2.5 times docs/multi_gpu.md's estimate (its arithmetic), at least 60 s. A first GPU
 # run's measured seconds replace them (the report has them).
@@ -85,20 +87,18 @@ BF16_UNIT = 2.0**-8  # bf16's unit roundoff
 PASSED, FAILED, NEEDS_GPU, NOT_COVERED_STATUS = "passed", "failed", "needs a GPU", "not covered"
 
 
-def build_parser() -> StrictParser:
-    parser = StrictParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry_run", action="store_true", help="the plan on CPU at tiny shapes, fp32")
-    parser.add_argument("--only", default="", help=f"comma-separated checks to run: {','.join(CHECKS)}")
-    parser.add_argument("--output", default="", help="folder for the report and the scripts' log (default $OUT when "
-                                                     "set, else benchmarks/results)")
-    parser.add_argument("--workdir", default="", help="where models and runs go (default: a temporary folder)")
-    parser.add_argument("--tokenizer_from", default="", help="a tiny base folder whose tokenizer to use "
-                                                             "(default: build one with utils.tiny_base)")
-    return parser
+@dataclass(frozen=True)
+class CheckArgs:
+    """The flags of benchmarks/gpu_check.py."""
 
+    dry_run: bool = flag(False, "the plan on CPU at tiny shapes, fp32")
+    only: str = flag("", f"comma-separated checks to run: {','.join(CHECKS)}")
+    output: str = flag("", "folder for the report and the scripts' log (default: $OUT when set, else "
+                           "benchmarks/results)")
+    workdir: str = flag("", "where models and runs go (default: a temporary folder)")
+    tokenizer_from: str = flag("", "a tiny base folder whose tokenizer to use (default: build one with "
+                                   "utils.tiny_base)")
 
-if __name__ == "__main__":
-    build_parser().parse_args()  # a mistyped flag is answered before the torch import below
 
 import torch  # noqa: E402
 
@@ -522,14 +522,15 @@ def check_export(space: Workspace) -> dict[str, Any]:
     """The merge check of export_hf_checkpoint.py on this device: the right merge passes, mis-scaled ones do not."""
     import export_hf_checkpoint
     from utils.core.errors import UserError
-    from utils.model.loading import load_adapter, load_checked
+    from utils.model.loading import load_adapter, load_base_model, load_tokenizer
 
     adapter = packed(space, "sdpa", True).output_dir
     base = space.base("llama-1b")
     outcomes: dict[str, Any] = {}
     for scale in (1.0, 0.75, 1.5):
-        model, tokenizer = load_checked(str(base), precision=space.precision, device=space.device,
-                                        device_map={"": space.device})
+        tokenizer = load_tokenizer(str(base))
+        model = load_base_model(str(base), precision=space.precision, device=space.device,
+                                device_map={"": space.device}, tokenizer=tokenizer)
         model = load_adapter(model, str(adapter)).eval()
         space.work["model_loads"] += 1
         merge = model.merge_and_unload
@@ -738,20 +739,16 @@ def default_output() -> Path:
     return Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "benchmarks" / "results"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(args: CheckArgs) -> None:
+    """Prove every GPU row on one GPU (or, with --dry_run, run the plan on CPU at tiny shapes); exit 1 on a failure."""
     only = [name.strip() for name in args.only.split(",") if name.strip()]
-    unknown = [name for name in only if name not in CHECKS]
-    if unknown:
-        print(f"error: --only {','.join(unknown)}: not a check; the checks: {','.join(CHECKS)}", file=sys.stderr)
-        return 2
+    raise_problems([f"--only {name}: not a check; the checks: {','.join(CHECKS)}" for name in only
+                    if name not in CHECKS])
     chosen = None if args.dry_run else one_gpu(os.environ)  # before anything asks CUDA how many GPUs there are
     if chosen is not None:
         print(f"gpu_check runs on one GPU: CUDA_VISIBLE_DEVICES={chosen}", file=sys.stderr)
     if not args.dry_run and not has_cuda():
-        print("error: no CUDA GPU here; `python benchmarks/gpu_check.py --dry_run` runs the plan on CPU",
-              file=sys.stderr)
-        return 2
+        raise UserError("no CUDA GPU here; `python benchmarks/gpu_check.py --dry_run` runs the plan on CPU")
     output = Path(args.output) if args.output else default_output()
     output.mkdir(parents=True, exist_ok=True)
     name = "gpu-check-dry-run" if args.dry_run else "gpu-check"
@@ -761,10 +758,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with open(output / f"{name}-scripts.log", "w", encoding="utf-8", buffering=1) as log, \
                 tempfile.TemporaryDirectory(dir=args.workdir or None) as workdir:
-            return run_plan(args, only or list(CHECKS), Workspace(Path(workdir), args.dry_run, args.tokenizer_from,
-                                                                  log), output / f"{name}.json")
+            failed = run_plan(args, only or list(CHECKS), Workspace(Path(workdir), args.dry_run, args.tokenizer_from,
+                                                                    log), output / f"{name}.json")
     finally:
         torch.set_num_threads(threads)
+    if failed:
+        sys.exit(1)
 
 
 def run_plan(args: Any, only: list[str], space: Workspace, path: Path) -> int:
@@ -788,4 +787,4 @@ def run_plan(args: Any, only: list[str], space: Workspace, path: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

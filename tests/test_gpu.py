@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import REPO, run_script
-from in_process import one_thread  # noqa: F401  an autouse fixture
+from in_process import one_thread, run_main  # noqa: F401  one_thread: an autouse fixture
 
 from utils.core.errors import UserError
 from utils.runtime import parse_device_map, resolve_precision
@@ -124,8 +124,8 @@ def test_gpu_check_dry_run_reaches_every_check_on_cpu(tiny_llama, tmp_path):
     checks that CPU can prove pass; those that need CUDA (flex_attention's backward, bitsandbytes, bf16, a GPU/CPU
     split, 7B memory) run their CPU part and say "needs a GPU", never passed; the multi-GPU rows are not covered."""
     gpu_check = gpu_check_module()
-    code = gpu_check.main(["--dry_run", "--tokenizer_from", str(tiny_llama), "--output", str(tmp_path),
-                           "--workdir", str(tmp_path)])
+    code = run_main(gpu_check.main, "--dry_run", "--tokenizer_from", tiny_llama, "--output", tmp_path,
+                    "--workdir", tmp_path).returncode
     summary = json.loads((tmp_path / "gpu-check-dry-run.json").read_text(encoding="utf-8"))
     checks = {check["name"]: check for check in summary["checks"]}
     statuses = {status: {n for n, c in checks.items() if c["status"] == status} for status in
@@ -148,10 +148,10 @@ def test_gpu_check_dry_run_reaches_every_check_on_cpu(tiny_llama, tmp_path):
 
 def test_gpu_check_reruns_only_the_checks_named(tiny_llama, tmp_path, capsys):
     gpu_check = gpu_check_module()
-    assert gpu_check.main(["--dry_run", "--only", "resume,exprt", "--output", str(tmp_path)]) == 2
-    assert "--only exprt: not a check" in capsys.readouterr().err
-    code = gpu_check.main(["--dry_run", "--only", "export", "--tokenizer_from", str(tiny_llama), "--output",
-                           str(tmp_path), "--workdir", str(tmp_path)])
+    refused = run_main(gpu_check.main, "--dry_run", "--only", "resume,exprt", "--output", tmp_path)
+    assert refused.returncode == 2 and "--only exprt" in refused.stderr
+    code = run_main(gpu_check.main, "--dry_run", "--only", "export", "--tokenizer_from", tiny_llama, "--output",
+                    tmp_path, "--workdir", tmp_path).returncode
     checks = json.loads((tmp_path / "gpu-check-dry-run.json").read_text(encoding="utf-8"))["checks"]
     ran = [c["name"] for c in checks if c["status"] != "not covered"]
     assert code == 0 and ran == ["environment", "export"]
@@ -216,7 +216,8 @@ def test_gpu_check_without_a_gpu_says_how_to_dry_run(capsys, monkeypatch):
         pytest.skip("this machine has a GPU")
     gpu_check = gpu_check_module()
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # main() narrows it to one GPU; restored after
-    assert gpu_check.main([]) == 2 and "--dry_run" in capsys.readouterr().err
+    result = run_main(gpu_check.main)
+    assert result.returncode == 2 and "--dry_run" in result.stderr
 
 
 @pytest.mark.parametrize("visible, chosen, after", [
