@@ -15,6 +15,9 @@ whitespace is dropped. Scores are averaged over rows and reported on a 0–100 s
 `rouge-1`, `rouge-2`, `rouge-l` (F1), with `rows`. BLEU-4 uses add-one smoothing on 2- to 4-grams and the
 usual brevity penalty; utils/evaluation/metrics.py documents the formulas.
 
+`--benchmark PATH --base_model B [--lora_weights A,A2] [--n_shot K]` scores multiple-choice benchmarks (CMMLU,
+C-Eval, CMB, CMExam, MedQA-MCMLE) as their authors do: docs/ui_and_eval.md, utils/evaluation/benchmarks.py.
+
 `--judge openai` also asks an OpenAI-compatible chat-completions endpoint to grade each answer 0–3 on
 完整性 (completeness), 深刻性 (depth) and 专业性 (professionalism), the CMCOQA rubric, and averages each (0–3).
 The API key is read from the environment variable that `--api_key_env` names. Failed requests (429, 5xx,
@@ -162,9 +165,10 @@ def run_benchmark(benchmark: str, base_model: str, lora_weights: str = "", subje
     from utils.evaluation import benchmarks
     from utils.model.loading import load_adapter, load_for_inference
 
-    for flag, path in (("--output", output), ("--predictions_out", predictions_out)):
-        if path:
-            check_output_file(path, flag, inputs=[benchmark, output if flag != "--output" else ""])
+    for flag, path, inputs in (("--output", output, [benchmark]), ("--predictions_out", predictions_out,
+                                                                   [benchmark, output])):
+        if path:  # before the models load: a folder, an unwritable place or an input is refused now
+            check_output_file(path, flag, inputs=inputs)
     adapters = [name for name in lora_weights.split(",") if name.strip()] if lora_weights else []
     if not base_model or len(set(adapters)) < len(adapters):
         raise UserError("--benchmark needs --base_model" if not base_model else "--lora_weights names an adapter twice")

@@ -103,9 +103,9 @@ def read_questions(path: Path, name: str, subject: str | None = None) -> list[Qu
         answer = str(row[fields["answer"]]).strip().upper()
         if not set(answer) <= set(options):
             raise UserError(f"{path} {where}: the answer {answer!r} is not among the choices {''.join(options)}")
-        index = row.get(fields.get("index", ""))
+        index = row.get(fields.get("index", ""), position)
         questions.append(Question(subject or str(row.get(fields.get("subject", "")) or name),
-                                  position if index is None else index, options, answer,
+                                  int(index) if str(index).isdigit() else index, options, answer,
                                   {**row, "question": str(row[fields["question"]])}))
     return questions
 
