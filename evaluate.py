@@ -169,7 +169,7 @@ def run_benchmark(benchmark: str, base_model: str, lora_weights: str = "", subje
                                                                    [benchmark, output])):
         if path:  # before the models load: a folder, an unwritable place or an input is refused now
             check_output_file(path, flag, inputs=inputs)
-    adapters = [name for name in lora_weights.split(",") if name.strip()] if lora_weights else []
+    adapters = [name.strip() for name in lora_weights.split(",") if name.strip()] if lora_weights else []
     if not base_model or len(set(adapters)) < len(adapters):
         raise UserError("--benchmark needs --base_model" if not base_model else "--lora_weights names an adapter twice")
     wanted = [name.strip() for name in subjects.split(",") if name.strip()] if subjects else []

@@ -147,41 +147,10 @@ def reference_cmmlu(model_path: Path, data_dir: Path, n_shot: int, lora: Path | 
     return answers
 
 
-def test_cmmlu_predictions_agree_with_the_authors_scoring(tiny_llama, tmp_path):
-    data = cmmlu_folder(tmp_path / "cmmlu")
-    report, predictions = tmp_path / "report.json", tmp_path / "preds.jsonl"
-    result = run_benchmark(data, "--base_model", tiny_llama, "--n_shot", 2, "--batch_size", 4,
-                           "--output", report, "--predictions_out", predictions)
-    assert result.returncode == 0, result.stderr
-    rows = read_jsonl(predictions)
-    questions = sum(len(items) for items in CMMLU_SUBJECTS.values())
-    assert len(rows) == questions and {tuple(row) for row in rows} == {
-        ("model", "subject", "index", "prediction", "answer")}
-    reference = reference_cmmlu(tiny_llama, data, n_shot=2)
-    assert {(row["subject"], int(row["index"])) for row in rows} == set(reference)  # the benchmark's own index
-    agree = sum(row["prediction"] == reference[(row["subject"], int(row["index"]))][0] for row in rows)
-    assert agree / len(rows) >= 0.95, f"{agree}/{len(rows)} agree"
-    # the prompts themselves are the authors', character for character
-    bench = benchmarks.read_benchmark(data, n_shot=2)
-    prompts = benchmarks.build_prompts(bench, n_shot=2)
-    assert prompts == [reference[(q.subject, int(q.index))][1] for q in bench.questions]
-    # scores: each subject's share of right answers; medical is the mean of anatomy and clinical knowledge
-    models = json.loads(report.read_text(encoding="utf-8"))["models"]
-    for subject in CMMLU_SUBJECTS:
-        mine = [row for row in rows if row["subject"] == subject]
-        share = 100 * sum(row["prediction"] == row["answer"] for row in mine) / len(mine)
-        assert models["base"]["subjects"][subject]["accuracy"] == pytest.approx(share, abs=0.01)
-    medical = models["base"]["medical"]
-    assert medical["subjects"] == 2 and medical["questions"] == len(MEDICAL)
-    assert models["base"]["general"]["questions"] == len(GENERAL)
-    assert "| **medical** (2 of 3 subjects) | 8 |" in result.stdout
-    assert "| elementary_commonsense 小学常识 | 6 |" in result.stdout
-    assert "\r" not in result.stderr and "ETA" in result.stderr  # progress as plain lines when not a terminal
-
-
 @pytest.fixture(scope="module")
 def adapters(tiny_llama, tmp_path_factory) -> list[Path]:
-    """Two LoRA adapters with random (non-zero) weights, so each moves the logits its own way."""
+    """Two LoRA adapters with random (non-zero) weights on every linear layer: the untrained tiny base answers B to
+    everything, these spread their answers over the letters, so agreeing with the reference means something."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -189,11 +158,47 @@ def adapters(tiny_llama, tmp_path_factory) -> list[Path]:
     for seed in (1, 2):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-        config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        config = LoraConfig(r=8, lora_alpha=64, target_modules="all-linear", init_lora_weights=False)
         folder = tmp_path_factory.mktemp(f"adapter{seed}")
         get_peft_model(model, config).save_pretrained(folder)
         folders.append(folder)
     return folders
+
+
+def test_cmmlu_predictions_agree_with_the_authors_scoring(tiny_llama, adapters, tmp_path):
+    data = cmmlu_folder(tmp_path / "cmmlu")
+    report, predictions = tmp_path / "report.json", tmp_path / "preds.jsonl"
+    result = run_benchmark(data, "--base_model", tiny_llama, "--lora_weights", adapters[0], "--n_shot", 2,
+                           "--batch_size", 4, "--output", report, "--predictions_out", predictions)
+    assert result.returncode == 0, result.stderr
+    questions = sum(len(items) for items in CMMLU_SUBJECTS.values())
+    for label, lora in (("base", None), (str(adapters[0]), adapters[0])):
+        rows = [row for row in read_jsonl(predictions) if row["model"] == label]
+        assert len(rows) == questions and {tuple(row) for row in rows} == {
+            ("model", "subject", "index", "prediction", "answer")}
+        reference = reference_cmmlu(tiny_llama, data, n_shot=2, lora=lora)
+        assert {(row["subject"], row["index"]) for row in rows} == set(reference)  # the benchmark's own index
+        agree = sum(row["prediction"] == reference[(row["subject"], row["index"])][0] for row in rows)
+        assert agree / len(rows) >= 0.95, f"{label}: {agree}/{len(rows)} agree"
+    assert len({row["prediction"] for row in rows}) >= 3  # the adapter's answers vary: the agreement is not vacuous
+    rows = [row for row in read_jsonl(predictions) if row["model"] == "base"]
+    # the prompts themselves are the authors', character for character
+    bench = benchmarks.read_benchmark(data, n_shot=2)
+    prompts = benchmarks.build_prompts(bench, n_shot=2)
+    assert prompts == [reference[(q.subject, q.index)][1] for q in bench.questions]
+    # scores: each subject's share of right answers; medical is the mean of anatomy and clinical knowledge
+    models = json.loads(report.read_text(encoding="utf-8"))["models"]
+    for subject in CMMLU_SUBJECTS:
+        mine = [row for row in rows if row["subject"] == subject]
+        share = 100 * sum(row["prediction"] == row["answer"] for row in mine) / len(mine)
+        assert models["base"]["subjects"][subject]["accuracy"] == pytest.approx(share, abs=0.01)
+        assert models["base"]["subjects"][subject]["questions"] == len(mine)
+    medical = models["base"]["medical"]
+    assert medical["subjects"] == 2 and medical["questions"] == len(MEDICAL)
+    assert models["base"]["general"]["questions"] == len(GENERAL)
+    assert "| **medical** (2 of 3 subjects) | 8 |" in result.stdout
+    assert "| elementary_commonsense 小学常识 | 6 |" in result.stdout
+    assert "\r" not in result.stderr and "ETA" in result.stderr  # progress as plain lines when not a terminal
 
 
 def test_base_and_adapters_side_by_side_in_one_run(tiny_llama, adapters, tmp_path):
@@ -212,7 +217,7 @@ def test_base_and_adapters_side_by_side_in_one_run(tiny_llama, adapters, tmp_pat
     for label, lora in zip(labels, [None, *adapters], strict=True):
         reference = reference_cmmlu(tiny_llama, data, n_shot=0, lora=lora)
         assert [row["prediction"] for row in by_model[label]] == [
-            reference[(row["subject"], int(row["index"]))][0] for row in by_model[label]]
+            reference[(row["subject"], row["index"])][0] for row in by_model[label]]
     predicted = {label: [row["prediction"] for row in group] for label, group in by_model.items()}
     assert predicted["base"] != predicted[labels[1]] != predicted[labels[2]]  # the adapters do change answers
 
