@@ -15,6 +15,9 @@ whitespace is dropped. Scores are averaged over rows and reported on a 0–100 s
 `rouge-1`, `rouge-2`, `rouge-l` (F1), with `rows`. BLEU-4 uses add-one smoothing on 2- to 4-grams and the
 usual brevity penalty; utils/evaluation/metrics.py documents the formulas.
 
+`--benchmark PATH --base_model B [--lora_weights A,A2] [--n_shot K]` scores multiple-choice benchmarks (CMMLU,
+C-Eval, CMB, CMExam, MedQA-MCMLE) as their authors do: docs/ui_and_eval.md, utils/evaluation/benchmarks.py.
+
 `--judge openai` also asks an OpenAI-compatible chat-completions endpoint to grade each answer 0–3 on
 完整性 (completeness), 深刻性 (depth) and 专业性 (professionalism), the CMCOQA rubric, and averages each (0–3).
 The API key is read from the environment variable that `--api_key_env` names. Failed requests (429, 5xx,
@@ -35,9 +38,11 @@ from typing import Any
 from utils import llm
 from utils.core.cli import flag, run_cli
 from utils.core.errors import UserError, raise_problems
-from utils.core.io import atomic_write, output_file_problems, read_records
+from utils.core.io import atomic_write, jsonl_text, output_file_problems, read_records
 from utils.evaluation.judge import criteria, default_judge_cache, judge_config, judge_scores
 from utils.evaluation.metrics import METRIC_NAMES, corpus_scores
+
+BENCHMARK_FORMATS = ("cmmlu", "ceval", "cmb", "cmexam", "medqa")
 
 # --- reading predictions -----------------------------------------------------------------------------------
 
@@ -167,10 +172,27 @@ class EvaluateArgs:
     timeout: float = flag(120.0, "judge: seconds to wait for one reply", above=0)
     golden_field: str = flag("output", "the field holding the golden answer")
     answer_field: str = flag("model_output", "the field holding the model's answer")
+    benchmark: str = flag("", "score models on a benchmark: CMMLU or C-Eval folder, CMB .json, CMExam .csv, MedQA "
+                              ".jsonl")
+    base_model: str = flag("", "--benchmark: the base model (folder or hub id)")
+    lora_weights: str = flag("", "--benchmark: adapters to score beside the base, comma-separated")
+    subjects: str = flag("", "--benchmark: only these subjects, comma-separated (default: all)")
+    n_shot: int = flag(0, "--benchmark: solved examples from the dev split before each question", low=0)
+    benchmark_format: str = flag("", "--benchmark: cmmlu, ceval, cmb, cmexam or medqa (default: told by the layout)",
+                                 choices=("", *BENCHMARK_FORMATS))
+    scoring: str = flag("", "--benchmark: logits (the letters' next-token logits) or generate (default: the authors')",
+                        choices=("", "logits", "generate"))
+    batch_size: int = flag(8, "--benchmark: questions per forward pass", low=1)
+    max_questions: int = flag(0, "--benchmark: only the first N questions of each subject (0: all)", low=0)
+    max_new_tokens: int = flag(32, "--benchmark --scoring generate: the longest answer", low=1)
+    precision: str = flag("auto", "--benchmark: auto, fp32, bf16 or fp16", choices=("auto", "bf16", "fp16", "fp32"))
+    predictions_out: str = flag("", "--benchmark: write one prediction per question and model here (JSON Lines)")
 
 
 def validate(args: EvaluateArgs) -> list[str]:
     """Every problem with the options, before any scoring or judging: outputs never an input of the run."""
+    if args.benchmark:
+        return benchmark_problems(args)
     comparing = bool(args.compare)
     inputs = [args.predictions, *(compare_paths(args.compare, args.more_files) if comparing else [])]
     problems = output_file_problems(args.output, "--output", inputs=[*inputs, args.judge_cache]) if args.output else []
@@ -190,9 +212,51 @@ def validate(args: EvaluateArgs) -> list[str]:
     return problems
 
 
+def benchmark_problems(args: EvaluateArgs) -> list[str]:
+    adapters = [name.strip() for name in args.lora_weights.split(",") if name.strip()]
+    problems = [] if args.base_model else ["--benchmark needs --base_model"]
+    if len(set(adapters)) < len(adapters):
+        problems.append("--lora_weights names an adapter twice")
+    if args.predictions or args.compare or args.more_files:
+        problems.append("--benchmark scores models; give it without --predictions or --compare")
+    for flag_name, path, inputs in (("--output", args.output, [args.benchmark]),
+                                    ("--predictions_out", args.predictions_out, [args.benchmark, args.output])):
+        if path:  # before the models load: a folder, an unwritable place or an input is refused now
+            problems += output_file_problems(path, flag_name, inputs=inputs)
+    return problems
+
+
+def run_benchmark(args: EvaluateArgs) -> None:
+    """Score the base model and each adapter on a multiple-choice benchmark: one table, one report, one prediction
+    per question and model. The base loads once; each adapter is put on it with peft and taken off after."""
+    from utils.evaluation import benchmarks
+    from utils.model.loading import load_adapter, load_for_inference
+
+    adapters = [name.strip() for name in args.lora_weights.split(",") if name.strip()]
+    wanted = [name.strip() for name in args.subjects.split(",") if name.strip()]
+    bench = benchmarks.read_benchmark(args.benchmark, args.benchmark_format, wanted, args.n_shot, args.max_questions)
+    model, tokenizer, _ = load_for_inference(args.base_model, precision=args.precision)
+    rows = []
+    for label in ["base", *adapters]:
+        scored = model if label == "base" else load_adapter(model, label)
+        rows += benchmarks.predict(bench, scored, tokenizer, label, args.n_shot, args.scoring, args.batch_size,
+                                   args.max_new_tokens)
+        model = model if label == "base" else scored.unload()
+    report = {"benchmark": str(args.benchmark), "format": bench.format, "base_model": args.base_model,
+              "n_shot": args.n_shot, "scoring": args.scoring or bench.config["scoring"],
+              "models": benchmarks.accuracy_report(bench, rows)}
+    if args.predictions_out:
+        atomic_write(args.predictions_out, jsonl_text(rows))
+    if args.output:
+        atomic_write(args.output, json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+    print(benchmarks.markdown_table(bench, report["models"]))
+
+
 def main(args: EvaluateArgs) -> None:
     """Print (and with --output write) the metrics JSON of --predictions, or the --compare table."""
     raise_problems(validate(args))
+    if args.benchmark:
+        return run_benchmark(args)
     config = judge_config(args.judge, args.model, args.api_base or None, args.api_key_env, args.timeout,
                           args.max_retries, args.retry_base_delay)
     if args.compare:
