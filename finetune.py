@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import pickle
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -38,6 +39,7 @@ from utils.runtime import is_main_process, log, precision_problems, resolve_devi
 from utils.training import checkpoints, results, setup
 from utils.training.args import FinetuneArgs
 from utils.training.batching import BatchingPlan, batching_problems, micro_batches_per_step, plan_batching
+from utils.training.callbacks import DivergenceGuard, GracefulStop, ProgressLines, ReadableCheckpoints
 from utils.training.engines import (
     check_one_process_per_gpu,
     cpu_engine_note,
@@ -57,6 +59,7 @@ class Run:
     processes: int
     prompter: Prompter
     checkpoint: Path | None
+    resume_from: Path | None  # the checkpoint, or with --resume_weights_only a view of it without its broken state
     reporters: list[str]
     notes: list[str] = field(default_factory=list)
 
@@ -99,12 +102,11 @@ def resolve(args: FinetuneArgs) -> Run:
     device = resolve_device()
     prompter = Prompter(args.prompt_template_name)
     checkpoint = checkpoints.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    notes = [cpu_engine_note(device)]
-    if checkpoint is not None:
-        notes.append(checkpoints.check_resumable(checkpoint, world_size(), args.resume_weights_only))
+    resume_from, note = (checkpoints.check_resumable(checkpoint, world_size(), args.resume_weights_only)
+                         if checkpoint is not None else (None, None))
     loggers = setup.reporters(args.wandb_project, args.wandb_watch, args.wandb_log_model, args.report_to)
-    return Run(device, resolve_precision(args.precision, device), world_size(), prompter, checkpoint, loggers,
-               [note for note in notes if note])
+    return Run(device, resolve_precision(args.precision, device), world_size(), prompter, checkpoint, resume_from,
+               loggers, [note for note in (cpu_engine_note(device), note) if note])
 
 
 def read_data(args: FinetuneArgs) -> tuple[Any, int]:
@@ -186,7 +188,6 @@ def build_trainer(args: FinetuneArgs, run: Run, model: Any, tokenizer: Any, trai
     """(the Trainer, the batch layout for this model: packed, varlen under FlashAttention, or length buckets)."""
     from transformers import DataCollatorForSeq2Seq, PrinterCallback
 
-    from utils.training.callbacks import DivergenceGuard, GracefulStop, ProgressLines, ReadableCheckpoints
     from utils.training.plotting import LossPlotCallback, run_title
     from utils.training.trainer import SafeTrainer
 
@@ -220,15 +221,13 @@ def callback(trainer: Any, kind: type) -> Any:
 
 def train(trainer: Any, run: Run, args: FinetuneArgs) -> Any:
     """`trainer.train`, resumed when asked; a signal saves and stops, a divergence stops without saving."""
-    from utils.training.callbacks import DivergenceGuard, GracefulStop
-
     stop, guard = callback(trainer, GracefulStop), callback(trainer, DivergenceGuard)
     if args.overwrite and run.checkpoint is None and is_main_process():
         setup.clear_earlier_run(args.output_dir)
     if run.checkpoint is not None and checkpoints.at_last_step(run.checkpoint):
         return finish_from_checkpoint(trainer, run.checkpoint)
     try:
-        result = trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
+        result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     except pickle.UnpicklingError as error:  # transformers loads checkpoint .pt/.pth files with weights_only=True
         raise UserError(f"refusing to resume from {run.checkpoint}: a file in it is a pickle that is not plain data, "
                         "and unpickling it could run arbitrary code; resume only from checkpoints you wrote "
@@ -240,18 +239,16 @@ def train(trainer: Any, run: Run, args: FinetuneArgs) -> Any:
         raise UserError(results.storage_message(args.output_dir, reason, trainer.state.global_step)) from error
     finally:
         stop.restore()  # the signal handlers, also when training raised
+        if run.resume_from not in (None, run.checkpoint):
+            shutil.rmtree(run.resume_from.parent, ignore_errors=True)
     if guard.diverged_step is not None:
         raise UserError(guard.message(args.output_dir, fp16=run.precision == "fp16"))
-    if stop.received is not None:
-        step, last = trainer.state.global_step, trainer.state.max_steps
-        if step < last:
-            log(f"stopped by {stop.signal_name} at step {step} of {last}: checkpoint saved to "
-                f"{Path(args.output_dir, f'checkpoint-{step}').resolve()}; continue with --resume_from_checkpoint True")
-        else:
-            log(f"stopped by {stop.signal_name} after the last step: its checkpoint is saved; --resume_from_checkpoint "
-                "True writes the adapter from it")
+    step, last = trainer.state.global_step, trainer.state.max_steps
+    if stop.received is not None and step < last:
+        log(f"stopped by {stop.signal_name} at step {step} of {last}: checkpoint saved to "
+            f"{Path(args.output_dir, f'checkpoint-{step}').resolve()}; continue with --resume_from_checkpoint True")
         sys.exit(128 + stop.received)
-    return result
+    return result  # a signal after the last step (in its evaluation): the adapter is written, then main exits
 
 
 def finish_from_checkpoint(trainer: Any, checkpoint: Path) -> Any:
@@ -327,6 +324,10 @@ def main(args: FinetuneArgs) -> str:
         result = train(trainer, run, args)
         summary = results.run_summary(trainer, result, report, batching, val_data, started)
         finish(args, trainer, tokenizer, targets, summary)
+    stop = callback(trainer, GracefulStop)
+    if stop.received is not None:  # it came after the last step: the run is whole, the exit code still says it
+        log(f"stopped by {stop.signal_name} after the last step; the adapter was written first")
+        sys.exit(128 + stop.received)
     return args.output_dir
 
 

@@ -268,11 +268,15 @@ def test_resume_true_skips_a_torn_newest_checkpoint(trained, tiny_llama, train_f
     assert all(torch.isfinite(t).all() for t in load_file(str(out / "adapter_model.safetensors")).values())
 
 
-def test_resume_weights_only_accepts_a_checkpoint_without_optimizer(trained, tiny_llama, train_file, tmp_path,
+@pytest.mark.parametrize("damage", [lambda path: path.unlink(), truncate], ids=["missing", "truncated"])
+def test_resume_weights_only_accepts_a_checkpoint_without_optimizer(damage, trained, tiny_llama, train_file, tmp_path,
                                                                     monkeypatch, capsys):
+    """The advice given for a missing or torn optimizer state works: the weights and step resume, the optimizer
+    starts afresh, the checkpoint itself is left as it was."""
     out = tmp_path / "out"
     checkpoint = Path(shutil.copytree(trained / "checkpoint-1", out / "checkpoint-1"))
-    (checkpoint / "optimizer.pt").unlink()
+    damage(checkpoint / "optimizer.pt")
+    before = snapshot(checkpoint)
     outcome = cli(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", out,
                   "--max_steps", "2", *TRAIN, "--resume_from_checkpoint", checkpoint, "--resume_weights_only",
                   "True", monkeypatch=monkeypatch, capsys=capsys)
@@ -280,6 +284,7 @@ def test_resume_weights_only_accepts_a_checkpoint_without_optimizer(trained, tin
     note = next(line for line in outcome.out.splitlines() if "--resume_weights_only" in line)
     assert "optimizer.pt" in note
     assert (out / "adapter_config.json").is_file()
+    assert_unchanged(before, checkpoint)
 
 
 def test_a_finished_run_is_not_restarted_over(trained, tiny_llama, train_file, tmp_path, monkeypatch, capsys):

@@ -101,7 +101,8 @@ def test_a_mistyped_flag_is_refused_before_any_work(script, main, argv, meant, t
         result = run_main(main, *valid, *argv)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"did you mean {meant}?" in result.stderr and result.stderr.startswith("error: ")
-    assert "Traceback" not in result.stderr and time.monotonic() - started < 5
+    assert "Traceback" not in result.stderr
+    assert "gpu_check" in script or time.monotonic() - started < 5  # gpu_check imports torch first: it runs on GPUs
     assert not (tmp_path / "out").exists()  # nothing written
 
 
@@ -437,3 +438,10 @@ def test_gradient_checkpointing_and_lora_print_no_future_warning(tiny_llama):
         peft_model = build_peft_model(model, ["q_proj", "v_proj"], args)
     assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
     assert peft_model.get_base_model().is_activation_checkpointing
+
+
+def test_a_mistyped_data_path_gets_a_did_you_mean(tiny_llama, tmp_path, no_model_loading):
+    (tmp_path / "llama_data.json").write_text('{"instruction": "q", "output": "a"}\n', encoding="utf-8")
+    result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", tmp_path / "llama_dat.json",
+                      "--output_dir", tmp_path / "out")
+    assert result.returncode == 2 and f"{tmp_path / 'llama_data.json'}?" in result.stderr, result.stderr

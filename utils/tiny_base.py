@@ -174,7 +174,7 @@ def pretrain(model, tokenizer, documents: list[str], steps: int, seed: int, max_
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
     losses = []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         rows = [tokenizer(text)["input_ids"][:max_len] for text in rng.sample(texts, k=min(16, len(texts)))]
         width = max(len(row) for row in rows)
         input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])
@@ -185,6 +185,8 @@ def pretrain(model, tokenizer, documents: list[str], steps: int, seed: int, max_
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+        if step % 20 == 0 or step == steps:  # on a busy 2-core machine this takes minutes: say how far it is
+            print(f"pre-training the tiny base: step {step}/{steps}, loss {losses[-1]:.2f}", flush=True)
     model.eval()
     return losses
 
@@ -216,6 +218,8 @@ def build(arch: str = "llama", output_dir: str = "models/tiny-llama", seed: int 
     torch.manual_seed(seed)
     files = [Path(name.strip()) for name in str(corpus_files).split(",") if name.strip()] or None
     lines, documents = corpus(files=files)
+    print(f"building the tiny {arch} base: a tokenizer from {len(lines)} lines of text, then {pretrain_steps} "
+          "pre-training steps", flush=True)
     with tempfile.TemporaryDirectory() as workdir:
         tokenizer = make_tokenizer(arch, lines, Path(workdir), vocab_size)
     model = AutoModelForCausalLM.from_config(make_config(arch, tokenizer))

@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -30,9 +32,21 @@ from utils.core.errors import UserError, redact
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK  # what open() would give a new file
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # --- reading ------------------------------------------------------------------------------------------------------
+
+
+def nearest(path: Path, folders: bool = False) -> str:
+    """` (did you mean data/llama_data.json?)`: the file (or, with `folders`, the folder) beside a missing `path`
+    whose name is closest, or ``."""
+    try:
+        names = [entry.name for entry in path.parent.iterdir() if entry.is_dir() or not folders]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+    return f" (did you mean {path.parent / close[0] if str(path.parent) != '.' else close[0]}?)" if close else ""
 
 
 def read_text(path: str | Path) -> str:
@@ -41,7 +55,8 @@ def read_text(path: str | Path) -> str:
     path = Path(path)
     try:
         if not path.is_file():
-            what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "no such file"
+            what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else (
+                f"no such file{nearest(path)}")
             raise UserError(f"{path}: {what}")
         raw = path.read_bytes()
     except OSError as error:
@@ -97,8 +112,7 @@ def read_records(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
 
 def check_string_fields(path: str | Path, located_rows: Iterable[tuple[str, dict[str, Any]]],
                         required: Iterable[str], optional: Iterable[str] = ()) -> None:
-    """Fail on the first row where a required field is missing (None counts as absent), a field is not a string, or
-    holds an unpaired surrogate (`\\ud800`: valid JSON, but no text can be encoded from it)."""
+    """Fail on the first row where a required field is missing (None counts as absent), or a field is not text."""
     required, optional = tuple(required), tuple(optional)
     for where, row in located_rows:
         for field in required:
@@ -108,12 +122,8 @@ def check_string_fields(path: str | Path, located_rows: Iterable[tuple[str, dict
             value = row.get(field)
             if value is not None and not isinstance(value, str):
                 raise UserError(f"{path} {where}: field `{field}` must be a string, got {type(value).__name__}")
-            if value is not None and not value.isascii():
-                try:
-                    value.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise UserError(f"{path} {where}: field `{field}` holds an unpaired UTF-16 surrogate (an escape "
-                                    "such as \\ud800 without its partner); fix or drop that character") from None
+            if value and _SURROGATE.search(value):  # valid JSON (`\\ud800`), but no text can be encoded from it
+                raise UserError(f"{path} {where}: field `{field}` holds an unpaired UTF-16 surrogate; fix or drop it")
 
 
 def read_jsonl_tolerant(path: str | Path) -> list[dict[str, Any]]:
@@ -214,11 +224,18 @@ def make_readable(folder: Path) -> None:
             os.chmod(path, FILE_MODE | (0o111 & ~_UMASK) if path.is_dir() else FILE_MODE)
 
 
+def _seal(folder: Path) -> list[Path]:
+    """The files of a staging folder, readable as the umask allows and flushed to disk; sorted."""
+    make_readable(folder)
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    for path in [*files, folder]:
+        _fsync(path)
+    return files
+
+
 def replace_folder(staging: Path, target: Path) -> None:
     """Put the complete folder `staging` at `target` by renaming; an existing `target` is swapped out first."""
-    make_readable(staging)
-    for path in [*sorted(p for p in staging.rglob("*") if p.is_file()), staging]:
-        _fsync(path)
+    _seal(staging)
     old = target.with_name(f".old-{target.name}")
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
@@ -239,10 +256,7 @@ def publish_files(output_dir: str | Path, write: Callable[[Path], None], last: S
     try:
         staging.mkdir(parents=True)
         write(staging)
-        make_readable(staging)
-        files = sorted(path for path in staging.rglob("*") if path.is_file())
-        for path in files:
-            _fsync(path)
+        files = _seal(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -328,10 +342,10 @@ class RunLock:
         self._lock = FileLock(self.path, timeout=0, on_acquired=self._write_holder)
 
     def _write_holder(self, descriptor: int) -> None:
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "command": redact(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))[:300]}
+        command = redact(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))[:300]
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: {command}"
         os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, json.dumps(holder, ensure_ascii=False).encode(), 0)
+        os.pwrite(descriptor, holder.encode(), 0)
 
     def __enter__(self) -> Self:
         from filelock import Timeout
@@ -342,9 +356,8 @@ class RunLock:
             self._lock.acquire()
         except Timeout:
             try:
-                holder = json.loads(self.path.read_text(encoding="utf-8"))
-                holder = f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: {holder['command']}"
-            except (OSError, ValueError, KeyError, TypeError):
+                holder = self.path.read_text(encoding="utf-8", errors="replace") or "holder unknown"
+            except OSError:
                 holder = "holder unknown"
             raise UserError(f"{self.what} is in use by another run ({holder}); wait for it to finish, or stop it (the "
                             f"lock is {self.path})") from None

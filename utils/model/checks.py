@@ -52,20 +52,12 @@ def quantization_config(load_8bit: bool, load_4bit: bool, compute_dtype: torch.d
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
-def embedding_rows(config: Any) -> int | None:
-    """The vocabulary (embedding rows) a model config (object or config.json dict) declares."""
-    if isinstance(config, dict):
-        config = config.get("text_config", config) if "vocab_size" not in config else config
-        rows = config.get("vocab_size") if isinstance(config, dict) else None
-    else:
-        rows = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
-    return rows if isinstance(rows, int) else None
-
-
 def config_embedding_rows(base_model: str) -> int | None:
-    """The embedding rows in a local base model's config.json (None for a hub id: known once it loads)."""
-    config = Path(base_model).expanduser() / "config.json"
-    return embedding_rows(read_json_object(config)) if config.is_file() else None
+    """The embedding rows a local base model's config.json declares (None for a hub id: known once it loads)."""
+    path = Path(base_model).expanduser() / "config.json"
+    config = read_json_object(path) if path.is_file() else {}
+    rows = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+    return rows if isinstance(rows, int) else None
 
 
 def check_tokenizer_fits(tokenizer: Any, rows: int | None, base_model: str) -> None:

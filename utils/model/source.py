@@ -9,13 +9,13 @@ paths, reported at once with the nearest folder (the hub would be asked for a mi
 
 from __future__ import annotations
 
-import difflib
 import os
 import pickle
 import re
 from pathlib import Path
 
 from utils.core.errors import UserError, first_line
+from utils.core.io import nearest
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -24,20 +24,10 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def nearest_folder(path: Path) -> str:
-    """` (did you mean models/tiny-llama?)`: the folder beside a missing `path` whose name is closest, or ``."""
-    try:
-        folders = [entry.name for entry in path.parent.iterdir() if entry.is_dir()]
-    except OSError:
-        return ""
-    close = difflib.get_close_matches(path.name, folders, n=1, cutoff=0.6)
-    return f" (did you mean {path.parent / close[0] if str(path.parent) != '.' else close[0]}?)" if close else ""
-
-
 def is_hub_id(name: str) -> bool:
     """`org/name` that is no local path and resembles none: what `from_pretrained` would fetch from the hub."""
     path = Path(name).expanduser()
-    return bool(HUB_ID.match(name)) and not path.exists() and not nearest_folder(path)
+    return bool(HUB_ID.match(name)) and not path.exists() and not nearest(path, folders=True)
 
 
 def source_problems(name: str, flag: str, marker: str) -> list[str]:
@@ -53,7 +43,7 @@ def source_problems(name: str, flag: str, marker: str) -> list[str]:
     if HUB_ID.match(name) and cached(name, marker):
         return []
     if not is_hub_id(name):
-        return [f"{flag} {name}: no such folder{nearest_folder(path)} (and not a hub id of the form org/name)"]
+        return [f"{flag} {name}: no such folder{nearest(path, folders=True)} (and not a hub id of the form org/name)"]
     if offline():
         return [(f"{flag} {name}: no such folder, and HF_HUB_OFFLINE is set while the hub model is not in the local "
                 "cache; download it once with network access, or pass a local folder")]

@@ -10,8 +10,9 @@ RNG states (without them a resumed run lands somewhere else), unless `--resume_w
 from __future__ import annotations
 
 import json
+import pickle
 import re
-import zipfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -73,31 +74,31 @@ def read_trainer_state(folder: Path) -> dict[str, Any] | None:
     return state if state is not None and _inconsistent(folder, state) is None else None
 
 
-def _intact(path: Path) -> bool:
-    """A state file written by `torch.save` (a zip archive) whose every member passes its CRC: a file cut short by
-    a crash or a full disk does not. Nothing is unpickled."""
+def _unreadable(path: Path) -> str | None:
+    """Why a state file written by `torch.save` cannot be resumed from, loaded the way the Trainer loads it
+    (weights-only, with the numpy types of an RNG state allowed: nothing in it runs), or None."""
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
     try:
-        with zipfile.ZipFile(path) as archive:
-            return archive.testzip() is None
-    except (zipfile.BadZipFile, OSError, EOFError):
-        return False
+        with safe_globals():
+            torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch refused to unpickle it: it holds more than plain data
+        return "is a pickle that is not plain data (unpickling it could run arbitrary code)"
+    except Exception:  # noqa: BLE001 - a zip or pickle cut short by a crash or a full disk, or not torch's at all
+        return "does not read back (truncated?)"
+    return None
 
 
-def missing_state(folder: Path, world_size: int) -> list[str]:
-    """The optimizer, scheduler and RNG state files a checkpoint lacks, or that do not read back."""
+def missing_state(folder: Path, world_size: int) -> dict[str, str]:
+    """{file: why} for the optimizer, scheduler and RNG state files a checkpoint lacks, or cannot be resumed from."""
     deepspeed = any(path.is_dir() and path.name.startswith("global_step") for path in folder.iterdir())
     fsdp_sharded = any(path.is_dir() and path.name.startswith("optimizer_") for path in folder.iterdir())
     optimizer = "optimizer.bin" if (folder / "optimizer.bin").is_file() else "optimizer.pt"  # .bin: FSDP's file
     wanted = [] if deepspeed else ["scheduler.pt"] if fsdp_sharded else [optimizer, "scheduler.pt"]
     wanted += ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{rank}.pth" for rank in range(world_size)]
-    problems = []
-    for name in wanted:
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"{name} is missing")
-        elif not _intact(path):
-            problems.append(f"{name} does not read back (truncated?)")
-    return problems
+    found = {name: "is missing" if not (folder / name).is_file() else _unreadable(folder / name) for name in wanted}
+    return {name: why for name, why in found.items() if why}
 
 
 def checkpoint_problems(folder: Path) -> list[str]:
@@ -169,19 +170,25 @@ def resolve_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: st
     return folder
 
 
-def check_resumable(folder: Path, world_size: int, weights_only: bool) -> str | None:
-    """Refuse a checkpoint without its optimizer/scheduler/RNG state (or say what `weights_only` gives up)."""
+def check_resumable(folder: Path, world_size: int, weights_only: bool) -> tuple[Path, str | None]:
+    """(what to resume from, a note): the checkpoint itself when its optimizer/scheduler/RNG state is whole; with
+    `weights_only`, a view of it without the files it lacks or cannot resume from (the Trainer starts those afresh
+    when they are absent, but fails on a torn one); else refused."""
     missing = missing_state(folder, world_size)
     if not missing:
-        return None
+        return folder, None
+    described = "; ".join(f"{name} {why}" for name, why in missing.items())
     if not weights_only:
-        raise UserError(
-            f"--resume_from_checkpoint {folder}: {'; '.join(missing)}, so the resumed run would not continue the "
-            "interrupted one exactly; resume from another checkpoint, or pass --resume_weights_only True to take "
-            "its weights and step and start the optimizer state afresh"
-        )
-    return (f"note: resuming {folder} with --resume_weights_only: {'; '.join(missing)}; the optimizer/scheduler/"
-            "RNG state starts afresh, so this run differs from an uninterrupted one")
+        raise UserError(f"--resume_from_checkpoint {folder}: {described}, so the resumed run would not continue the "
+                        "interrupted one exactly; resume from another checkpoint, or pass --resume_weights_only True "
+                        "to take its weights and step and start the optimizer state afresh")
+    view = Path(tempfile.mkdtemp(prefix="bentsao-resume-")) / folder.name
+    view.mkdir()
+    for path in folder.iterdir():
+        if path.name not in missing:
+            (view / path.name).symlink_to(path.resolve())
+    return view, (f"note: resuming {folder} with --resume_weights_only: {described}; the optimizer/scheduler/RNG "
+                  "state starts afresh, so this run differs from an uninterrupted one")
 
 
 def check_same_lora(folder: Path, lora_r: int, lora_alpha: int, targets: Any) -> None:

@@ -185,16 +185,12 @@ def build_peft_model(model: Any, targets: list[str] | str, args: Any) -> Any:
 def write_training_metadata(folder: str | Path, model: Any, tokenizer: Any, args: Any, targets: Any,
                             summary: dict[str, Any]) -> None:
     """`bentsao_training.json`: what the adapter was trained on and with (checked when it is loaded)."""
-    from utils.model.checks import embedding_rows
-
     base_config = model.get_base_model().config
-    text_config = base_config.get_text_config() if hasattr(base_config, "get_text_config") else base_config
     metadata = {
         "base_model": args.base_model,
-        "model_type": getattr(base_config, "model_type", None),
-        "hidden_size": getattr(text_config, "hidden_size", None),
-        "vocab_size": getattr(model.get_base_model().get_input_embeddings(), "num_embeddings", None)
-        or embedding_rows(base_config),
+        "model_type": base_config.model_type,
+        "hidden_size": getattr(base_config.get_text_config(), "hidden_size", None),
+        "vocab_size": model.get_base_model().get_input_embeddings().num_embeddings,
         "tokenizer_length": len(tokenizer),
         "prompt_template_name": args.prompt_template_name,
         "cutoff_len": args.cutoff_len,
