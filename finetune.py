@@ -35,7 +35,15 @@ from utils.model.checks import quantization_problems
 from utils.model.loading import load_base_model, load_tokenizer, resolve_lora_targets
 from utils.model.source import source_problems
 from utils.prompter import Prompter
-from utils.runtime import is_main_process, log, precision_problems, resolve_device, resolve_precision, world_size
+from utils.runtime import (
+    is_main_process,
+    log,
+    precision_problems,
+    resolve_device,
+    resolve_precision,
+    use_idle_cores,
+    world_size,
+)
 from utils.training import checkpoints, results, setup
 from utils.training.args import FinetuneArgs
 from utils.training.batching import BatchingPlan, batching_problems, micro_batches_per_step, plan_batching
@@ -105,8 +113,9 @@ def resolve(args: FinetuneArgs) -> Run:
     resume_from, note = (checkpoints.check_resumable(checkpoint, world_size(), args.resume_weights_only)
                          if checkpoint is not None else (None, None))
     loggers = setup.reporters(args.wandb_project, args.wandb_watch, args.wandb_log_model, args.report_to)
+    threads = use_idle_cores() if device == "cpu" else None
     return Run(device, resolve_precision(args.precision, device), world_size(), prompter, checkpoint, resume_from,
-               loggers, [note for note in (cpu_engine_note(device), note) if note])
+               loggers, [note for note in (threads, cpu_engine_note(device), note) if note])
 
 
 def read_data(args: FinetuneArgs) -> tuple[Any, int]:

@@ -445,3 +445,23 @@ def test_a_mistyped_data_path_gets_a_did_you_mean(tiny_llama, tmp_path, no_model
     result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", tmp_path / "llama_dat.json",
                       "--output_dir", tmp_path / "out")
     assert result.returncode == 2 and f"{tmp_path / 'llama_data.json'}?" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("load, env, expected", [(0.1, None, 2), (1.4, None, 1), (3.9, None, 1), (3.9, "2", 2)])
+def test_cpu_threads_follow_the_idle_cores_unless_omp_num_threads_says(load, env, expected, monkeypatch):
+    """On a CPU that other work keeps busy, torch's default threads fight it (docs/performance.md): the scripts
+    take as many threads as cores are idle; OMP_NUM_THREADS, when set, decides."""
+    from utils.runtime import use_idle_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    if env is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    threads = torch.get_num_threads()
+    try:
+        line = use_idle_cores()
+        assert torch.get_num_threads() == expected and f"{expected} torch thread" in line
+    finally:
+        torch.set_num_threads(threads)

@@ -31,6 +31,20 @@ def resolve_device() -> str:
     return "cpu"
 
 
+def use_idle_cores() -> str:
+    """Torch threads for CPU work: as many as the cores idle now (cores minus the 1-minute load average, at least
+    one), or OMP_NUM_THREADS when set. On a CPU that other processes keep busy, threads that wait for each other at
+    every parallel region made each step several times slower than one thread (docs/performance.md). Returns a line
+    that says what was chosen."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    chosen = os.environ.get("OMP_NUM_THREADS", "")
+    threads = int(chosen) if chosen.isdigit() and int(chosen) > 0 else max(1, min(cores, round(cores - load)))
+    torch.set_num_threads(threads)
+    why = "OMP_NUM_THREADS" if chosen else f"{cores} cores, load {load:.1f}; OMP_NUM_THREADS=N overrides"
+    return f"cpu: {threads} torch thread(s) ({why})"
+
+
 def native_bf16(device: str) -> bool:
     """bf16 without emulation: every CPU, and CUDA GPUs of compute capability 8.0 and newer."""
     if device == "cpu":

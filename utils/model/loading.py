@@ -21,7 +21,7 @@ from utils.model.checks import (
     quantization_problems,
 )
 from utils.model.source import load_error, source_problems
-from utils.runtime import resolve_device, resolve_precision, torch_dtype
+from utils.runtime import resolve_device, resolve_precision, torch_dtype, use_idle_cores
 
 # LoRA targets by architecture when --lora_target_modules is not given (the published recipes' choices).
 DEFAULT_LORA_TARGETS = {
@@ -133,6 +133,8 @@ def load_for_inference(base_model: str, lora_weights: str | None = None, precisi
     """(model, tokenizer, device) ready for `generate`: base + optional adapter, eval mode, left padding; what needs
     no weights is checked first."""
     device = resolve_device()
+    if device == "cpu":
+        use_idle_cores()
     raise_problems(source_problems(base_model, "--base_model", "config.json")
                    + (adapter_source_problems(lora_weights) if lora_weights else [])
                    + quantization_problems(load_8bit, load_4bit))
