@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -465,3 +466,20 @@ def test_cpu_threads_follow_the_idle_cores_unless_omp_num_threads_says(load, env
         assert torch.get_num_threads() == expected and f"{expected} torch thread" in line
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_progress_line_says_what_to_do_when_steps_slow_down(monkeypatch):
+    from utils.training.callbacks import ProgressLines
+
+    lines = io.StringIO()
+    progress = ProgressLines(enabled=True, stream=lines)
+    clock = iter([0.0, 10.0, 20.0, 100.0])  # training starts; steps 10 and 20 at 1 s/step; step 30 at 8 s/step
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    args, state = SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(global_step=0, max_steps=40,
+                                                                               is_world_process_zero=True)
+    progress.on_train_begin(args, state, None)
+    for step in (10, 20, 30):
+        state.global_step = step
+        progress.on_log(args, state, None, logs={"loss": 1.0})
+    first, second, third = lines.getvalue().splitlines()
+    assert "OMP_NUM_THREADS" not in first + second and "OMP_NUM_THREADS=1" in third

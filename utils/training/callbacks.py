@@ -200,6 +200,8 @@ class ProgressLines(TrainerCallback):
         self.stream = stream
         self._started: float | None = None
         self._first_step = 0
+        self._last = (0.0, 0)  # (time, step) of the last progress line
+        self._fastest = float("inf")  # seconds per step of the fastest interval between two lines
 
     def _print(self, text: str) -> None:
         print(text, file=self.stream or sys.stdout, flush=True)
@@ -207,6 +209,7 @@ class ProgressLines(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._started = time.monotonic()
         self._first_step = state.global_step  # a resumed run counts from where it starts
+        self._last = (self._started, state.global_step)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not (self.enabled and state.is_world_process_zero and self._started is not None and logs):
@@ -216,12 +219,16 @@ class ProgressLines(TrainerCallback):
             self._print(f"step {step}/{total}: validation loss {logs['eval_loss']:.4f}")
         if "loss" not in logs:
             return
-        done = step - self._first_step
-        per_step = (time.monotonic() - self._started) / max(done, 1)
+        now = time.monotonic()
+        per_step = (now - self._started) / max(step - self._first_step, 1)
         rate = f", lr {logs['learning_rate']:.2e}" if isinstance(logs.get("learning_rate"), float) else ""
         norm = f", grad_norm {logs['grad_norm']:.4g}" if isinstance(logs.get("grad_norm"), float) else ""
+        interval = (now - self._last[0]) / max(step - self._last[1], 1)
+        self._last, self._fastest = (now, step), min(self._fastest, interval)
+        slow = (" (3x slower than this run's best: is other work sharing the CPU? fewer threads help then, e.g. "
+                "OMP_NUM_THREADS=1)") if args.device.type == "cpu" and interval > 3 * self._fastest else ""
         self._print(f"step {step}/{total}, {per_step:.1f} s/step, ETA {format_duration(per_step * (total - step))}, "
-                    f"loss {logs['loss']:.4f}{rate}{norm}")
+                    f"loss {logs['loss']:.4f}{rate}{norm}{slow}")
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
