@@ -150,25 +150,32 @@ def knowledge_rows(entities: Any, output: Path, server: ServerArgs, config: llm.
 
 
 @dataclass(frozen=True)
-class KnowledgeArgs(ServerArgs):
+class BuildArgs(ServerArgs):
+    """The flags both commands take."""
+
+    output: str = flag("", "the file to write (knowledge: JSON Lines; literature: a JSON array, the published "
+                           "shape); the report goes beside it, OUTPUT.report.json")
+    seed: int = flag(42, "the template's seed: the same input and seed give the same file, byte for byte", low=0)
+    turns: int = flag(3, "user turns in a dialogue row at most (1: single-turn rows only)", low=1)
+    near_duplicate: float = flag(0.8, "question+answer bigram Jaccard at which a row is a near duplicate of a kept "
+                                      "one", low=0, high=1)
+    backend: str = flag("template", "template (offline, deterministic) or openai (an OpenAI-compatible server)",
+                        choices=BACKENDS)
+
+
+@dataclass(frozen=True)
+class KnowledgeArgs(BuildArgs):
     """The flags of `build_dataset.py knowledge`."""
 
     kb: str = flag("", "the graph: `cmekg` (the one pycmekg ships), FILE.pkl (a cMeKG-style pickle) or FILE.jsonl")
-    output: str = flag("", "the rows to write (JSON Lines), e.g. data/llama_data.json; report: OUTPUT.report.json")
-    seed: int = flag(42, "the template's seed: the same graph and seed give the same file, byte for byte", low=0)
     per_entity: int = flag(16, "template: rows about one entity at most; openai: question/answer pairs per request",
                            low=1)
-    turns: int = flag(3, "user turns in a dialogue row", low=1)
     exclude_questions: str = flag(DEFAULT_EXCLUDE, "evaluation questions kept out of training (equal or near-equal); "
                                                    "none")
     leak_threshold: float = flag(0.8, "character-bigram Jaccard at which a question counts as an evaluation question",
                                  low=0, high=1)
-    near_duplicate: float = flag(0.8, "question+answer bigram Jaccard at which a row is a near duplicate of a kept "
-                                      "one", low=0, high=1)
     val_fraction: float = flag(0.0, "also write this share of the rows to OUTPUT's .val file", low=0, below=1)
     hf_dataset: str = flag("", "also save a Hugging Face `datasets` folder here (save_to_disk; train and validation)")
-    backend: str = flag("template", "template (offline, deterministic) or openai (an OpenAI-compatible server)",
-                        choices=BACKENDS)
     prompt_kinds: str = flag(PROMPT_KINDS, "openai: the prompt kinds to ask per entity, comma-separated")
 
 
@@ -224,17 +231,10 @@ def literature_rows(documents: list[Any], output: Path, server: ServerArgs, conf
 
 
 @dataclass(frozen=True)
-class LiteratureArgs(ServerArgs):
+class LiteratureArgs(BuildArgs):
     """The flags of `build_dataset.py literature`."""
 
     docs: str = flag("", "the documents: JSON Lines of {\"title\", \"text\"}, e.g. data_literature/documents.jsonl")
-    output: str = flag("", "the dialogues to write (a JSON array, the published shape), e.g. data_literature/x.json")
-    turns: int = flag(3, "the most user turns in one row's dialogue (1 gives single-turn rows only)", low=1)
-    seed: int = flag(42, "the template's seed", low=0)
-    near_duplicate: float = flag(0.8, "question+answer bigram Jaccard at which a row is a near duplicate of a kept "
-                                      "one", low=0, high=1)
-    backend: str = flag("template", "template (answers composed of the document's sentences) or openai",
-                        choices=BACKENDS)
     pairs_per_document: int = flag(6, "openai: dialogue turns asked for per document", low=1)
     min_overlap: float = flag(0.5, "openai: share of an answer's character bigrams that must occur in the document",
                               low=0, high=1)

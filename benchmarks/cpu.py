@@ -107,33 +107,31 @@ def train_once(base: Path, data: Path, output_dir: Path, packing: bool, extra: l
 def answer_once(base: Path, adapter: Path, questions: Path, batch_size: int, max_new_tokens: int,
                 answers: Path, fixed_length: bool = True) -> float:
     """One process answering `questions`; returns the generation time (model loading excluded)."""
-    result = run([sys.executable, str(Path(__file__).resolve()), "answer", "--base_model", str(base),
-                  "--lora_weights", str(adapter), "--questions", str(questions), "--batch_size", str(batch_size),
-                  "--max_new_tokens", str(max_new_tokens), "--answers", str(answers),
-                  "--fixed_length", str(int(fixed_length))])
+    job = {"base_model": str(base), "lora_weights": str(adapter), "questions": str(questions),
+           "batch_size": batch_size, "max_new_tokens": max_new_tokens, "answers": str(answers),
+           "fixed_length": fixed_length}
+    result = run([sys.executable, str(Path(__file__).resolve()), "answer", "--job", json.dumps(job)])
     return float(json.loads(result.stdout.strip().splitlines()[-1])["generate_s"])
 
 
 @dataclass(frozen=True)
 class AnswerArgs:
-    """(internal) `benchmarks/cpu.py answer ...`: one inference process."""
+    """(internal) `benchmarks/cpu.py answer --job JSON`: one inference process."""
 
-    base_model: str = flag("", "the base model folder")
-    lora_weights: str = flag("", "the adapter folder")
-    questions: str = flag("", "the questions (JSON Lines)")
-    answers: str = flag("", "where the answers go (JSON)")
-    batch_size: int = flag(1, "questions answered together", low=1)
-    max_new_tokens: int = flag(64, "tokens generated per answer", low=1)
-    fixed_length: int = flag(1, "1: every answer exactly --max_new_tokens long (min_new_tokens); 0: stop at EOS")
+    job: str = flag("{}", "the job, as JSON: base_model, lora_weights, questions, answers, batch_size, max_new_tokens, "
+                          "fixed_length (answers exactly max_new_tokens long)")
 
 
 def answer_worker(args: AnswerArgs) -> None:
     """Load, answer greedily, time generation, write the answers."""
+    from types import SimpleNamespace
+
     from utils.generation.args import GenerationArgs
     from utils.generation.engine import generate_answers
     from utils.model.loading import load_for_inference
     from utils.prompter import Prompter
 
+    args = SimpleNamespace(**json.loads(args.job))
     model, tokenizer, _ = load_for_inference(args.base_model, args.lora_weights or None)
     config = GenerationArgs(max_new_tokens=args.max_new_tokens, num_beams=1).config(tokenizer)
     if args.fixed_length:  # the tiny model ends most answers at once; a real one writes 100-250 tokens

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from builder_support import read_jsonl
+from in_process import run_main
 
 import build_dataset as bd
 from utils.builder.literature import dialogue_turns, split_sentences
@@ -33,16 +34,10 @@ def build(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=300, check=False, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
 
 
-def cli(*argv: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["build_dataset.py", *argv])
-    capsys.readouterr()
-    try:
-        run_cli(COMMANDS)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+def cli(*argv: str, **_: object) -> tuple[int, str, str]:
+    """`python build_dataset.py argv...` in-process: (exit code, stdout, stderr)."""
+    result = run_main(COMMANDS, *argv)
+    return result.returncode, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")

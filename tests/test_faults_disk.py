@@ -78,30 +78,21 @@ def test_the_longest_name_a_file_system_takes_is_written(files, tmp_path, monkey
     assert json.loads(output.read_text(encoding="utf-8"))["rows"] == 1
 
 
+@pytest.mark.parametrize("script", ["infer", "evaluate"])
 @pytest.mark.parametrize("kind", OUTPUT_FILES)
-def test_infer_output_file_is_checked_before_the_model_loads(kind, files, tmp_path, monkeypatch, capsys):
+def test_an_output_file_is_checked_before_any_work(kind, script, files, tmp_path, monkeypatch, capsys):
+    """infer.py's --output_file before the model loads, evaluate.py's --output before scoring."""
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
-    output, expected = output_path(kind, files, tmp_path, "questions")
+    output, expected = output_path(kind, files, tmp_path, "questions" if script == "infer" else "predictions")
+    argv = {"infer": (infer.main, "--base_model", NO_MODEL, "--use_lora", "False", "--instruct_dir",
+                      files["questions"], "--output_file", output),
+            "evaluate": (evaluate.main, "--predictions", files["predictions"], "--output", output)}[script]
     before = snapshot(tmp_path)
     with read_only(files["locked"]):
-        outcome = cli(infer.main, "--base_model", NO_MODEL, "--use_lora", "False", "--instruct_dir",
-                      files["questions"], "--output_file", output, monkeypatch=monkeypatch, capsys=capsys)
+        outcome = cli(*argv, monkeypatch=monkeypatch, capsys=capsys)
     assert_unchanged(before, tmp_path)
-    line = assert_refused(outcome, "--output_file", expected)
-    assert NO_MODEL not in line  # before anything of the model
-
-
-@pytest.mark.parametrize("kind", OUTPUT_FILES)
-def test_evaluate_output_is_checked_before_scoring(kind, files, tmp_path, monkeypatch, capsys):
-    (tmp_path / "loop").symlink_to(tmp_path / "loop")
-    output, expected = output_path(kind, files, tmp_path, "predictions")
-    before = snapshot(tmp_path)
-    with read_only(files["locked"]):
-        outcome = cli(evaluate.main, "--predictions", files["predictions"], "--output", output,
-                      monkeypatch=monkeypatch, capsys=capsys)
-    assert_unchanged(before, tmp_path)
-    assert_refused(outcome, "--output", expected)
-    assert "rouge" not in outcome.out  # nothing scored, nothing printed as a result
+    line = assert_refused(outcome, argv[-2], expected)
+    assert NO_MODEL not in line and "rouge" not in outcome.out  # before anything of the model; nothing scored
 
 
 def test_infer_never_writes_its_answers_over_the_model_or_the_adapter(tiny_llama, tmp_path, files, monkeypatch,

@@ -100,12 +100,18 @@ BASES = [
 @pytest.mark.parametrize("name, damage, expected", BASES, ids=[case[0] for case in BASES])
 def test_broken_base_model(name, damage, expected, tiny_llama, tmp_path, monkeypatch, capsys):
     base = copy_of(tiny_llama, tmp_path, f"b_{name}")
-    damage(base)
+    assert_refused_without_answering(damage, base, base, None, tmp_path, expected, monkeypatch, capsys)
+
+
+def assert_refused_without_answering(damage, damaged: Path, base: Path, lora: Path | None, tmp_path: Path,
+                                     expected: list[str], monkeypatch, capsys) -> None:
+    """`damage` the copy, then infer.py refuses it in one line naming it, answers nothing and changes nothing."""
+    damage(damaged)
     before = snapshot(tmp_path)
-    outcome = answer(base, None, monkeypatch, capsys)
+    outcome = answer(base, lora, monkeypatch, capsys)
     assert_unchanged(before, tmp_path)
-    assert "###model output###" not in outcome.out, "[false success] an answer from a broken model"
-    assert_refused(outcome, str(base), *expected)
+    assert "###model output###" not in outcome.out, "[false success] an answer from a broken model or adapter"
+    assert_refused(outcome, str(damaged), *expected)
 
 
 def test_a_pickled_base_that_runs_code_is_refused_unread(tiny_llama, tmp_path, monkeypatch, capsys):
@@ -161,12 +167,7 @@ ADAPTERS = [
 @pytest.mark.parametrize("name, damage, expected", ADAPTERS, ids=[case[0] for case in ADAPTERS])
 def test_broken_adapter(name, damage, expected, tiny_llama, adapter, tmp_path, monkeypatch, capsys):
     lora = copy_of(adapter, tmp_path, "lora")
-    damage(lora)
-    before = snapshot(tmp_path)
-    outcome = answer(tiny_llama, lora, monkeypatch, capsys)
-    assert_unchanged(before, tmp_path)
-    assert "###model output###" not in outcome.out, "[false success] an answer from a broken adapter"
-    assert_refused(outcome, str(lora), *expected)
+    assert_refused_without_answering(damage, lora, tiny_llama, lora, tmp_path, expected, monkeypatch, capsys)
 
 
 def test_a_pickled_adapter_that_runs_code_is_refused_unread(tiny_llama, adapter, tmp_path, monkeypatch, capsys):

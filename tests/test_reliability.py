@@ -30,7 +30,6 @@ import finetune
 import infer
 import infer_literature
 from tests.fake_openai import FakeOpenAI, Reply
-from utils.core.cli import run_cli
 from utils.core.errors import UserError
 from utils.training.args import FinetuneArgs
 
@@ -38,17 +37,10 @@ from utils.training.args import FinetuneArgs
 # helpers
 
 
-def cli(component: Callable | dict, *argv: str, monkeypatch: pytest.MonkeyPatch, capsys) -> tuple[int, str, str]:
+def cli(component: Callable | dict, *argv: str, **_: object) -> tuple[int, str, str]:
     """`python script.py argv...` in-process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["script.py", *map(str, argv)])
-    capsys.readouterr()
-    try:
-        run_cli(component)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+    result = run_main(component, *argv)
+    return result.returncode, result.stdout, result.stderr
 
 
 def lora_tensors(folder: Path) -> dict[str, torch.Tensor]:

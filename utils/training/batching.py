@@ -225,6 +225,7 @@ def _label_outputs(labels: torch.Tensor, label_positions_only: bool) -> dict[str
     return {"labels": labels, "shift_labels": shift_labels[keep], "logits_to_keep": keep}
 
 
+@dataclass
 class PackingCollator:
     """Packs a micro-batch's rows into bins of at most `pack_len` tokens: input_ids, position_ids, labels.
 
@@ -237,14 +238,12 @@ class PackingCollator:
     flash path hands to the varlen kernel.
     """
 
-    def __init__(self, pad_token_id: int, pack_len: int, label_positions_only: bool = False,
-                 pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF, varlen: bool = False) -> None:
-        self.pad_token_id = pad_token_id
-        self.pack_len = pack_len
-        self.label_positions_only = label_positions_only
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.varlen = varlen
-        self.stats = BatchStats()
+    pad_token_id: int
+    pack_len: int
+    label_positions_only: bool = False
+    pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF
+    varlen: bool = False
+    stats: BatchStats = field(default_factory=BatchStats)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         lengths = [len(feature["input_ids"]) for feature in features]
@@ -291,18 +290,17 @@ class PackingCollator:
                 **_label_outputs(labels, self.label_positions_only)}
 
 
+@dataclass
 class PaddingCollator:
     """Right-pads a micro-batch to its longest row (a multiple of 8) with an attention mask, and counts padding.
 
     With `label_positions_only`, also the boolean `logits_to_keep` and the matching `shift_labels`.
     """
 
-    def __init__(self, pad_token_id: int, label_positions_only: bool = False,
-                 pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> None:
-        self.pad_token_id = pad_token_id
-        self.label_positions_only = label_positions_only
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.stats = BatchStats()
+    pad_token_id: int
+    label_positions_only: bool = False
+    pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF
+    stats: BatchStats = field(default_factory=BatchStats)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         lengths = [len(feature["input_ids"]) for feature in features]
