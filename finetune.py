@@ -198,7 +198,7 @@ def build_trainer(args: FinetuneArgs, run: Run, model: Any, tokenizer: Any, trai
     from transformers import DataCollatorForSeq2Seq, PrinterCallback
 
     from utils.training.plotting import LossPlotCallback, run_title
-    from utils.training.trainer import SafeTrainer
+    from utils.training.trainer import LayoutTrainer
 
     batching = plan_batching(
         model, [len(ids) for ids in train_data["input_ids"]], tokenizer.pad_token_id, args.batch_size,
@@ -208,7 +208,7 @@ def build_trainer(args: FinetuneArgs, run: Run, model: Any, tokenizer: Any, trai
     )
     assert batching.micro_batches_per_step == training_args.gradient_accumulation_steps  # both from the same rule
     log(batching.describe() + f"; gradient_accumulation_steps: {training_args.gradient_accumulation_steps}")
-    trainer = SafeTrainer(
+    trainer = LayoutTrainer(
         model=model,
         args=training_args,
         train_dataset=train_data,

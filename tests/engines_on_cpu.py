@@ -85,7 +85,7 @@ def allow_engines_on_cpu() -> None:
 def record_memory(report: Path) -> None:
     """Wrap finetune's load_model stage and the Trainer's first step to note the peak RSS at each point."""
     import finetune
-    from utils.training.trainer import SafeTrainer
+    from utils.training.trainer import LayoutTrainer
 
     marks: dict[str, int] = {}
     rank = os.environ.get("RANK", "0")
@@ -107,7 +107,7 @@ def record_memory(report: Path) -> None:
         save()
         return result
 
-    training_step = SafeTrainer.training_step
+    training_step = LayoutTrainer.training_step
 
     def measured_step(self, *args, **kwargs):
         loss = training_step(self, *args, **kwargs)
@@ -120,7 +120,7 @@ def record_memory(report: Path) -> None:
         return loss
 
     finetune.load_model = measured_load_model
-    SafeTrainer.training_step = measured_step
+    LayoutTrainer.training_step = measured_step
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The fault-injection suite's toolkit (tests/test_faults_*.py): run a script as a user would, and judge the outcome.
 
 Every case ends in one of two verdicts, and each failure names its class in brackets, so that a run of the suite
-can be tallied (README, Troubleshooting):
+can be tallied (docs/troubleshooting.md):
 
 - refused: exit code 2, exactly one `error: ...` line on stderr, no traceback, and (where the case says so) every
   file that existed before is byte for byte the same and nothing new was created;

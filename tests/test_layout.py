@@ -1,5 +1,5 @@
 """The shape of the code: `utils/` in layers whose imports only point down, no import cycles, and top-level scripts
-that share code through `utils/` rather than importing each other (README: "How the code is organised")."""
+that share code through `utils/` rather than importing each other (README, "How the code is organised")."""
 
 from __future__ import annotations
 

@@ -113,7 +113,7 @@ class DivergenceGuard(TrainerCallback):
         self.skipped_steps: list[int] = []
 
     def observe_loss(self, loss: torch.Tensor) -> None:
-        """Called by `SafeTrainer.training_step` for every micro-batch."""
+        """Called by `LayoutTrainer.training_step` for every micro-batch."""
         if self.bad_loss is None:
             value = float(loss.detach().float().mean())
             if not math.isfinite(value):

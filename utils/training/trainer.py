@@ -16,8 +16,9 @@ from utils.training.batching import BatchingMixin
 from utils.training.callbacks import DivergenceGuard
 
 
-class SafeTrainer(BatchingMixin, Trainer):
-    """A `Trainer` that trains on a `BatchingPlan` and shows each loss to a `DivergenceGuard` callback."""
+class LayoutTrainer(BatchingMixin, Trainer):
+    """transformers' `Trainer` plus two things: its training batches come from a `BatchingPlan` (packed, bucketed or
+    the original padded layout), and each micro-batch's loss is shown to the `DivergenceGuard` callback."""
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
