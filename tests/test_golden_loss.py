@@ -5,9 +5,9 @@ They hold on any machine: the base is the tests' tiny LLaMA (tests/conftest.py),
 tests/fixtures/ and whose weights are the same bits on every processor (no pre-training, utils/tiny_base.py), and
 the rows are tests/fixtures/qa.jsonl; four LoRA steps then move the losses by less than 1e-5 between processors,
 thread counts and BLAS code paths (measured with OMP_NUM_THREADS=1/2, ATEN_CPU_CAPABILITY=default/avx2 and MKL's
-oldest code paths: the base's SHA-256 the same every time, the losses within 1e-6). Editing data/ changes nothing here. When a change is meant to move them, rerun with GOLDEN_RECORD=1
-(`GOLDEN_RECORD=1 python -m pytest -q tests/test_golden_loss.py -s`), check the change is intended, and paste the
-printed values.
+oldest code paths: the base's SHA-256 the same every time, the losses within 1e-6). Editing data/ changes nothing
+here. When a change is meant to move them, rerun with GOLDEN_RECORD=1 (`GOLDEN_RECORD=1 python -m pytest -q
+tests/test_golden_loss.py -s`), check the change is intended, and paste the printed values.
 """
 
 import json

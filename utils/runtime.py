@@ -32,16 +32,18 @@ def resolve_device() -> str:
 
 
 def use_idle_cores() -> str:
-    """Torch threads for CPU work: as many as the cores idle now (cores minus the 1-minute load average, at least
-    one), or OMP_NUM_THREADS when set. On a CPU that other processes keep busy, threads that wait for each other at
-    every parallel region made each step several times slower than one thread (docs/performance.md). Returns a line
-    that says what was chosen."""
+    """Torch threads for CPU work: as many as the cores other processes leave idle now (measured over a quarter of a
+    second), at least one; OMP_NUM_THREADS decides when set. On a CPU that other work keeps busy, threads that wait
+    for each other at every parallel region made each step several times slower than one thread
+    (docs/performance.md). Returns a line that says what was chosen."""
+    import psutil
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     chosen = os.environ.get("OMP_NUM_THREADS", "")
-    threads = int(chosen) if chosen.isdigit() and int(chosen) > 0 else max(1, min(cores, round(cores - load)))
+    busy = psutil.cpu_percent(interval=0.25) / 100 * (os.cpu_count() or cores) if not chosen else 0.0
+    threads = int(chosen) if chosen.isdigit() and int(chosen) > 0 else max(1, min(cores, round(cores - busy)))
     torch.set_num_threads(threads)
-    why = "OMP_NUM_THREADS" if chosen else f"{cores} cores, load {load:.1f}; OMP_NUM_THREADS=N overrides"
+    why = "OMP_NUM_THREADS" if chosen else f"{cores} cores, {busy:.1f} busy with other work; OMP_NUM_THREADS=N decides"
     return f"cpu: {threads} torch thread(s) ({why})"
 
 

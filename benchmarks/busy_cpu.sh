@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The Quick start's training on a CPU that other work keeps busy: torch's threads and OpenMP's wait policy compared.
+#
+#   bash benchmarks/busy_cpu.sh [STEPS]      # default 20 steps of scripts/finetune.sh's tiny-model recipe
+#
+# For each setting it runs the same training twice: on the idle machine, then with one spinning process per core
+# started here (`yes > /dev/null`, the competing load). It prints one line per run: the setting, the load, and the
+# training loop's seconds per step (`train_loop_s` of finetune.py's summary line) with the final training loss.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+STEPS=${1:-20}
+CORES=$(nproc)
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+export HF_HUB_OFFLINE=1
+"$PYTHON" -m utils.tiny_base --output_dir "$work/base" >/dev/null
+
+train() {  # train LABEL LOAD ENV... : one run, its seconds per step
+  local label=$1 load=$2
+  shift 2
+  local summary
+  summary=$(env "$@" "$PYTHON" finetune.py --base_model "$work/base" --output_dir "$work/out-$RANDOM" \
+    --max_steps "$STEPS" --learning_rate 2e-3 --batch_size 32 --micro_batch_size 16 --cutoff_len 256 \
+    --eval_steps 1000 --save_steps 1000 --logging_steps 5 --warmup_steps 10 --val_set_size 0 | grep '^summary: ')
+  "$PYTHON" - "$label" "$load" "$STEPS" "$summary" <<'EOF'
+import json, sys
+label, load, steps, line = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+summary = json.loads(line[len("summary: "):])
+print(f"{label:34s} {load:5s} {summary['train_loop_s'] / steps:6.2f} s/step  loss {summary['train_loss']}")
+EOF
+}
+
+for load in idle busy; do
+  if [ "$load" = busy ]; then
+    for _ in $(seq "$CORES"); do yes > /dev/null & done
+    sleep 5
+  fi
+  train "default (idle cores at the start)" "$load"
+  train "OMP_NUM_THREADS=$CORES" "$load" OMP_NUM_THREADS="$CORES"
+  train "OMP_NUM_THREADS=$CORES OMP_WAIT_POLICY=PASSIVE" "$load" OMP_NUM_THREADS="$CORES" OMP_WAIT_POLICY=PASSIVE
+  train "OMP_NUM_THREADS=1" "$load" OMP_NUM_THREADS=1
+done
