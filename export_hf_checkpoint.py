@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -203,8 +204,8 @@ def save_checked(merged: Any, tokenizer: Any, output_dir: str, max_shard_size: i
     from safetensors import safe_open
 
     target = Path(output_dir).expanduser().resolve()
-    staging = target.with_name(f".tmp-{target.name}")
-    shutil.rmtree(staging, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))  # short, and its own for each export
     try:
         merged.save_pretrained(staging, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(staging)

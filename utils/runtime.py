@@ -27,7 +27,6 @@ def resolve_device() -> str:
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed, when installed, would warn about it on every run
     return "cpu"
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 
 from utils.core.cli import flag
+from utils.core.errors import UserError, first_line, raise_problems
+from utils.core.io import file_problems, output_dir_problems
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ("llama", "bloom", "qwen2")
@@ -120,7 +122,10 @@ def make_tokenizer(arch: str, lines: list[str], workdir: Path, vocab_size: int):
         tokenizer = train_byte_level_tokenizer(lines, vocab_size)
         tokenizer.padding_side = "right"
         return tokenizer
-    train_tokenizer(lines, workdir, vocab_size)
+    try:
+        train_tokenizer(lines, workdir, vocab_size)
+    except RuntimeError as error:  # sentencepiece: "Vocabulary size is too high" for the corpus
+        raise UserError(f"--vocab_size {vocab_size}: the corpus cannot fill it ({first_line(error)})") from None
     tokenizer = LlamaTokenizer.from_pretrained(str(workdir))
     if arch == "llama":
         tokenizer.add_bos_token = True
@@ -198,14 +203,27 @@ class TinyBaseArgs:
     arch: str = flag("llama", "the family: llama, bloom or qwen2", choices=ARCHS)
     output_dir: str = flag("models/tiny-llama", "the folder to write: config, safetensors weights, tokenizer")
     seed: int = flag(42, "seeds the initialisation and the pre-training batches", low=0)
-    vocab_size: int = flag(4000, "tokenizer vocabulary", low=300)
+    vocab_size: int = flag(4000, "tokenizer vocabulary", low=300, high=64000)
     pretrain_steps: int = flag(120, "pre-training steps on the corpus (0: the processor-independent initialisation "
                                     "only)", low=0)
     corpus_files: str = flag("", "comma-separated JSON (Lines) files to learn from; default: data/, data_literature/")
 
 
+def validate(args: TinyBaseArgs) -> list[str]:
+    """A new or empty --output_dir, or one that holds a model to replace (never an adapter or other files); corpus
+    files that exist."""
+    output = Path(args.output_dir).expanduser()
+    problems = output_dir_problems(output, "--output_dir")
+    if not problems and output.is_dir() and any(output.iterdir()) and not (output / "config.json").is_file():
+        problems.append(f"--output_dir {output}: holds other files and no model to replace; choose a new folder")
+    for name in filter(None, map(str.strip, args.corpus_files.split(","))):
+        problems += file_problems(name, "--corpus_files")
+    return problems
+
+
 def main(args: TinyBaseArgs) -> str:
     """Build the tiny base model `--arch` into `--output_dir`."""
+    raise_problems(validate(args))
     return build(**vars(args))
 
 

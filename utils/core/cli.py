@@ -52,10 +52,14 @@ def range_problems(args: Any) -> list[str]:
         if value is None or isinstance(value, bool) or "help" not in meta:
             continue
         if meta["choices"] and value not in meta["choices"]:
-            problems.append(f"--{field.name} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+            problems.append(f"--{field.name} must be one of {_choices(meta)}, got {value!r}")
         elif isinstance(value, (int, float)) and not _in_range(value, meta):
             problems.append(f"--{field.name} must be {_describe(meta)}, got {value!r}")
     return problems
+
+
+def _choices(meta: Mapping[str, Any]) -> str:
+    return ", ".join(str(choice) if choice != "" else "'' (empty)" for choice in meta["choices"])
 
 
 def _in_range(value: float, meta: Mapping[str, Any]) -> bool:
@@ -66,7 +70,7 @@ def _in_range(value: float, meta: Mapping[str, Any]) -> bool:
 
 def _describe(meta: Mapping[str, Any]) -> str:
     signs = {"low": ">=", "above": ">", "high": "<=", "below": "<"}
-    return " and ".join(f"{sign} {meta[key]:g}" for key, sign in signs.items() if meta[key] is not None)
+    return " and ".join(f"{sign} {meta[key]}" for key, sign in signs.items() if meta.get(key) is not None)
 
 
 # --- values as typed -> field types ------------------------------------------------------------------------------
@@ -76,13 +80,17 @@ _KIND_NAMES = {bool: "True or False", int: "an integer", float: "a number"}
 
 
 def convert(raw: str, hint: Any) -> Any:
-    """The command-line text `raw` as a value of `hint` (str, int, float, bool, or a union of them with None); a
-    `ValueError` saying what was expected when it is none of them."""
+    """The command-line text `raw` as a value of `hint` (str, int, float, bool, a tuple of str, or a union of them
+    with None), `~` expanded; a `ValueError` that says what is wrong after the flag's name."""
     allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if typing.get_origin(hint) is tuple:
+        return tuple(part for part in raw.split(",") if part)
     if type(None) in allowed and raw in ("None", "none"):
         return None
     if bool in allowed and raw.strip().lower() in _TRUE + _FALSE:
         return raw.strip().lower() in _TRUE
+    if raw in ("True", "False"):  # fire's value for `--flag` and `--noflag` given without a value
+        raise ValueError("needs a value")
     for kind in (int, float):
         if kind in allowed:
             try:
@@ -90,11 +98,12 @@ def convert(raw: str, hint: Any) -> Any:
             except ValueError:
                 continue
             if math.isinf(value):  # `1e400`: no flag means anything by it
-                raise ValueError("a finite number")
+                raise ValueError(f"must be a finite number, got {raw!r}")
             return value
-    if str in allowed:
-        return raw  # exactly as typed (fire alone would turn `--wandb_run_name 1e-3` into 0.001)
-    raise ValueError(" or ".join(_KIND_NAMES[kind] for kind in allowed if kind in _KIND_NAMES))
+    if str in allowed:  # exactly as typed (fire alone would turn `--wandb_run_name 1e-3` into 0.001)
+        return os.path.expanduser(raw) if raw.startswith("~") else raw  # `--output_dir=~/x`: no shell expands it
+    kinds = " or ".join(_KIND_NAMES[kind] for kind in allowed if kind in _KIND_NAMES)
+    raise ValueError(f"must be {kinds}, got {raw!r}")
 
 
 def did_you_mean(name: str, names: list[str], prefix: str = "--") -> str:
@@ -116,13 +125,15 @@ def parse_args(cls: type, given: Mapping[str, Any], positional: tuple[Any, ...] 
     hints = typing.get_type_hints(cls)
     problems, values = [], {}
     for name, raw in given.items():
+        short = [field for field in fields if field.startswith(name)] if len(name) == 1 else []
+        name = short[0] if len(short) == 1 else name  # `-n 3`: fire's help shows a letter that names one flag
         if name not in fields:
             problems.append(f"unknown flag --{name}{did_you_mean(name, list(fields))}")
             continue
         try:
-            values[name] = convert(raw, hints[name]) if isinstance(raw, str) else raw
+            values[name] = convert(raw, hints[name])
         except ValueError as error:
-            problems.append(f"--{name} must be {error}, got {raw!r}")
+            problems.append(f"--{name} {error}")
     extra = next((f for f in fields.values() if f.metadata.get("positional")), None)
     if positional and extra is None:
         problems.append(f"unexpected argument {str(positional[0])!r}: flags are written --name value")
@@ -145,7 +156,7 @@ def help_text(main: Callable[..., Any], name: str) -> str:
     lines = [(inspect.getdoc(main) or "").split("\n\n")[0], "", "Args:"]
     for field in dataclasses.fields(cls):
         bounds = _describe(field.metadata) if "help" in field.metadata else ""
-        bounds = f"; one of {', '.join(map(str, field.metadata['choices']))}" if field.metadata.get("choices") else (
+        bounds = f"; one of {_choices(field.metadata)}" if field.metadata.get("choices") else (
             f"; {bounds}" if bounds else "")
         lines.append(f"  {field.name}: {field.metadata.get('help', '')}{bounds}")
     hints = typing.get_type_hints(cls)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import json
 import os
 import re
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Self
 
-from utils.core.errors import UserError, redact
+from utils.core.errors import UserError, raise_problems, redact
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -49,15 +50,23 @@ def nearest(path: Path, folders: bool = False) -> str:
     return f" (did you mean {path.parent / close[0] if str(path.parent) != '.' else close[0]}?)" if close else ""
 
 
+def file_problems(path: str | Path, flag: str = "") -> list[str]:
+    """`path` is no file to read: missing (with the nearest name beside it), a folder, a FIFO or a device (reading
+    one may never end)."""
+    path = Path(path)
+    if path.is_file():
+        return []
+    what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else (
+        f"no such file{nearest(path)}")
+    return [f"{flag} {path}: {what}".lstrip()]
+
+
 def read_text(path: str | Path) -> str:
-    """The text of a UTF-8 file (a BOM is dropped); one clear error for a missing file, a folder, a FIFO or device
-    (reading one may never end), or another encoding."""
+    """The text of a UTF-8 file (a BOM is dropped); one clear error for what `file_problems` finds, or another
+    encoding."""
     path = Path(path)
     try:
-        if not path.is_file():
-            what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else (
-                f"no such file{nearest(path)}")
-            raise UserError(f"{path}: {what}")
+        raise_problems(file_problems(path))
         raw = path.read_bytes()
     except OSError as error:
         raise UserError(f"{path}: cannot read it ({error.strerror or error})") from None
@@ -236,8 +245,7 @@ def _seal(folder: Path) -> list[Path]:
 def replace_folder(staging: Path, target: Path) -> None:
     """Put the complete folder `staging` at `target` by renaming; an existing `target` is swapped out first."""
     _seal(staging)
-    old = target.with_name(f".old-{target.name}")
-    shutil.rmtree(old, ignore_errors=True)
+    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=".old-"))  # short: any valid target name fits beside it
     if target.exists():
         os.rename(target, old)
     os.rename(staging, target)
@@ -362,14 +370,21 @@ class RunLock:
             raise UserError(f"{self.what} is in use by another run ({holder}); wait for it to finish, or stop it (the "
                             f"lock is {self.path})") from None
         except OSError as error:
+            if error.errno in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):  # a file system without flock
+                print(f"warning: {self.path.parent} cannot be locked ({error.strerror}); make sure no other run writes "
+                      "into it", file=sys.stderr, flush=True)
+                self._lock = None
+                return self
             self._remove_made()
             raise UserError(f"{self.what}: cannot write there ({error.strerror or error})") from None
         return self
 
     def __exit__(self, *exc: object) -> None:
-        # Removed while still held: with timeout=0 no run waits on this file, so none is left locking a dead inode.
-        self.path.unlink(missing_ok=True)
-        self._lock.release()
+        # Removed while still held: no run waits on it (timeout=0), and one that opened it just now finds, once it
+        # holds the lock, that the path names another file (filelock checks), and is refused.
+        if self._lock is not None:
+            self.path.unlink(missing_ok=True)
+            self._lock.release()
         self._remove_made()
 
     def _remove_made(self) -> None:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from utils.core.cli import flag
+from utils.model.checks import adapter_source_problems, quantization_problems
+from utils.model.source import source_problems
 
 
 @dataclass(frozen=True)
@@ -64,10 +66,13 @@ class ModelArgs:
     seed: int = flag(42, "seeds sampling", low=0, high=2**32 - 1)
 
     def model_problems(self) -> list[str]:
+        """The base and the adapter are where they are said to be; the quantisation flags can run here."""
+        problems = quantization_problems(self.load_8bit, self.load_4bit)
+        problems += source_problems(self.base_model, "--base_model", "config.json")
         if self.use_lora and not self.lora_weights:
-            return [("--lora_weights is required with --use_lora True (for a merged checkpoint or a bare base model, "
-                    "pass --use_lora False)")]
-        return []
+            problems.append("--lora_weights is required with --use_lora True (for a merged checkpoint or a bare base "
+                            "model, pass --use_lora False)")
+        return problems + (adapter_source_problems(self.lora_weights) if self.adapter else [])
 
     @property
     def adapter(self) -> str | None:

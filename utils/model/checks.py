@@ -98,7 +98,7 @@ def check_loaded_adapter(model: Any, lora_weights: str) -> None:
     from peft.utils import load_peft_weights
 
     saved = load_peft_weights(lora_weights, device="cpu")
-    placed = get_peft_model_state_dict(model)
+    placed = get_peft_model_state_dict(model, save_embedding_layers=False)  # "auto" would ask the hub about the base
     problems = []
     broken = sorted(name for name, t in saved.items() if t.is_floating_point() and not torch.isfinite(t).all())
     if broken:

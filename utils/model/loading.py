@@ -6,21 +6,20 @@ library's failure on the way is one line naming what it was loading (`source.loa
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 
-from utils.core.errors import UserError, first_line, raise_problems
+from utils.core.errors import UserError, first_line
 from utils.model.checks import (
-    adapter_source_problems,
     check_loaded_adapter,
     check_tokenizer_fits,
     config_embedding_rows,
     linear_layers,
     quantization_config,
-    quantization_problems,
 )
-from utils.model.source import load_error, source_problems
+from utils.model.source import load_error
 from utils.runtime import resolve_device, resolve_precision, torch_dtype, use_idle_cores
 
 # LoRA targets by architecture when --lora_target_modules is not given (the published recipes' choices).
@@ -46,7 +45,6 @@ def load_tokenizer(base_model: str, trust_remote_code: bool = False, padding_sid
     the embedding rows of its config.json before any weights load."""
     from transformers import AutoTokenizer
 
-    raise_problems(source_problems(base_model, "--base_model", "config.json"))
     rows = config_embedding_rows(base_model)  # config.json read first: the tokenizer's own failure on it is cryptic
     try:
         tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
@@ -118,9 +116,10 @@ def load_adapter(model: Any, lora_weights: str, is_trainable: bool = False) -> A
     """`model` wrapped with the LoRA adapter in `lora_weights` (a folder, or a hub id), refused when it does not fit."""
     from peft import PeftModel
 
-    raise_problems(adapter_source_problems(lora_weights))
     try:
-        model = PeftModel.from_pretrained(model, lora_weights, is_trainable=is_trainable)
+        with warnings.catch_warnings():  # what it warns about (weights it cannot place) is refused just below
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            model = PeftModel.from_pretrained(model, lora_weights, is_trainable=is_trainable)
     except Exception as error:  # size mismatch (another base), a config or weights file peft cannot read
         raise load_error("--lora_weights", lora_weights, error) from error
     check_loaded_adapter(model, lora_weights)
@@ -130,14 +129,11 @@ def load_adapter(model: Any, lora_weights: str, is_trainable: bool = False) -> A
 def load_for_inference(base_model: str, lora_weights: str | None = None, precision: str = "auto",
                        load_8bit: bool = False, load_4bit: bool = False, trust_remote_code: bool = False,
                        device_map: Any = None) -> tuple[Any, Any, str]:
-    """(model, tokenizer, device) ready for `generate`: base + optional adapter, eval mode, left padding; what needs
-    no weights is checked first."""
+    """(model, tokenizer, device) ready for `generate`: base + optional adapter, eval mode, left padding (the paths
+    and flags checked by the script's `validate` first)."""
     device = resolve_device()
     if device == "cpu":
         use_idle_cores()
-    raise_problems(source_problems(base_model, "--base_model", "config.json")
-                   + (adapter_source_problems(lora_weights) if lora_weights else [])
-                   + quantization_problems(load_8bit, load_4bit))
     tokenizer = load_tokenizer(base_model, trust_remote_code=trust_remote_code, padding_side="left")
     model = load_base_model(base_model, precision=precision, device=device, load_8bit=load_8bit, load_4bit=load_4bit,
                             trust_remote_code=trust_remote_code, device_map=device_map, tokenizer=tokenizer)

@@ -153,9 +153,9 @@ def latest_complete(output_dir: str | Path) -> Path | None:
 
 def resolve_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: str | Path) -> Path | None:
     """`True`: the newest complete checkpoint-N in `output_dir`; a path: that folder, which must be complete."""
-    if resume_from_checkpoint in (None, False, "", "False", "false"):
+    if resume_from_checkpoint in (None, False, ""):
         return None
-    if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
+    if resume_from_checkpoint is True:
         found = latest_complete(output_dir)
         if found is None:
             raise UserError(f"--resume_from_checkpoint True: no complete checkpoint-N folder in {output_dir}"

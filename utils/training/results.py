@@ -18,7 +18,8 @@ def storage_message(output_dir: str, reason: str, step: int) -> str:
     """What a storage failure during training means for the run: which checkpoint is whole, how to continue."""
     kept = checkpoints.latest_complete(output_dir)
     where = (f"the last complete checkpoint, {kept}, is kept: free space and continue with --resume_from_checkpoint "
-             "True" if kept is not None else "no complete checkpoint was written yet: free space and run again")
+             "True" if kept is not None else "no complete checkpoint was written yet: free space and run again with "
+             "--overwrite True")
     return f"cannot save a checkpoint in {output_dir} at step {step}: {reason}; {where}"
 
 

@@ -15,7 +15,7 @@ from utils.core.errors import UserError
 from utils.core.io import atomic_write_json, read_json_object
 from utils.model.checks import TRAINING_METADATA
 from utils.runtime import log
-from utils.training.checkpoints import checkpoint_folders, read_trainer_state
+from utils.training.checkpoints import checkpoint_folders, latest_complete, read_trainer_state
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
@@ -115,15 +115,21 @@ def finished(output_dir: str | Path) -> bool:
 
 def restart_problems(output_dir: str | Path, resuming: bool, overwrite: bool) -> list[str]:
     """A run never silently starts over an earlier one: it resumes a stopped one (a finished one is then left as it
-    is, see finetune.py), or replaces it with `--overwrite True`."""
+    is, see finetune.py), or replaces it with `--overwrite True`; checkpoints that are all incomplete (a save a kill
+    or a full disk interrupted) hold nothing to resume, so only `--overwrite True` fits them."""
     left = earlier_run(output_dir)
-    if not left or resuming or overwrite:
+    if not left or overwrite:
         return []
     if finished(output_dir):
-        return [(f"{output_dir} already holds {left} of a finished run; write the new run into a new --output_dir, "
-                "or replace the finished one with --overwrite True")]
+        return [] if resuming else [(f"{output_dir} already holds {left} of a finished run; write the new run into a "
+                                     "new --output_dir, or replace the finished one with --overwrite True")]
+    if resuming:  # resolve_checkpoint says what is wrong with the checkpoint asked for, if anything
+        return []
+    if latest_complete(output_dir) is None:
+        return [(f"{output_dir} holds only incomplete checkpoints ({left}) of an interrupted run, nothing to resume; "
+                "replace them with --overwrite True")]
     return [(f"{output_dir} already holds {left} of an earlier run; continue it with --resume_from_checkpoint True, "
-            "or replace it with --overwrite True")]
+             "or replace it with --overwrite True")]
 
 
 EXTEND_HINT = ("to train longer, train into a new --output_dir (or start over in this one with --overwrite True) "
