@@ -186,7 +186,7 @@ def test_cli_rejects_rows_without_answers(tmp_path, run_evaluate):
     no_answer = write_jsonl(tmp_path / "questions.jsonl", [{"instruction": "q", "output": REFERENCE}])
     result = run_evaluate("--predictions", str(no_answer))
     assert result.returncode == 2
-    assert "line 1: missing field `model_output`" in result.stderr
+    assert "line 1" in result.stderr and "`model_output`" in result.stderr
     assert "Traceback" not in result.stderr
 
 
