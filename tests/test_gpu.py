@@ -269,3 +269,35 @@ def test_infer_device_map_auto_answers_as_without_it(tiny_llama, tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         answers.append([json.loads(line)["model_output"] for line in output.read_text(encoding="utf-8").splitlines()])
     assert answers[0] == answers[1] and len(answers[0]) == 2
+
+
+def test_bf16_on_cpu_autocasts_as_the_trainer_does(tiny_llama, train_file, tmp_path, monkeypatch):
+    """`--precision bf16` on CPU trains under the Trainer's bf16 autocast (accelerate's mixed precision), as on a GPU,
+    not in bare bf16."""
+    from conftest import train_adapter
+
+    import finetune
+
+    seen = {}
+    build = finetune.build_trainer
+
+    def spy(*args, **kwargs):
+        trainer, batching = build(*args, **kwargs)
+        seen["mixed_precision"] = trainer.accelerator.mixed_precision
+        return trainer, batching
+
+    monkeypatch.setattr(finetune, "build_trainer", spy)
+    train_adapter(tiny_llama, train_file, tmp_path / "bf16", "--precision", "bf16", "--max_steps", "1")
+    assert seen["mixed_precision"] == "bf16"
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp"])
+def test_a_quantised_base_with_a_sharding_engine_is_refused_before_any_work(engine, monkeypatch):
+    from utils.training.args import FinetuneArgs
+    from utils.training.engines import engine_problems
+
+    if engine == "fsdp":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    args = FinetuneArgs(load_4bit=True, deepspeed="configs/deepspeed/zero2.json" if engine == "deepspeed" else "")
+    problems = engine_problems(args, require_cuda=False)
+    assert any("--load_8bit/--load_4bit" in problem for problem in problems), problems

@@ -24,6 +24,7 @@ import difflib
 import errno
 import inspect
 import math
+import operator
 import os
 import re
 import sys
@@ -62,15 +63,17 @@ def _choices(meta: Mapping[str, Any]) -> str:
     return ", ".join(str(choice) if choice != "" else "'' (empty)" for choice in meta["choices"])
 
 
+_BOUNDS = {"low": (">=", operator.ge), "above": (">", operator.gt), "high": ("<=", operator.le),
+           "below": ("<", operator.lt)}
+
+
 def _in_range(value: float, meta: Mapping[str, Any]) -> bool:
-    low, high, above, below = meta["low"], meta["high"], meta["above"], meta["below"]
-    return not math.isnan(value) and (low is None or value >= low) and (high is None or value <= high) and (
-        above is None or value > above) and (below is None or value < below)
+    return not math.isnan(value) and all(meta[key] is None or holds(value, meta[key])
+                                         for key, (_, holds) in _BOUNDS.items())
 
 
 def _describe(meta: Mapping[str, Any]) -> str:
-    signs = {"low": ">=", "above": ">", "high": "<=", "below": "<"}
-    return " and ".join(f"{sign} {meta[key]}" for key, sign in signs.items() if meta.get(key) is not None)
+    return " and ".join(f"{sign} {meta[key]}" for key, (sign, _) in _BOUNDS.items() if meta.get(key) is not None)
 
 
 # --- values as typed -> field types ------------------------------------------------------------------------------

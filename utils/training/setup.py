@@ -233,7 +233,7 @@ def training_arguments(args: Any, device: str, precision: str, processes: int, r
         learning_rate=args.learning_rate,
         lr_scheduler_type="linear",
         warmup_steps=warmup(args.warmup_steps, steps),
-        bf16=precision == "bf16" and device != "cpu",
+        bf16=precision == "bf16",  # on CPU too: the Trainer then autocasts, as on a GPU
         fp16=precision == "fp16",
         logging_steps=args.logging_steps,
         eval_strategy="steps" if has_validation else "no",
