@@ -1,5 +1,5 @@
 """Reading graphs: the no-globals unpickler (a pickle that would run code never runs), the installed cMeKG, the
-predicate map as data, value cleaning."""
+predicate map as data, value cleaning, and the curation against the clinical lists and the whole graph."""
 
 from __future__ import annotations
 
@@ -9,10 +9,20 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from builder_support import cmekg_raw, entities_from
+from builder_support import cmekg_entities, cmekg_raw, entities_from
 
 from utils.builder import resources
-from utils.builder.graph import clean_values, installed_cmekg_path, predicate_map, read_graph, unpickle_plain
+from utils.builder.curation import GraphFacts, curated_values
+from utils.builder.graph import (
+    Entity,
+    clean_values,
+    entity_name,
+    graph_from_records,
+    installed_cmekg_path,
+    predicate_map,
+    read_graph,
+    unpickle_plain,
+)
 from utils.builder.rows import phrasing
 from utils.core.errors import UserError
 
@@ -77,7 +87,7 @@ def test_the_installed_cmekg_graph_is_read_whole() -> None:
 def test_the_predicate_map_is_consistent_data() -> None:
     pmap = predicate_map()
     data = resources.predicate_map()
-    kinds = {"disease", "drug", "herb", "test"}
+    kinds = {"disease", "drug", "herb", "formula", "procedure", "test"}
     for name, spec in pmap.relations.items():
         assert set(spec.kinds) <= kinds, name
         assert spec.max_items < 16, name  # no answer lists 16+ items
@@ -97,9 +107,21 @@ def test_kinds_come_from_the_type_or_the_predicates() -> None:
         "乙药片": {"成份": ["乙药"], "适应症": ["甲病"], "贮藏": ["密封"]},
         "丙草": {"界": ["植物界"], "功效": ["清热解毒"]},
         "丁检查": {"所属分类": ["血"], "相关疾病": ["甲病"]},
+        "戊汤": {"组成": ["麻黄", "桂枝"], "功用": ["发汗解表"], "出处": ["《伤寒论》"]},
+        "糖化血红蛋白检查": {"用途": ["反映近两到三个月的平均血糖水平"]},  # no marker: its name says test
     }
     kinds = {entity.name: entity.kind for entity in entities_from(graph)}
-    assert kinds == {"甲病": "disease", "乙药片": "drug", "丙草": "herb", "丁检查": "test"}
+    assert kinds == {"甲病": "disease", "乙药片": "drug", "丙草": "herb", "丁检查": "test", "戊汤": "formula",
+                     "糖化血红蛋白检查": "test"}
+
+
+def test_a_stated_kind_is_read_loosely(tmp_path: Path) -> None:
+    path = tmp_path / "kb.jsonl"
+    path.write_text('{"中心词": "甲", "类型": "检查项目", "用途": ["x"]}\n'
+                    '{"中心词": "乙", "类型": "手术", "并发症": ["y"]}\n'
+                    '{"中心词": "丙", "类型": "方剂", "组成": ["z"]}\n', encoding="utf-8")
+    pmap = predicate_map()
+    assert [pmap.kind_of(raw) for raw in graph_from_records(path)] == ["test", "procedure", "formula"]
 
 
 @pytest.mark.parametrize(("relation", "values", "expected"), [
@@ -107,10 +129,16 @@ def test_kinds_come_from_the_type_or_the_predicates() -> None:
     ("complication", ["心力衰竭等并发症", "可并发急性肾衰竭"], ["心力衰竭", "急性肾衰竭"]),
     ("department", ["内科；皮肤科", "GP"], ["内科", "皮肤科"]),
     ("adverse", ["腹痛（3%）", "恶心（25%）", "未见明显的不良反应"], ["腹痛", "恶心"]),
-    # excipients go; the active ingredient named in the product's name stays
-    ("ingredient", ["水", "阿莫西林", "淀粉", "克拉维酸钾", "羧甲基纤维素钠", "聚乙二醇", "吐温80", "无辅料"],
-     ["阿莫西林", "克拉维酸钾"]),
+    # excipients go (also inside an annotation or a list), and so does an ingredient the product's name holds:
+    # "阿莫西林胶囊 contains 阿莫西林" tells nothing; a compound's other ingredients stay
+    ("ingredient", ["水", "阿莫西林", "淀粉", "克拉维酸钾", "羧甲基纤维素钠", "聚乙二醇", "吐温80", "无辅料",
+                    "防腐剂（苯甲酸钠）", "山梨酸钾和纯化水", "盐酸或氢氧化钠", "聚乙二醇400", "硬脂酸红霉素"],
+     ["克拉维酸钾", "硬脂酸红霉素"]),
     ("ingredient", ["阿莫西林胶囊"], []),  # the whole name is no ingredient
+    # ICD labels and analytes without a direction are no facts; a mislinked value is said as meant
+    ("adverse", ["部位未特指的消化性溃疡", "肌酐", "胆红素", "麻疹", "恶心"], ["皮疹", "恶心"]),
+    ("complication", ["咽炎", "喉炎"], ["喉炎"]),  # 慢性肥厚性咽炎 "并发咽炎" is a tautology
+    ("population", ["好发于女性"], ["女性"]),
     ("contraindication", ["尚不明确", "对本品过敏者禁用", "孕妇禁用"], ["孕妇禁用"]),
     ("indication", ["口服，一次3～9克，一日2次", "用于失眠少寝"], ["失眠少寝"]),
     ("cause", ["A16.2", "遗传因素"], ["遗传因素"]),
@@ -123,7 +151,53 @@ def test_kinds_come_from_the_type_or_the_predicates() -> None:
 ])
 def test_values_are_cleaned(relation: str, values: list[str], expected: list[str]) -> None:
     dropped: Counter[str] = Counter()
-    assert clean_values(relation, values, "阿莫西林胶囊", dropped) == expected
+    name = "慢性肥厚性咽炎" if relation == "complication" else "阿莫西林胶囊"
+    assert clean_values(relation, values, name, dropped) == expected
+
+
+def test_an_icd_labelled_name_is_asked_about_without_its_label() -> None:
+    assert entity_name("部位未特指的消化性溃疡") == "消化性溃疡"
+    assert entity_name("初发性或维持性睡眠障碍［失眠症］") == "初发性或维持性睡眠障碍"
+
+
+def entity(name: str, kind: str = "disease", **facts: tuple[str, ...]) -> Entity:
+    return Entity(name, kind, dict(facts), {relation: ("x",) for relation in facts})
+
+
+def test_curation_checks_facts_against_the_clinical_lists_and_the_graph() -> None:
+    large = GraphFacts(True, frozenset({"肺炎", "甲病"}), frozenset({"肺炎"}),
+                       {"symptom": Counter({"发热": 900, "咳嗽": 600, "休克": 500, "肺炎": 300, "可有骨": 1}),
+                        "adverse": Counter({"恶心": 900, "皮疹": 800, "过敏性休克": 10, "头痛": 700, "奇怪反应": 1}),
+                        "indication": Counter({"流行性感冒": 500, "肺炎": 1200})})
+    dropped: Counter[str] = Counter()
+    # a large graph's symptom list: the vocabulary only (no disease, no fragment), alarm signs after typical ones
+    assert curated_values(entity("甲病"), "symptom", ("休克", "肺炎", "可有骨", "咳嗽", "发热"), large,
+                          dropped) == ("发热", "咳嗽", "休克")
+    # a disease that is itself a symptom lists the symptoms of its causes: none of them
+    assert curated_values(entity("黄疸"), "symptom", ("乏力", "休克", "便秘"), large, dropped) == ()
+    # serious adverse effects first; a value one drug alone holds goes
+    assert curated_values(entity("甲药", "drug"), "adverse", ("恶心", "皮疹", "奇怪反应", "过敏性休克", "头痛"),
+                          large, dropped)[:2] == ("过敏性休克", "恶心")
+    # cMeKG links Haemophilus influenzae to influenza: an antibacterial "for 流感" is for the bacterium
+    antibiotic = entity("因培康", "drug", generic_name=("注射用亚胺培南西司他丁钠",))
+    assert set(curated_values(antibiotic, "indication", ("流行性感冒", "肺炎"), large, dropped)) == {"流感嗜血杆菌感染",
+                                                                                                   "肺炎"}
+    assert "the disease is itself a symptom" in dropped and "held by too few entities of the graph" in dropped
+
+
+def test_an_indication_that_is_also_an_adverse_effect_goes() -> None:
+    (metformin,) = entities_from({"盐酸二甲双胍片": {"适应症": ["2型糖尿病", "低血糖症"],
+                                                 "不良反应": ["低血糖症", "腹泻"]}})
+    assert metformin.values("indication") == ("2型糖尿病",) and "低血糖症" in metformin.values("adverse")
+
+
+def test_the_relations_cmekg_gets_wrong_are_left_out_and_every_kind_keeps_facts() -> None:
+    entities = cmekg_entities()
+    off = set(resources.clinical()["relations_off"]["cmekg"])
+    assert not [e.name for e in entities if off & set(e.facts)]
+    by_kind = Counter(e.kind for e in entities)
+    assert {"disease", "drug", "herb", "test", "formula"} <= set(by_kind)
+    assert all(by_kind[kind] > 300 for kind in ("disease", "drug", "herb", "test", "formula")), by_kind
 
 
 @pytest.mark.parametrize(("relation", "entity", "values", "expected"), [

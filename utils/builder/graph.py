@@ -33,7 +33,7 @@ CENTER_KEY = "中心词"
 TYPE_KEY = "类型"
 CMEKG = "cmekg"
 PICKLE_SUFFIXES = (".pkl", ".pickle")
-KINDS = ("disease", "drug", "herb", "test", "other")
+KINDS = ("disease", "drug", "herb", "formula", "procedure", "test", "other")
 
 
 # --- reading -------------------------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ class RelationSpec:
     min_chars: int = 2
     max_chars: int = 16
     latin: bool = False
-    no_name_parts: bool = False
+    no_name_parts: str = ""  # "both": no value inside the name or holding it; "part": no value inside the name
     people_only: bool = False
 
 
@@ -198,15 +198,23 @@ class PredicateMap:
     ignored: dict[str, str]  # predicate -> why it is left out
     kind_rules: tuple[tuple[str, frozenset[str]], ...]
     type_names: dict[str, str]
+    kind_by_name: tuple[tuple[str, tuple[str, ...]], ...]
 
     def kind_of(self, raw: RawEntity) -> str:
+        """The stated kind (疾病, 检查项目 ...), else the first kind whose marker predicates the entity has, else the
+        kind its name says (糖化血红蛋白检查 is a test), else other."""
         if raw.stated_kind:
-            return self.type_names.get(raw.stated_kind, "other")
+            stated = self.type_names.get(raw.stated_kind)
+            return stated or next((kind for name, kind in self.type_names.items() if name in raw.stated_kind), "other")
         predicates = {predicate for predicate, _ in raw.predicates}
         for kind, markers in self.kind_rules:
             if predicates & markers:
                 return kind
-        return "other"
+        return next((kind for kind, endings in self.kind_by_name if raw.name.endswith(endings)), "other")
+
+
+def _name_parts(setting: bool | str) -> str:
+    return "both" if setting is True else (setting or "")
 
 
 @cache
@@ -220,7 +228,8 @@ def predicate_map() -> PredicateMap:
             max_items=int(spec.get("max_items", 6)), split=tuple(str(part) for part in spec.get("split", ())),
             min_chars=int(spec.get("min_chars", 1 if name == "body_site" else 2)),
             max_chars=int(spec.get("max_chars", 16)), latin=bool(spec.get("latin", False)),
-            no_name_parts=bool(spec.get("no_name_parts", False)), people_only=bool(spec.get("people_only", False)),
+            no_name_parts=_name_parts(spec.get("no_name_parts", False)),
+            people_only=bool(spec.get("people_only", False)),
         )
         relations[name] = relation
         for predicate in relation.predicates:
@@ -228,7 +237,8 @@ def predicate_map() -> PredicateMap:
                 by_predicate.setdefault((predicate, kind), name)
     ignored = {predicate: reason for reason, predicates in data["ignore"].items() for predicate in predicates}
     rules = tuple((rule["kind"], frozenset(rule["markers"])) for rule in data["kind_rules"])
-    return PredicateMap(relations, by_predicate, ignored, rules, dict(data["type_names"]))
+    by_name = tuple((kind, tuple(endings)) for kind, endings in data["kind_by_name"].items())
+    return PredicateMap(relations, by_predicate, ignored, rules, dict(data["type_names"]), by_name)
 
 
 # --- cleaning values -----------------------------------------------------------------------------------------------
@@ -242,6 +252,7 @@ _CODE_LIKE = re.compile(r"^(?:[A-Z]\d{2}(?:\.\d+)?|[A-Z0-9]{1,3}\d[A-Z0-9./—-]
 _ACRONYM = re.compile(r"^[A-Za-z][A-Za-z0-9+\-/ ]{0,11}$")
 ACRONYM_RELATIONS = {"test", "histology", "surgery", "treatment", "drug_treatment", "english_name"}
 SYMPTOM_LIKE = {"symptom", "adverse", "complication"}
+SAID_AS_SYMPTOMS = SYMPTOM_LIKE | {"indication", "function_indication"}  # one spelling per symptom (阳萎 -> 阳痿)
 
 
 @dataclass(frozen=True)
@@ -258,17 +269,22 @@ class Cleaner:
     person_endings: tuple[str, ...]
     person_exclude: tuple[str, ...]
     excipients: frozenset[str]
+    excipient_parts: tuple[str, ...]
     synonyms: dict[str, str]
     routes: tuple[str, ...]
     stopwords: dict[str, frozenset[str]]
     trailing_category: re.Pattern[str]
     test_categories: dict[str, str]
     prescription_labels: dict[str, str]
+    icd_markers: tuple[str, ...]
+    icd_name_parts: tuple[str, ...]
+    value_synonyms: dict[str, dict[str, str]]  # relation -> {as the graph says it: as it is meant}
+    not_values: dict[str, frozenset[str]]  # relation -> values that are no fact of it
 
 
 @cache
 def cleaner() -> Cleaner:
-    data = resources.cleaning()
+    data, clinical = resources.cleaning(), resources.clinical()
     return Cleaner(
         trailing=tuple(sorted(data["trailing"], key=len, reverse=True)),
         leading=tuple(sorted(data["leading"], key=len, reverse=True)),
@@ -278,11 +294,15 @@ def cleaner() -> Cleaner:
         split_protected=tuple(sorted(data["split_protected"], key=len, reverse=True)),
         fragment_values=frozenset(data["fragment_values"]),
         person_endings=tuple(data["person_endings"]), person_exclude=tuple(data["person_exclude"]),
-        excipients=frozenset(data["excipients"]), synonyms=dict(data["synonyms"]),
+        excipients=frozenset(data["excipients"]), excipient_parts=tuple(data["excipient_parts"]),
+        synonyms=dict(data["synonyms"]) | dict(clinical["symptom_synonyms"]),
         routes=tuple(sorted(data["routes"], key=len, reverse=True)),
         stopwords={relation: frozenset(words) for relation, words in data["relation_stopwords"].items()},
         trailing_category=re.compile("等(?:" + "|".join(map(re.escape, data["trailing_categories"])) + ")$"),
         test_categories=dict(data["test_categories"]), prescription_labels=dict(data["prescription_labels"]),
+        icd_markers=tuple(data["icd_markers"]), icd_name_parts=tuple(data["icd_name_parts"]),
+        value_synonyms={relation: dict(table) for relation, table in clinical["value_synonyms"].items()},
+        not_values={relation: frozenset(values) for relation, values in clinical["not_values"].items()},
     )
 
 
@@ -316,6 +336,10 @@ def _why_dropped(piece: str, spec: RelationSpec, clean: Cleaner) -> str | None:
         return "too long"
     if piece in clean.generic or piece in clean.stopwords.get(spec.name, ()):
         return "generic"
+    if piece in clean.not_values.get(spec.name, ()):
+        return "no fact of its relation"
+    if any(marker in piece for marker in clean.icd_markers):
+        return "ICD label"
     if any(part in piece for part in clean.boilerplate) or clean.boilerplate_patterns.search(piece):
         return "boilerplate"
     if dose_or_frequency(piece):
@@ -332,7 +356,8 @@ def _why_dropped(piece: str, spec: RelationSpec, clean: Cleaner) -> str | None:
         return "not latin"
     if piece.startswith(clean.fragment_starts) or piece.endswith(clean.fragment_ends):
         return "fragment"
-    if spec.name == "ingredient" and piece in clean.excipients:
+    if spec.name == "ingredient" and (piece in clean.excipients or any(part in piece for part in clean.excipient_parts)
+                                      or any(item in clean.excipients for item in re.split(r"[（）()]", piece))):
         return "excipient"
     if spec.name in SYMPTOM_LIKE and piece in clean.fragment_values:
         return "fragment"
@@ -370,7 +395,8 @@ def _clean_pieces(relation: str, value: str) -> tuple[tuple[str, ...], tuple[str
     dropped: list[str] = []
     for raw in pieces:
         piece = _trim(raw, clean)
-        if relation in SYMPTOM_LIKE:
+        piece = clean.value_synonyms.get(relation, {}).get(piece, piece)
+        if relation in SAID_AS_SYMPTOMS:
             piece = clean.synonyms.get(piece, piece)
         reason = _why_dropped(piece, spec, clean)
         if reason:
@@ -431,7 +457,8 @@ def clean_values(relation: str, values: Iterable[str], entity_name: str, dropped
         if dropped is not None:
             dropped.update(reasons)
         for piece in pieces:
-            if piece == entity_name or (spec.no_name_parts and (piece in entity_name or entity_name in piece)):
+            if piece == entity_name or (spec.no_name_parts and piece in entity_name) or (
+                    spec.no_name_parts == "both" and entity_name in piece):
                 if dropped is not None:
                     dropped["tautology"] += 1
                 continue
@@ -478,6 +505,17 @@ class GraphStats:
     ignored_facts: Counter[str] = field(default_factory=Counter)  # by predicate (listed under `ignore`)
     not_for_kind: Counter[str] = field(default_factory=Counter)  # predicate@kind: mapped, but not for that kind
     dropped_values: Counter[str] = field(default_factory=Counter)  # by reason
+    relations_off: dict[str, str] = field(default_factory=dict)  # relation -> why this graph's values are not used
+
+
+def entity_name(name: str) -> str:
+    """The name an entity is asked about: without an ICD label's parts (部位未特指的消化性溃疡 -> 消化性溃疡,
+    初发性或维持性睡眠障碍［失眠症］ -> 初发性或维持性睡眠障碍)."""
+    clean = cleaner()
+    bare = re.sub(r"[［\[【][^］\]】]*[］\]】]", "", name)
+    for part in clean.icd_name_parts:
+        bare = bare.replace(part, "")
+    return bare.strip() or name
 
 
 def build_entity(raw: RawEntity, pmap: PredicateMap, stats: GraphStats) -> Entity | None:
@@ -487,6 +525,7 @@ def build_entity(raw: RawEntity, pmap: PredicateMap, stats: GraphStats) -> Entit
     if dose_or_frequency(raw.name) or len(raw.name) > 40:
         stats.skipped_entities["name holds a dose or is too long"] += 1
         return None
+    raw = RawEntity(entity_name(raw.name), raw.stated_kind, raw.predicates, raw.where)
     kind = pmap.kind_of(raw)
     gathered: dict[str, list[str]] = {}
     sources: dict[str, list[str]] = {}
@@ -533,15 +572,17 @@ def relation_conflicts(facts: dict[str, tuple[str, ...]]) -> bool:
 
 
 def load_entities(kb: str, progress: bool = False) -> tuple[list[Entity], GraphStats]:
-    """The clean entities of `--kb`, in source order, and what reading them did."""
-    from tqdm import tqdm
+    """The clean entities of `--kb`, in source order, checked against the curated clinical lists (curation.py), and
+    what reading them did."""
+    from utils.builder.curation import curate
+    from utils.builder.progress import progress_bar
 
     raws, source = read_graph(kb)
     stats = GraphStats(source=source)
     pmap = predicate_map()
     entities = []
-    for raw in tqdm(raws, desc="reading the graph", unit="entity", disable=not progress, mininterval=1.0):
+    for raw in progress_bar(raws, "reading the graph", "entities", progress):
         entity = build_entity(raw, pmap, stats)
         if entity is not None:
             entities.append(entity)
-    return entities, stats
+    return curate(entities, stats, CMEKG if kb == CMEKG else ""), stats
