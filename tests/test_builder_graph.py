@@ -129,8 +129,8 @@ def test_a_stated_kind_is_read_loosely(tmp_path: Path) -> None:
     ("complication", ["心力衰竭等并发症", "可并发急性肾衰竭"], ["心力衰竭", "急性肾衰竭"]),
     ("department", ["内科；皮肤科", "GP"], ["内科", "皮肤科"]),
     ("adverse", ["腹痛（3%）", "恶心（25%）", "未见明显的不良反应"], ["腹痛", "恶心"]),
-    # excipients go (also inside an annotation or a list), and so does an ingredient the product's name holds:
-    # "阿莫西林胶囊 contains 阿莫西林" tells nothing; a compound's other ingredients stay
+    # excipients go (also inside an annotation or a list), and so does an ingredient the product's name holds
+    # (复方阿莫西林胶囊 "contains 阿莫西林" tells nothing); a compound's other ingredients stay
     ("ingredient", ["水", "阿莫西林", "淀粉", "克拉维酸钾", "羧甲基纤维素钠", "聚乙二醇", "吐温80", "无辅料",
                     "防腐剂（苯甲酸钠）", "山梨酸钾和纯化水", "盐酸或氢氧化钠", "聚乙二醇400", "硬脂酸红霉素"],
      ["克拉维酸钾", "硬脂酸红霉素"]),
@@ -151,8 +151,14 @@ def test_a_stated_kind_is_read_loosely(tmp_path: Path) -> None:
 ])
 def test_values_are_cleaned(relation: str, values: list[str], expected: list[str]) -> None:
     dropped: Counter[str] = Counter()
-    name = "慢性肥厚性咽炎" if relation == "complication" else "阿莫西林胶囊"
+    name = {"complication": "慢性肥厚性咽炎", "ingredient": "复方阿莫西林胶囊"}.get(relation, "阿莫西林胶囊")
     assert clean_values(relation, values, name, dropped) == expected
+
+
+def test_a_single_active_product_lists_no_ingredients_left_beside_its_name() -> None:
+    """肝素钠软膏's active is its name: the rest is its base (白凡士林, 十八醇), no answer to what it contains."""
+    assert clean_values("ingredient", ["肝素钠", "白凡士林", "十八醇"], "肝素钠软膏") == []
+    assert clean_values("ingredient", ["泛昔洛韦"], "诺克") == ["泛昔洛韦"]  # a brand name holds no ingredient
 
 
 def test_an_icd_labelled_name_is_asked_about_without_its_label() -> None:
@@ -185,10 +191,11 @@ def test_curation_checks_facts_against_the_clinical_lists_and_the_graph() -> Non
     assert "the disease is itself a symptom" in dropped and "held by too few entities of the graph" in dropped
 
 
-def test_an_indication_that_is_also_an_adverse_effect_goes() -> None:
+def test_a_value_a_drug_is_said_both_to_treat_and_to_cause_is_stated_neither_way() -> None:
+    """二甲双胍 "for" 低血糖症, 复方联苯双酯片 "causing" 肝炎: one side is a mislink, and nothing tells which."""
     (metformin,) = entities_from({"盐酸二甲双胍片": {"适应症": ["2型糖尿病", "低血糖症"],
                                                  "不良反应": ["低血糖症", "腹泻"]}})
-    assert metformin.values("indication") == ("2型糖尿病",) and "低血糖症" in metformin.values("adverse")
+    assert metformin.values("indication") == ("2型糖尿病",) and metformin.values("adverse") == ("腹泻",)
 
 
 def test_the_relations_cmekg_gets_wrong_are_left_out_and_every_kind_keeps_facts() -> None:

@@ -140,11 +140,11 @@ def test_grounding_rejects_every_hostile_class_and_keeps_the_safety_phrases_on_t
 def test_grounding_keeps_the_safety_phrases_and_rejects_hostile_answers_on_the_cmekg_vocabulary() -> None:
     entities = list(cmekg_entities())
     lexicon = Lexicon.of(entities)
-    drug = next(e for e in entities if e.name == "通络开痹片")
-    assert drug.values("contraindication") == ("孕妇禁用",) and "关节炎" in drug.values("indication")
-    good = "通络开痹片可用于关节炎、关节痛，用药期间如有不适请在医生指导下使用，出现严重过敏时拨打120。"
+    drug = next(e for e in entities if e.values("contraindication") == ("孕妇禁用",) and len(e.values("adverse")) >= 2
+                and not [value for value in e.values("adverse") if "停" in value])
+    lead = f"{drug.name}可能引起{drug.values('adverse')[0]}、{drug.values('adverse')[1]}，"
+    good = lead + "用药期间如有不适请在医生指导下使用，出现严重过敏时拨打120。"
     assert grounding_problem(good, drug, lexicon) is None
-    lead = "通络开痹片可用于关节炎、关节痛，"
     for answer, why in (("孕妇也可以服用。", "contradicts a listed contraindication"),
                         ("不要紧张自行停药即可。", "risky instruction"),
                         ("疼痛好转后不用再吃。", "delays or stops care"),

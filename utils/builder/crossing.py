@@ -316,7 +316,7 @@ def shared_symptom_rows(entity: Entity, index: GraphIndex, seed: int, max_candid
         first, second = rng.sample(symptoms, 2)
         names = index.candidates((first, second))
         if 2 <= len(names) <= max_candidates:
-            shown = listed_candidates(names, MAX_LISTED)
+            shown = listed_candidates(names)  # the same candidates as a vignette's differential of the same set
             question = fill(rng.choice(spec["questions"]), a=first, b=second)
             answer = fill(rng.choice(spec["answers"]), a=first, b=second, n=join(shown))
             return [Row(question, answer, "differential", tuple(shown), sources(entity, "symptom"), "symptom",

@@ -18,16 +18,18 @@ What is dropped is counted, by reason, for the report.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from functools import cache
+from functools import cache, cached_property
 
 from utils.builder import resources
 from utils.builder.graph import Entity, GraphStats
-from utils.builder.safety import alarm_symptoms, emergencies, is_emergency_disease
+from utils.builder.safety import alarm_symptoms, bigrams, emergencies, is_emergency_disease
 
-MIN_LISTED = {"symptom": 2, "complication": 2}  # a large graph's shorter lists are mostly what its extraction missed
+MIN_LISTED = {"symptom": 3, "complication": 2, "test": 2}  # a large graph's shorter lists: what its extraction missed
+MOST_SERIOUS_FIRST = 3  # serious adverse effects lead a list, but leave room for the common ones
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,11 @@ def _rank(values: list[str], first: Sequence[str], holders: Counter[str] | None)
     return sorted(values, key=key)
 
 
+OCR_PRONE = ("ingredient", "effect", "adverse", "symptom", "function_indication")
+COMMON = 20  # a value this many entities hold is a common one; a one-character variant of it held once is a typo
+RARE = 2
+
+
 @dataclass
 class GraphFacts:
     """What the whole graph says, for the checks of one entity's facts."""
@@ -74,6 +81,56 @@ class GraphFacts:
     diseases: frozenset[str]
     holders: dict[str, Counter[str]]  # relation -> value -> how many entities hold it
     relations_off: frozenset[str] = frozenset()
+
+    @cached_property
+    def _masks(self) -> dict[str, dict[str, set[str]]]:
+        """relation -> a common value with one character masked (川?, ?芎) -> the common values it masks."""
+        masks: dict[str, dict[str, set[str]]] = {}
+        for relation in OCR_PRONE:
+            table = masks.setdefault(relation, {})
+            for value, count in self.holders.get(relation, Counter()).items():
+                if count >= COMMON:
+                    for index in range(len(value)):
+                        table.setdefault(value[:index] + "?" + value[index + 1 :], set()).add(value)
+        return masks
+
+    def ocr_variant(self, relation: str, value: str) -> bool:
+        """A rare value one character away from a common one of the same relation (消栓口服液: 川号、川尝 beside
+        川芎): the source's OCR typo."""
+        if self.holders.get(relation, Counter())[value] > RARE or len(value) < 2:
+            return False
+        table = self._masks.get(relation, {})
+        return any(table.get(value[:index] + "?" + value[index + 1 :], set()) - {value}
+                   for index in range(len(value)))
+
+
+ORAL_FORMS = ("片", "胶囊", "颗粒", "丸", "口服液", "口服溶液", "糖浆", "散", "冲剂", "合剂", "滴丸", "胶丸")
+
+
+def never_indicated(drug: Entity, value: str, data: dict) -> bool:
+    """An indication a drug of its kind never has: an emergency for an oral drug or a patent medicine (their lists mix
+    in contraindications: 格列美脲片 "for" 糖尿病酮症酸中毒), or one of the curated `never_indicated` of its kind."""
+    oral = drug.name.endswith(ORAL_FORMS) or is_patent_medicine(drug)
+    if oral and (is_emergency_disease(value) or alarm_symptoms([value])):
+        return True
+    return any(part in drug.name and value in values for part, values in data["never_indicated"].items())
+
+
+def missing_key_adverse(drug: Entity, effects: Sequence[str], data: dict) -> bool:
+    """Whether a drug of a kind with a key adverse effect (a sulfonylurea: hypoglycaemia) lists effects without it:
+    such a list misleads about what to watch for."""
+    kinds = {part for parts in data["key_adverse"].values() for part in parts if part in drug.name}
+    return bool(kinds) and not any(value in effects for value, parts in data["key_adverse"].items()
+                                   if kinds & set(parts))
+
+
+def route_fits(name: str, route: str, data: dict) -> bool:
+    """A route the product's dosage form allows (盐酸阿米替林注射液 is not taken by mouth, a tablet not injected)."""
+    forms = data["route_forms"]
+    injected = any(word in route for word in forms["injection_routes"])
+    if any(word in name for word in forms["injection_names"]):
+        return injected
+    return not (injected and name.endswith(ORAL_FORMS))
 
 
 def is_patent_medicine(entity: Entity) -> bool:
@@ -93,8 +150,9 @@ def curated_values(entity: Entity, relation: str, values: tuple[str, ...], graph
     if relation == "symptom" and entity.name in words:
         drop("the disease is itself a symptom", len(values))
         return ()
-    if relation in graph.relations_off:
-        drop(f"relation off for this graph ({relation})", len(values))
+    off = next((key for key in (relation, f"{relation}@{entity.kind}") if key in graph.relations_off), None)
+    if off:
+        drop(f"relation off for this graph ({off})", len(values))
         return ()
     holders = graph.holders.get(relation, Counter())
     least = int(data["min_holders"].get(relation, 0)) if graph.large else 0
@@ -106,13 +164,28 @@ def curated_values(entity: Entity, relation: str, values: tuple[str, ...], graph
     antibacterial = relation == "indication" and any(
         part in text for text in (entity.name, *entity.values("generic_name"), *entity.values("ingredient"))
         for part in data["antibacterial_parts"])
+    leading = tuple(data["leading_words"].get(relation, ()))
+    holding = tuple(data["not_holding"].get(relation, ()))
+    typos = tuple(data["typos"])
+    wrong = set(data["reviewed_wrong"].get(entity.name, {}).get(relation, ()))
+    organ_first = tuple(data["organ_first"]) if relation in ("effect", "function_indication") else ()
     for value in values:
         held = holders[value]  # as the graph says it (a value said as meant below is held as the graph said it)
+        prefix = next((word for word in leading if value.startswith(word) and len(value) > len(word) + 1), "")
+        value = value[len(prefix):]
         if antibacterial:
             value = data["antibacterial_mislinks"].get(value, value)
         if relation == "indication" and value.endswith(organisms):
             value += "感染"
-        if relation == "symptom" and graph.large and value not in words:
+        if value in wrong:
+            drop("found wrong by a review")
+        elif any(typo in value for typo in typos):
+            drop("a typo of the source")
+        elif (holding and any(word in value for word in holding)) or (organ_first and value.startswith(organ_first)
+                                                                       and len(value) == 3) or (
+                relation in ("precaution", "contraindication") and re.search(r"[和及与、][\u4e00-\u9fff]$", value)):
+            drop("fragment")  # ... or a sentence cut after its last word (宜定期监测血常规和肝)
+        elif relation == "symptom" and graph.large and value not in words:
             drop("not in the clinical-symptom vocabulary")
         elif relation == "precaution" and graph.large and not any(marker in value for marker in markers):
             drop("fragment")
@@ -120,22 +193,41 @@ def curated_values(entity: Entity, relation: str, values: tuple[str, ...], graph
             drop("does not end like a value of its relation")
         elif relation == "interaction" and (value in words or value in graph.diseases):
             drop("no drug")
-        elif relation == "indication" and is_patent_medicine(entity) and (
-                is_emergency_disease(value) or alarm_symptoms([value])):
-            drop("an emergency as a patent medicine's indication")
+        elif relation == "test" and value in graph.diseases:
+            drop("a disease is no test")
+        elif relation == "brand_name" and value in entity.values("generic_name"):
+            drop("a brand name that is the generic name")
+        elif relation == "alias" and graph.large and value in graph.names:
+            drop("an alias that is another entity of the graph")
+        elif relation == "alias" and graph.large and entity.kind == "disease" and not bigrams(value) & bigrams(
+                entity.name):  # 人类免疫缺陷病毒病 "也叫" 口腔毛状黏膜白斑病: a manifestation, not a name
+            drop("a disease alias sharing no word with the name")
+        elif relation == "indication" and never_indicated(entity, value, data):
+            drop("an indication the drug's kind never has")
         elif least and held < least and value not in words and value not in graph.names and not (
                 endings and value.endswith(endings)):
             drop("held by too few entities of the graph")
         elif value not in kept:
             kept.append(value)
-    if relation in ("symptom", "adverse", "complication", "indication", "function_indication"):
+    if relation in ("symptom", "adverse", "complication", "indication", "function_indication", "test"):
         repeats = [value for value in kept if (value not in words or relation != "symptom") and any(
             other != value and other in value and len(value) - len(other) <= 2 for other in kept)]
         drop("near repeat in one list", len(repeats))
         kept = [value for value in kept if value not in repeats]
+    if relation == "ingredient":  # 麻黄 beside 盐酸伪麻黄碱 is a piece of it, not another ingredient
+        pieces = [value for value in kept if any(value != other and value in other for other in kept)]
+        drop("a piece of another ingredient", len(pieces))
+        kept = [value for value in kept if value not in pieces]
     counts = holders if graph.large else None
+    if relation == "adverse" and missing_key_adverse(entity, kept, data):
+        drop("a list without the key adverse effect of its kind (格列本脲片 without 低血糖)", len(kept))
+        return ()
     if relation == "adverse":
-        kept = _rank(kept, emergencies().serious_adverse, counts)
+        kept = _rank(kept, (), counts)
+        key = [value for value in kept if any(part in entity.name for part in data["key_adverse"].get(value, ()))]
+        serious = [value for value in kept if value not in key
+                   and any(word in value for word in emergencies().serious_adverse)][:MOST_SERIOUS_FIRST]
+        kept = key + serious + [value for value in kept if value not in key and value not in serious]
     elif relation == "complication":
         kept = _rank(kept, data["major_complications"], counts)
     elif relation in ("indication", "function_indication") and graph.large:
@@ -143,9 +235,20 @@ def curated_values(entity: Entity, relation: str, values: tuple[str, ...], graph
     elif relation == "symptom" and graph.large:
         kept = sorted(kept, key=lambda value: (not words.specific(value), bool(alarm_symptoms([value])),
                                                -holders[value]))
+    if relation == "contagious" and graph.large and kept == ["无"]:
+        drop("a 'not contagious' the graph states for infections too (小儿扁桃体炎)")
+        return ()
+    if relation in OCR_PRONE and graph.large:
+        typos = [value for value in kept if value not in words and graph.ocr_variant(relation, value)]
+        drop("an OCR variant of a common value", len(typos))
+        kept = [value for value in kept if value not in typos]
     if relation == "prescription" and (len(kept) > 1 or (graph.large and kept != ["prescription"])):
         drop("an OTC label the graph also gives prescription drugs" if graph.large else "conflicting label", len(kept))
         return ()
+    if relation == "route":
+        wrong = [value for value in kept if not route_fits(entity.name, value, data)]
+        drop("a route its dosage form rules out", len(wrong))
+        kept = [value for value in kept if value not in wrong]
     if relation == "drug_class" and "中成药" in kept and len(kept) > 1:
         kept.remove("中成药")  # a chemical drug's second label (盐酸二甲双胍片: 中成药, 双胍类)
         drop("conflicting label")
@@ -181,11 +284,21 @@ def curate(entities: Sequence[Entity], stats: GraphStats, graph_key: str = "") -
         if entity.name in controlled:
             stats.skipped_entities["a controlled substance"] += 1
             continue
+        if any(typo in entity.name for typo in data["typos"]):
+            stats.skipped_entities["a typo in the name"] += 1
+            continue
+        if entity.kind == "drug" and entity.name.endswith(tuple(data["disease_name_endings"])):
+            stats.skipped_entities["a drug named like a disease"] += 1  # 晕动病 "的通用名是苯巴比妥东莨菪碱片"
+            continue
         facts = {}
         for relation, values in entity.facts.items():
             curated = curated_values(entity, relation, values, graph, stats.dropped_values)
             if curated:
                 facts[relation] = curated
+        treated = set(entity.values("indication")) | set(entity.values("function_indication"))
+        if treated & set(facts.get("adverse", ())):  # 复方联苯双酯片 "causes" 肝炎, which it is given for
+            stats.dropped_values["an adverse effect the drug is given for"] += len(treated & set(facts["adverse"]))
+            facts["adverse"] = tuple(value for value in facts["adverse"] if value not in treated)
         harmful = set(facts.get("adverse", ())) | set(facts.get("contraindication", ()))
         if harmful & set(facts.get("indication", ())):
             stats.dropped_values["an indication that is also an adverse effect or a contraindication"] += len(

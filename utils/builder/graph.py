@@ -189,6 +189,7 @@ class RelationSpec:
     latin: bool = False
     no_name_parts: str = ""  # "both": no value inside the name or holding it; "part": no value inside the name
     people_only: bool = False
+    keep_whole: bool = False
 
 
 @dataclass(frozen=True)
@@ -226,10 +227,10 @@ def predicate_map() -> PredicateMap:
         relation = RelationSpec(
             name=name, predicates=tuple(spec["predicates"]), kinds=tuple(spec["kinds"]),
             max_items=int(spec.get("max_items", 6)), split=tuple(str(part) for part in spec.get("split", ())),
-            min_chars=int(spec.get("min_chars", 1 if name == "body_site" else 2)),
+            min_chars=int(spec.get("min_chars", 2)),
             max_chars=int(spec.get("max_chars", 16)), latin=bool(spec.get("latin", False)),
             no_name_parts=_name_parts(spec.get("no_name_parts", False)),
-            people_only=bool(spec.get("people_only", False)),
+            people_only=bool(spec.get("people_only", False)), keep_whole=bool(spec.get("keep_whole", False)),
         )
         relations[name] = relation
         for predicate in relation.predicates:
@@ -390,7 +391,7 @@ def _clean_pieces(relation: str, value: str) -> tuple[tuple[str, ...], tuple[str
     text = text if spec.latin else _SPACES_NEAR_CJK.sub("", text)
     if dose_or_frequency(text):  # a value with a dose in it is dropped whole: its other pieces are instructions too
         return (), ("dose or frequency",)
-    pieces = split_value(text, tuple(_ALWAYS_SPLIT) + spec.split, clean.split_protected)
+    pieces = [text] if spec.keep_whole else split_value(text, tuple(_ALWAYS_SPLIT) + spec.split, clean.split_protected)
     kept: list[str] = []
     dropped: list[str] = []
     for raw in pieces:
@@ -452,6 +453,7 @@ def clean_values(relation: str, values: Iterable[str], entity_name: str, dropped
         return _special_values(relation, values, clean)
     spec = predicate_map().relations[relation]
     kept: list[str] = []
+    named_in_name = 0
     for value in values:
         pieces, reasons = _clean_pieces(relation, value)
         if dropped is not None:
@@ -461,11 +463,18 @@ def clean_values(relation: str, values: Iterable[str], entity_name: str, dropped
                     spec.no_name_parts == "both" and entity_name in piece):
                 if dropped is not None:
                     dropped["tautology"] += 1
+                named_in_name += 1
                 continue
             if relation == "nature" and ("经" in piece or "归" in piece):
                 continue
             if piece not in kept:
                 kept.append(piece)
+    if relation == "ingredient" and named_in_name and not entity_name.startswith("复方"):
+        # the active ingredient is the product's name (注射用盐酸头孢吡肟, 肝素钠软膏): what is left is its base and
+        # excipients (L-精氨酸, 白凡士林), no answer to "what does it contain"; a compound (复方…) keeps the others
+        if dropped is not None:
+            dropped["only excipients left beside the named ingredient"] += len(kept)
+        return []
     return kept
 
 

@@ -61,10 +61,13 @@ def tautology(row: Row, subjects: Mapping[str, Entity]) -> bool:
 
 
 def excipient(row: Row) -> bool:
-    if "ingredient" not in row.relation.split("+"):
+    """An excipient among the ingredients a row states (a dialogue: its last turn), or inside one of them (吐温80
+    （包衣材料）)."""
+    relations = row.relation.split("+")
+    if "ingredient" not in (relations[-1:] if row.kind == "dialogue" else relations):
         return False
     excipients = set(resources.cleaning()["excipients"])
-    return any(item in excipients for item in items(row.output))
+    return any(item in excipients for value in row.values for item in [value, *items(value)])
 
 
 def lint(rows: Sequence[Row], entities: Sequence[Entity], eval_pairs: AbstractSet[tuple[str, str]] = frozenset(),

@@ -12,7 +12,7 @@ from collections.abc import Set as AbstractSet
 from utils.builder import resources
 from utils.builder.graph import SPECIAL_RELATIONS, Entity
 from utils.builder.rows import Row, capped, fill, join, phrasing, sources
-from utils.builder.safety import with_care_advice
+from utils.builder.safety import alarms, care_advice, keeps_taking
 
 # Relations whose answers are labels: asked through their own phrasing tables, never combined or put in dialogues.
 LABEL_RELATIONS = ("contagious", "prescription", "toxicity")
@@ -98,9 +98,14 @@ def dialogue_rows(entity: Entity, rng: random.Random, turns: int, last: str | No
         assert table is not None
         pairs.append((rng.choice(table["follow"]),
                       fill(rng.choice(table["follow_answers"]), e=entity.name, v=join(capped(entity, relation)))))
-    history = "".join(f" <user>: {question} <bot>: "
-                      f"{with_care_advice(question, answer, relation == 'adverse', (entity.name,))}"
-                      for (question, answer), relation in zip(pairs[:-1], chosen, strict=False))
+    final = care_advice(pairs[-1][0], pairs[-1][1], chosen[-1] == "adverse", (entity.name,))
+    said = {final}
+    turns_text = []
+    for (question, answer), relation in zip(pairs[:-1], chosen, strict=False):
+        advice = care_advice(question, answer, relation == "adverse", (entity.name,))
+        turns_text.append(f" <user>: {question} <bot>: {answer}{'' if advice in said else advice}")
+        said.add(advice)
+    history = "".join(turns_text)
     instruction = f"{history} <user>: {pairs[-1][0]}"
     last = chosen[-1]
     return [Row(instruction, pairs[-1][1], "dialogue", (entity.name,), sources(entity, *chosen), "+".join(chosen),
@@ -146,7 +151,7 @@ def confirmed_rows(entity: Entity, rng: random.Random) -> list[Row]:
         rows.append(Row(question, answer, "case", (entity.name,), sources(entity, "complication"), "complication",
                         complications))
     treatment, named = treatment_phrase(entity)
-    if treatment:
+    if entity.values("drug_treatment") or entity.values("treatment"):  # never surgery alone: 高血压急症 "治疗: 透析"
         question = fill(rng.choice(table["confirmed_treatment"]), p=patient, e=entity.name)
         lead = fill(table["treat_unique"], t=treatment)
         answer = fill(rng.choice(table["confirmed_treatment_answer"]), t=lead.removesuffix("具体方案需由医生制定。"))
@@ -175,7 +180,9 @@ def drug_case_rows(entity: Entity, rng: random.Random) -> list[Row]:
     adverse = capped(entity, "adverse")
     for effect in rng.sample(adverse, min(1, len(adverse))):
         question = fill(rng.choice(table["drug_effect"]), p=patient, e=entity.name, x=effect)
-        answer = fill(rng.choice(table["drug_effect_answer"]), e=entity.name, x=effect)
+        serious = alarms(f"可能引起{effect}", adverse_context=True).adverse and not keeps_taking(entity.name)
+        answer = fill(rng.choice(table["drug_effect_serious_answer" if serious else "drug_effect_answer"]),
+                      e=entity.name, x=effect)
         rows.append(Row(question, answer, "case", (entity.name,), sources(entity, "adverse"), "adverse", (effect,)))
     return rows
 

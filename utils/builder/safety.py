@@ -278,6 +278,11 @@ def alarms(text: str, adverse_context: bool = False, names: Sequence[str] = ()) 
     return Alarms(tuple(dict.fromkeys(serious)), tuple(dict.fromkeys(symptoms)), tuple(dict.fromkeys(diseases)))
 
 
+def keeps_taking(drug: str) -> bool:
+    """A drug not to be stopped on one's own even after a serious reaction (insulin, antiepileptics, steroids)."""
+    return any(part in drug for part in resources.emergencies()["keep_taking"])
+
+
 def _two(names: Sequence[str]) -> str:
     names = list(names)[:2]
     return names[0] if len(names) == 1 else "、".join(names[:-1]) + "和" + names[-1]
@@ -291,7 +296,7 @@ def care_advice(question: str, answer: str, adverse_context: bool = False, names
     shown = alarms(f"{question}\n{answer}", adverse_context, names)
     data = resources.emergencies()
     if shown.adverse:
-        keep = any(part in name for name in names for part in data["keep_taking"])
+        keep = any(keeps_taking(name) for name in names)
         return data["adverse_keep_sentence" if keep else "adverse_sentence"].replace("{what}", _two(shown.adverse))
     if shown.diseases:
         return data["disease_sentence"].replace("{what}", shown.diseases[0])
