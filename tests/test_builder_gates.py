@@ -20,7 +20,7 @@ from utils.builder.gates import (
 from utils.builder.lint import lint
 from utils.builder.report import distinct_bigram_ratio, duplicate_rate
 from utils.builder.rows import Row
-from utils.builder.safety import care_advice, dose_or_frequency, dosing
+from utils.builder.safety import care_advice, dose_or_frequency, dosing, without_names
 
 
 def row(question: str, answer: str, values: tuple[str, ...] = ("发热",), entities: tuple[str, ...] = ("甲病",),
@@ -158,6 +158,16 @@ def test_care_advice_names_120_for_alarm_signs_serious_adverse_effects_and_emerg
     assert care_advice("", "甲药的禁忌包括休克、严重心力衰竭。") == ""  # who must not take it: no sign to act on
     assert care_advice("", "胰岛素可能引起昏迷等不良反应。", True, ("胰岛素注射液",)).count("不要自行停药") == 1
     assert care_advice("", "已拨打120。甲病可有昏迷。") == ""
+    # a drug not to be stopped abruptly (its precaution says so, or the build knows it) is never "stopped now"
+    nitrate = care_advice("", "甲片可能引起晕厥等不良反应；不应突然停止用药。", True, ("甲片",))
+    assert "不要自行停药" in nitrate and "立即停药" not in nitrate
+    assert "立即停药" not in care_advice("", "乙片可能引起晕厥等不良反应。", True, ("乙片",), keep=True)
+    assert "120" in care_advice("", "多器官功能衰竭通常由内科诊治。", names=("多器官功能衰竭",))  # by its name
+    assert care_advice("", "吸附破伤风疫苗可能引起头痛、红肿等不良反应。", True, ("吸附破伤风疫苗",)) == ""
+    # a name is no dose: the gate and the lint read the answer without the row's entity names
+    assert dose_or_frequency("盘龙七片的给药方式为口服。") and not dose_or_frequency(
+        without_names("盘龙七片的给药方式为口服。", ("盘龙七片",)))
+    assert dose_or_frequency("力度伸含有维生素C1克。")  # a mass right after a letter is a dose
 
 
 def test_metrics_are_defined_as_documented() -> None:

@@ -149,7 +149,8 @@ def test_grounding_keeps_the_safety_phrases_and_rejects_hostile_answers_on_the_c
                         ("不要紧张自行停药即可。", "risky instruction"),
                         ("疼痛好转后不用再吃。", "delays or stops care"),
                         ("也可以加用佐拉沙星。", "names a drug the graph does not link"),
-                        ("也可以加用布洛芬。", "asserts a term not among the entity's facts")):
+                        ("也可以加用布洛芬。", "names a drug the graph does not link"),
+                        ("也可用于治疗肺炎。", "asserts a term not among the entity's facts")):
         problem = grounding_problem(lead + answer, drug, lexicon)
         assert problem is not None and problem.startswith(why), (answer, problem)
 

@@ -19,7 +19,7 @@ from utils.builder.lint import lint
 from utils.builder.literature import dialogue_turns
 from utils.builder.questions import fact_rows
 from utils.builder.report import SAMPLE_ROWS, distinct_bigram_ratio, duplicate_rate, sample
-from utils.builder.safety import contentless, dose_or_frequency, is_emergency_disease
+from utils.builder.safety import contentless, dose_or_frequency, is_emergency_disease, without_names
 
 GRAPH = {
     # 咳嗽 and 咳痰 together: 甲病 and 乙病 (ambiguous, a differential); 咳嗽 and 盗汗: only 甲病, but two non-specific
@@ -193,7 +193,7 @@ def test_rows_from_real_cmekg_meet_the_quality_targets(cmekg_rows: list) -> None
     # every kind (multi-hop needs the drug-disease links cMeKG's review turned off: tested on the small graph)
     assert {"fact", "multi_fact", "case", "vignette", "differential", "reverse", "compare",
             "dialogue"} <= {row.kind for row in rows}
-    assert not [row.output for row in rows if dose_or_frequency(row.output)]
+    assert not [row.output for row in rows if dose_or_frequency(without_names(row.output, row.entities))]
     assert not [row.output for row in rows if contentless(row.output, row.entities)]
     assert duplicate_rate([row.instruction for row in rows]) <= 0.01
     assert duplicate_rate([row.output for row in rows]) <= 0.05

@@ -23,13 +23,15 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cache, cached_property
+from itertools import zip_longest
 
 from utils.builder import resources
-from utils.builder.graph import Entity, GraphStats
+from utils.builder.graph import Entity, GraphStats, predicate_map
 from utils.builder.safety import alarm_symptoms, bigrams, emergencies, is_emergency_disease
 
 MIN_LISTED = {"symptom": 3, "complication": 2, "test": 2}  # a large graph's shorter lists: what its extraction missed
-MOST_SERIOUS_FIRST = 3  # serious adverse effects lead a list, but leave room for the common ones
+_NOTE = re.compile(r"[（(][^（）()]*[)）]")  # a bracketed note: 心电图（ECG）检查
+MOST_SERIOUS_SHOWN = 2  # a shown list keeps two serious adverse effects, after the common ones it leads with
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class GraphFacts:
     diseases: frozenset[str]
     holders: dict[str, Counter[str]]  # relation -> value -> how many entities hold it
     relations_off: frozenset[str] = frozenset()
+    herbs: frozenset[str] = frozenset()
 
     @cached_property
     def _masks(self) -> dict[str, dict[str, set[str]]]:
@@ -108,18 +111,30 @@ ORAL_FORMS = ("片", "胶囊", "颗粒", "丸", "口服液", "口服溶液", "�
 
 
 def never_indicated(drug: Entity, value: str, data: dict) -> bool:
-    """An indication a drug of its kind never has: an emergency for an oral drug or a patent medicine (their lists mix
-    in contraindications: 格列美脲片 "for" 糖尿病酮症酸中毒), or one of the curated `never_indicated` of its kind."""
-    oral = drug.name.endswith(ORAL_FORMS) or is_patent_medicine(drug)
+    """An indication a drug of its kind never has: an emergency for an oral drug, a patent medicine or a herb (their
+    lists mix in contraindications: 格列美脲片 "for" 糖尿病酮症酸中毒), a disease a herb is never presented as treating
+    (`herb_not_for`: 木槿根 "for" 肺结核), or one of the curated `never_indicated` of its kind."""
+    oral = drug.name.endswith(ORAL_FORMS) or is_patent_medicine(drug) or drug.kind == "herb"
     if oral and (is_emergency_disease(value) or alarm_symptoms([value])):
         return True
+    if drug.kind == "herb" and any(word in value for word in data["herb_not_for"]):
+        return True
     return any(part in drug.name and value in values for part, values in data["never_indicated"].items())
+
+
+def drug_names(drug: Entity) -> tuple[str, ...]:
+    return drug.name, *drug.values("generic_name")  # a brand's kind is in its generic name (普米克令舒: 布地奈德)
+
+
+def is_key_adverse(drug: Entity, effect: str, data: dict) -> bool:
+    return any(part in name for name in drug_names(drug) for part in data["key_adverse"].get(effect, ()))
 
 
 def missing_key_adverse(drug: Entity, effects: Sequence[str], data: dict) -> bool:
     """Whether a drug of a kind with a key adverse effect (a sulfonylurea: hypoglycaemia) lists effects without it:
     such a list misleads about what to watch for."""
-    kinds = {part for parts in data["key_adverse"].values() for part in parts if part in drug.name}
+    kinds = {part for parts in data["key_adverse"].values() for part in parts for name in drug_names(drug)
+             if part in name}
     return bool(kinds) and not any(value in effects for value, parts in data["key_adverse"].items()
                                    if kinds & set(parts))
 
@@ -133,8 +148,28 @@ def route_fits(name: str, route: str, data: dict) -> bool:
     return not (injected and name.endswith(ORAL_FORMS))
 
 
+def is_herb(value: str, herbs: frozenset[str], data: dict) -> bool:
+    """Whether an ingredient is a herb of the graph, as prepared (炒白术, 地榆炭, 狗脊（制）, 乌药干浸膏)."""
+    bare = _NOTE.sub("", value)
+    prepared = data["prepared_herb"]
+    forms = {bare, bare.lstrip(prepared["before"]), *(bare.removesuffix(end) for end in prepared["after"])}
+    return bool(forms & herbs)
+
+
 def is_patent_medicine(entity: Entity) -> bool:
     return bool(entity.values("function_indication")) or "中成药" in entity.values("drug_class")
+
+
+def _symptoms_ranked(symptoms: list[str], words: Vocabulary, severe: set[str], holders: Counter[str]) -> list[str]:
+    """Specific signs first; then the organ signs (便血, 呼吸困难) and the non-specific symptoms (发热, 腹痛) in turn,
+    each by how many diseases hold it, so a cut list keeps both a disease's picture and its common complaints; the
+    severe states any grave illness ends in last."""
+    by_holders = sorted(symptoms, key=lambda value: -holders[value])
+    groups = [[value for value in by_holders if value not in severe and test(value)]
+              for test in (words.specific, lambda value: not words.specific(value) and not words.nonspecific(value),
+                           words.nonspecific)]
+    return groups[0] + [value for pair in zip_longest(groups[1], groups[2]) for value in pair if value] + [
+        value for value in by_holders if value in severe]
 
 
 def curated_values(entity: Entity, relation: str, values: tuple[str, ...], graph: GraphFacts,
@@ -147,7 +182,7 @@ def curated_values(entity: Entity, relation: str, values: tuple[str, ...], graph
     def drop(reason: str, count: int = 1) -> None:
         dropped[reason] += count
 
-    if relation == "symptom" and entity.name in words:
+    if relation == "symptom" and (entity.name in words or data["symptom_synonyms"].get(entity.name) in words):
         drop("the disease is itself a symptom", len(values))
         return ()
     off = next((key for key in (relation, f"{relation}@{entity.kind}") if key in graph.relations_off), None)
@@ -160,6 +195,7 @@ def curated_values(entity: Entity, relation: str, values: tuple[str, ...], graph
     required = graph.large and relation in data["endings_required"]
     not_endings = tuple(data["not_endings"].get(relation, ()))
     markers = tuple(data["precaution_markers"])
+    cautions = (*entity.values("contraindication"), *entity.values("precaution"))
     organisms = tuple(data["organism_endings"])
     antibacterial = relation == "indication" and any(
         part in text for text in (entity.name, *entity.values("generic_name"), *entity.values("ingredient"))
@@ -191,18 +227,32 @@ def curated_values(entity: Entity, relation: str, values: tuple[str, ...], graph
             drop("fragment")
         elif (required and not value.endswith(endings)) or (not_endings and value.endswith(not_endings)):
             drop("does not end like a value of its relation")
-        elif relation == "interaction" and (value in words or value in graph.diseases):
+        elif relation == "interaction" and (value in words or value in graph.diseases or (
+                graph.holders.get("adverse", Counter())[value] >= COMMON and value not in graph.names)):
             drop("no drug")
         elif relation == "test" and value in graph.diseases:
             drop("a disease is no test")
-        elif relation == "brand_name" and value in entity.values("generic_name"):
+        elif relation == "brand_name" and value in (*entity.values("generic_name"), _NOTE.sub("", entity.name)):
             drop("a brand name that is the generic name")
         elif relation == "alias" and graph.large and value in graph.names:
             drop("an alias that is another entity of the graph")
         elif relation == "alias" and graph.large and entity.kind == "disease" and not bigrams(value) & bigrams(
                 entity.name):  # 人类免疫缺陷病毒病 "也叫" 口腔毛状黏膜白斑病: a manifestation, not a name
             drop("a disease alias sharing no word with the name")
-        elif relation == "indication" and never_indicated(entity, value, data):
+        elif relation in ("indication", "function_indication") and re.match(data["not_indications"], value):
+            drop("a tongue or pulse sign is no indication")
+        elif relation == "population" and any(part in entity.name
+                                              for part in data["population_in_name"].get(value, ())):
+            drop("a group the name states already")
+        elif relation == "adverse" and any(value in caution for caution in cautions) and not is_key_adverse(
+                entity, value, data):
+            drop("a condition its cautions name (维U颠茄铝胶囊 'causes' 肾功能不全)")
+        elif relation == "adverse" and any(part in entity.name for part in data["harmless_effects"].get(value, ())):
+            drop("a harmless expected effect the alarm rules would take for an emergency (硫酸亚铁片: 黑便)")
+        elif relation == "adverse" and is_patent_medicine(entity) and any(
+                word in value for word in data["patent_medicine_not_adverse"]):
+            drop("an infection as an adverse effect of a patent medicine (its indication)")
+        elif relation in ("indication", "function_indication") and never_indicated(entity, value, data):
             drop("an indication the drug's kind never has")
         elif least and held < least and value not in words and value not in graph.names and not (
                 endings and value.endswith(endings)):
@@ -211,30 +261,54 @@ def curated_values(entity: Entity, relation: str, values: tuple[str, ...], graph
             kept.append(value)
     if relation in ("symptom", "adverse", "complication", "indication", "function_indication", "test"):
         repeats = [value for value in kept if (value not in words or relation != "symptom") and any(
-            other != value and other in value and len(value) - len(other) <= 2 for other in kept)]
+            other != value and other in value and (len(value) - len(other) <= 2 or other == _NOTE.sub("", value))
+            for other in kept)]  # 心电图检查 beside 心电图（ECG）检查
         drop("near repeat in one list", len(repeats))
         kept = [value for value in kept if value not in repeats]
+    if relation == "ingredient" and graph.large:
+        bare = {_NOTE.sub("", value): value for value in reversed(kept)}  # 三棱（醋炙）and 三棱（醋灸）: the first
+        known = {value for value, count in holders.items() if count > 1} | graph.herbs  # 山药, 竹叶
+        joined = [value for value in kept if value not in known and any(
+            value[:cut] in known and value[cut:] in known for cut in range(2, len(value) - 1))]
+        drop("two herbs run together (竹叶防风)", len(joined))
+        kept = [value for value in kept if bare[_NOTE.sub("", value)] == value and value not in joined]
+        chemical = re.compile("|".join(data["chemical_marks"]))
+        herbs = sum(is_herb(value, graph.herbs, data) for value in kept)
+        if herbs < 2 or herbs * 2 < len(kept) or any(chemical.search(value) for value in kept):
+            drop("not a herbal composition (a label mixes in excipients; a chemical active would be hidden: 感冒灵片's "
+                 "对乙酰氨基酚)", len(kept))
+            return ()
     if relation == "ingredient":  # 麻黄 beside 盐酸伪麻黄碱 is a piece of it, not another ingredient
         pieces = [value for value in kept if any(value != other and value in other for other in kept)]
         drop("a piece of another ingredient", len(pieces))
         kept = [value for value in kept if value not in pieces]
     counts = holders if graph.large else None
+    if relation == "adverse" and ((entity.name.endswith(tuple(data["local_forms"])) and sum(
+            value in data["systemic_effects"] for value in kept) >= 2) or (not any(
+            word in name for name in (entity.name, *entity.values("generic_name"))
+            for word in data["route_forms"]["injection_names"]) and any("注射部位" in value for value in kept))):
+        drop("a local form with the systemic drug's adverse effects (氟康唑滴眼液: 恶心、呕吐)", len(kept))
+        return ()
     if relation == "adverse" and missing_key_adverse(entity, kept, data):
         drop("a list without the key adverse effect of its kind (格列本脲片 without 低血糖)", len(kept))
         return ()
     if relation == "adverse":
         kept = _rank(kept, (), counts)
-        key = [value for value in kept if any(part in entity.name for part in data["key_adverse"].get(value, ()))]
+        key = [value for value in kept if is_key_adverse(entity, value, data)]
         serious = [value for value in kept if value not in key
-                   and any(word in value for word in emergencies().serious_adverse)][:MOST_SERIOUS_FIRST]
-        kept = key + serious + [value for value in kept if value not in key and value not in serious]
+                   and any(word in value for word in emergencies().serious_adverse)][:MOST_SERIOUS_SHOWN]
+        common = [value for value in kept if value not in key and value not in serious]
+        room = max(predicate_map().relations["adverse"].max_items - len(key) - len(serious), 0)
+        kept = key + common[:room] + serious + common[room:]  # "常见不良反应" never leads with 休克
     elif relation == "complication":
         kept = _rank(kept, data["major_complications"], counts)
     elif relation in ("indication", "function_indication") and graph.large:
         kept = _rank(kept, data["common_diseases"], counts)
+    elif relation == "symptom" and graph.large and len(kept) <= 3 and all(map(words.nonspecific, kept)):
+        drop("only a few non-specific symptoms left (强迫性障碍: 发热、体重下降、关节痛)", len(kept))
+        return ()
     elif relation == "symptom" and graph.large:
-        kept = sorted(kept, key=lambda value: (not words.specific(value), bool(alarm_symptoms([value])),
-                                               -holders[value]))
+        kept = _symptoms_ranked(kept, words, set(data["severe_states"]), holders)
     if relation == "contagious" and graph.large and kept == ["无"]:
         drop("a 'not contagious' the graph states for infections too (小儿扁桃体炎)")
         return ()
@@ -249,6 +323,8 @@ def curated_values(entity: Entity, relation: str, values: tuple[str, ...], graph
         wrong = [value for value in kept if not route_fits(entity.name, value, data)]
         drop("a route its dosage form rules out", len(wrong))
         kept = [value for value in kept if value not in wrong]
+    if relation == "nature":  # 味辛、味微苦、性温: the tastes, then the nature
+        kept.sort(key=lambda value: value.startswith("性"))
     if relation == "drug_class" and "中成药" in kept and len(kept) > 1:
         kept.remove("中成药")  # a chemical drug's second label (盐酸二甲双胍片: 中成药, 双胍类)
         drop("conflicting label")
@@ -269,7 +345,8 @@ def curate(entities: Sequence[Entity], stats: GraphStats, graph_key: str = "") -
             holders.setdefault(relation, Counter()).update(values)
     graph = GraphFacts(len(entities) >= int(data["large_graph"]), frozenset(e.name for e in entities),
                        frozenset(e.name for e in entities if e.kind == "disease"), holders,
-                       frozenset(data["relations_off"].get(graph_key, {})))
+                       frozenset(data["relations_off"].get(graph_key, {})),
+                       frozenset(e.name for e in entities if e.kind == "herb"))
     controlled = set(data["controlled"])
     stats.relations_off = dict(data["relations_off"].get(graph_key, {}))
     stats.entities_by_kind.clear()

@@ -25,7 +25,7 @@ from utils.builder.graph import Entity, generic_values
 from utils.builder.progress import Progress
 from utils.builder.questions import LABEL_RELATIONS
 from utils.builder.rows import Row
-from utils.builder.safety import bigrams, contentless, dose_or_frequency, jaccard
+from utils.builder.safety import bigrams, contentless, dose_or_frequency, jaccard, without_names
 
 NUM_PERM = 64
 CHUNK = 4096
@@ -52,7 +52,7 @@ class GateCounts:
 
 def content_problem(row: Row) -> str | None:
     """Why a template row may not be kept, or None."""
-    if dose_or_frequency(row.output):
+    if dose_or_frequency(without_names(row.output, row.entities)):
         return "dose or frequency in the answer"
     generic = generic_values()
     if row.relation not in LABEL_RELATIONS and not any(value not in generic for value in row.values):

@@ -249,6 +249,9 @@ _NOTE = re.compile(r"[（(][^（）()]*[\d%％名例][^（）()]*[）)]")  # 腹
 _CITATION = re.compile(r"[（(]?《[^》]*》[^）)]*[）)]?")
 _SPACES_NEAR_CJK = re.compile(r"(?<=[\u3400-\u9fff])\s+|\s+(?=[\u3400-\u9fff])")
 _ALWAYS_SPLIT = "；;、"
+# A strength in a product's name (米非司酮片10mg, 安平10%): one product among several of that name. Only Arabic digits
+# with a unit of strength: 三七片, 维生素B12片, 十滴水 are names, not doses.
+_STRENGTH = re.compile(r"\d+(?:\.\d+)?\s*(?:mg|g|ml|μg|ug|IU|%|％|万单位|毫克|克|毫升)(?![A-Za-z])", re.IGNORECASE)
 _CODE_LIKE = re.compile(r"^(?:[A-Z]\d{2}(?:\.\d+)?|[A-Z0-9]{1,3}\d[A-Z0-9./—-]*|[\W\d_]+)$")
 _ACRONYM = re.compile(r"^[A-Za-z][A-Za-z0-9+\-/ ]{0,11}$")
 ACRONYM_RELATIONS = {"test", "histology", "surgery", "treatment", "drug_treatment", "english_name"}
@@ -266,6 +269,9 @@ class Cleaner:
     boilerplate: tuple[str, ...]
     boilerplate_patterns: re.Pattern[str]
     split_protected: tuple[str, ...]
+    organ_list: re.Pattern[str]  # the 、 of 肝、肾功能: not a separator
+    variants: dict[int, str]  # str.translate table: 甙 -> 苷
+    ocr_fixes: dict[str, str]  # l岁 -> 1岁
     fragment_values: frozenset[str]
     person_endings: tuple[str, ...]
     person_exclude: tuple[str, ...]
@@ -293,6 +299,9 @@ def cleaner() -> Cleaner:
         generic=frozenset(data["generic_values"]), boilerplate=tuple(data["boilerplate_parts"]),
         boilerplate_patterns=re.compile("|".join(f"(?:{pattern})" for pattern in data["boilerplate_patterns"])),
         split_protected=tuple(sorted(data["split_protected"], key=len, reverse=True)),
+        organ_list=re.compile("([{0}])、(?=[{0}](?:、[{0}])*(?:{1}))".format(
+            data["organ_lists"]["organs"], "|".join(data["organ_lists"]["shared"]))),
+        variants=str.maketrans(data["variant_characters"]), ocr_fixes=dict(data["ocr_fixes"]),
         fragment_values=frozenset(data["fragment_values"]),
         person_endings=tuple(data["person_endings"]), person_exclude=tuple(data["person_exclude"]),
         excipients=frozenset(data["excipients"]), excipient_parts=tuple(data["excipient_parts"]),
@@ -388,7 +397,9 @@ def _clean_pieces(relation: str, value: str) -> tuple[tuple[str, ...], tuple[str
     """(kept pieces, reasons for dropped pieces) of one raw value, independent of the entity (hence cached)."""
     spec, clean = predicate_map().relations[relation], cleaner()
     text = _CITATION.sub("", _NOTE.sub("", value.replace("\u3000", " ")))
-    text = text if spec.latin else _SPACES_NEAR_CJK.sub("", text)
+    text = text if spec.latin else clean.organ_list.sub(r"\1", _SPACES_NEAR_CJK.sub("", text)).translate(clean.variants)
+    for misread, meant in clean.ocr_fixes.items():
+        text = text.replace(misread, meant)
     if dose_or_frequency(text):  # a value with a dose in it is dropped whole: its other pieces are instructions too
         return (), ("dose or frequency",)
     pieces = [text] if spec.keep_whole else split_value(text, tuple(_ALWAYS_SPLIT) + spec.split, clean.split_protected)
@@ -409,7 +420,7 @@ def _clean_pieces(relation: str, value: str) -> tuple[tuple[str, ...], tuple[str
     return tuple(kept), tuple(dropped)
 
 
-def _special_values(relation: str, values: Iterable[str], clean: Cleaner) -> list[str]:
+def _special_values(relation: str, values: Iterable[str], clean: Cleaner, name: str) -> list[str]:
     """Relations whose values are labels rather than facts to list."""
     values = list(values)
     if relation == "contagious":
@@ -437,7 +448,9 @@ def _special_values(relation: str, values: Iterable[str], clean: Cleaner) -> lis
                     routes.append(route)
         return routes
     if relation == "test_category":
-        return [clean.test_categories[value.strip()] for value in values if value.strip() in clean.test_categories]
+        return [clean.test_categories[value.strip()] for value in values if value.strip() in clean.test_categories
+                and value.strip() not in name and clean.test_categories[value.strip()] not in name]
+        # 免疫学检测 "is an immunological test", 泌尿系统CT检查 "a CT" restate the name
     return []
 
 
@@ -450,8 +463,9 @@ def clean_values(relation: str, values: Iterable[str], entity_name: str, dropped
     (the reasons are counted into `dropped`)."""
     clean = cleaner()
     if relation in SPECIAL_RELATIONS:
-        return _special_values(relation, values, clean)
+        return _special_values(relation, values, clean, entity_name)
     spec = predicate_map().relations[relation]
+    values = list(values)
     kept: list[str] = []
     named_in_name = 0
     for value in values:
@@ -469,6 +483,9 @@ def clean_values(relation: str, values: Iterable[str], entity_name: str, dropped
                 continue
             if piece not in kept:
                 kept.append(piece)
+    # an excipient the name states is the active ingredient there (开塞露（含甘油）: 甘油, not its preservative)
+    named_in_name += relation == "ingredient" and any(value.strip() in clean.excipients and value.strip() in entity_name
+                                                      for value in values)
     if relation == "ingredient" and named_in_name and not entity_name.startswith("复方"):
         # the active ingredient is the product's name (注射用盐酸头孢吡肟, 肝素钠软膏): what is left is its base and
         # excipients (L-精氨酸, 白凡士林), no answer to "what does it contain"; a compound (复方…) keeps the others
@@ -531,8 +548,8 @@ def build_entity(raw: RawEntity, pmap: PredicateMap, stats: GraphStats) -> Entit
     """The clean entity of a raw one, or None (no usable name, no usable fact)."""
     stats.subjects += 1
     stats.facts += sum(len(values) for _, values in raw.predicates)
-    if dose_or_frequency(raw.name) or len(raw.name) > 40:
-        stats.skipped_entities["name holds a dose or is too long"] += 1
+    if _STRENGTH.search(raw.name) or len(raw.name) > 40:
+        stats.skipped_entities["name holds a strength or is too long"] += 1
         return None
     raw = RawEntity(entity_name(raw.name), raw.stated_kind, raw.predicates, raw.where)
     kind = pmap.kind_of(raw)

@@ -23,7 +23,7 @@ from utils.builder.graph import Entity
 from utils.builder.progress import progress_bar
 from utils.builder.questions import interleave, single_entity_rows
 from utils.builder.rows import Row, rng_for
-from utils.builder.safety import with_care_advice
+from utils.builder.safety import stopped_gradually, with_care_advice
 from utils.core.errors import UserError
 
 KINDS = ("fact", "case", "multi_fact", "dialogue", "reverse", "compare", "multi_hop", "vignette", "differential")
@@ -87,10 +87,14 @@ def entity_rows(entity: Entity, index: GraphIndex, options: TemplateOptions, com
     return (own + interleave(groups))[: options.per_entity]
 
 
-def with_safety(row: Row) -> Row:
-    """The row with the care advice its question and answer call for (safety.care_advice)."""
+def with_safety(row: Row, subject: Entity | None = None) -> Row:
+    """The row with the care advice its question and answer call for (safety.care_advice); `subject`, the row's
+    entity, tells more: a brand's generic names (诺和灵30R笔芯 is an insulin, never to be stopped on one's own) and
+    a precaution against stopping it abruptly."""
     question = row.instruction.rsplit("<user>:", 1)[-1]
-    answer = with_care_advice(question, row.output, "adverse" in row.relation, row.entities)
+    generic = subject.values("generic_name") if subject else ()
+    keep = bool(subject) and stopped_gradually("".join(subject.values("precaution")))
+    answer = with_care_advice(question, row.output, "adverse" in row.relation, (*row.entities, *generic), keep)
     return row if answer == row.output else replace(row, output=answer)
 
 
@@ -102,4 +106,5 @@ def template_rows(entities: Sequence[Entity], options: TemplateOptions, progress
     for entity in progress_bar(entities, "building rows", "entities", progress):
         rows.extend(entity_rows(entity, index, options, compared))
     rows.extend(reverse_rows(index, options.seed, options.kinds, progress))
-    return [with_safety(row) for row in rows]
+    by_name = {entity.name: entity for entity in entities}
+    return [with_safety(row, by_name.get(row.entities[0]) if row.entities else None) for row in rows]

@@ -27,7 +27,7 @@ from utils.builder.curation import vocabulary
 from utils.builder.gates import ADDS_CONTENT, fact_units, named_in, row_pairs
 from utils.builder.graph import Entity, predicate_map
 from utils.builder.rows import Row
-from utils.builder.safety import care_advice, contentless, dosing, items, reassurance
+from utils.builder.safety import care_advice, contentless, dosing, items, reassurance, without_names
 
 
 @cache
@@ -83,7 +83,7 @@ def lint(rows: Sequence[Row], entities: Sequence[Entity], eval_pairs: AbstractSe
         adverse = "adverse" in row.relation or "不良反应" in row.output or "副作用" in row.output
         counts["alarm_sign_without_120"] += bool(care_advice(question, row.output, adverse, row.entities))
         counts["single_diagnosis_from_few_nonspecific_symptoms"] += single_diagnosis_unsupported(row)
-        counts["dose_or_interval"] += bool(dosing(row.output))
+        counts["dose_or_interval"] += bool(dosing(without_names(row.output, row.entities)))
         counts["tautology"] += tautology(row, subjects)
         counts["excipient"] += excipient(row)
         counts["invented_reassurance"] += bool(reassurance(row.output))

@@ -53,6 +53,7 @@ from utils.builder.safety import (
     reassurance,
     risky_instruction,
     stated_numbers,
+    stopped_gradually,
     with_care_advice,
     without_allowed_phrases,
 )
@@ -277,9 +278,10 @@ def _acceptor(entity: Entity, kind: str, lexicon: Lexicon) -> Acceptor:
             relations = tuple(relation for relation, values in entity.facts.items() if set(values) & set(used))
             predicates = tuple(dict.fromkeys(p for relation in relations for p in entity.sources.get(relation, ())))
             adverse = "adverse" in relations or "不良反应" in answer or "副作用" in answer
-            rows.append(Row(question, with_care_advice(question, answer, adverse, (entity.name,)), f"llm_{kind}",
-                            (entity.name,),
-                            predicates, "+".join(relations), used))
+            names = (entity.name, *entity.values("generic_name"))  # a brand of insulin is never stopped alone
+            keep = stopped_gradually("".join(entity.values("precaution")))
+            rows.append(Row(question, with_care_advice(question, answer, adverse, names, keep), f"llm_{kind}",
+                            (entity.name,), predicates, "+".join(relations), used))
         return rows, filtered
 
     return accept

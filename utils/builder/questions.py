@@ -12,7 +12,7 @@ from collections.abc import Set as AbstractSet
 from utils.builder import resources
 from utils.builder.graph import SPECIAL_RELATIONS, Entity
 from utils.builder.rows import Row, capped, fill, join, phrasing, sources
-from utils.builder.safety import alarms, care_advice, keeps_taking
+from utils.builder.safety import alarms, care_advice, keeps_taking, stopped_gradually
 
 # Relations whose answers are labels: asked through their own phrasing tables, never combined or put in dialogues.
 LABEL_RELATIONS = ("contagious", "prescription", "toxicity")
@@ -160,13 +160,20 @@ def confirmed_rows(entity: Entity, rng: random.Random) -> list[Row]:
     return rows
 
 
+def counselled(effects: Sequence[str], shown: int = 3) -> list[str]:
+    """The adverse effects a counselling answer names: the first ones of the ranked list (the key effect of the drug's
+    class, the common ones) and its first serious one, which a patient must know to act on."""
+    serious = [effect for effect in effects if alarms(f"可能引起{effect}", adverse_context=True).adverse][:1]
+    return [effect for effect in effects if effect not in serious][: shown - len(serious)] + serious
+
+
 def drug_case_rows(entity: Entity, rng: random.Random) -> list[Row]:
     """Questions a patient asks about a prescribed drug; the answers never advise stopping or changing it alone."""
     table = resources.phrasings()["cases"]
     patient = rng.choice(resources.phrasings()["vignette"]["patients"])
     parts, used, named = [], [], []
     for relation, limit in (("adverse", 3), ("contraindication", None), ("precaution", None)):
-        values = capped(entity, relation, limit)
+        values = counselled(capped(entity, relation)) if relation == "adverse" else capped(entity, relation, limit)
         if values:
             part = fill(table["drug_notes_parts"][relation], e=entity.name, v=join(values))
             parts.append(part.removeprefix(entity.name + "的") if used else part)
@@ -180,7 +187,9 @@ def drug_case_rows(entity: Entity, rng: random.Random) -> list[Row]:
     adverse = capped(entity, "adverse")
     for effect in rng.sample(adverse, min(1, len(adverse))):
         question = fill(rng.choice(table["drug_effect"]), p=patient, e=entity.name, x=effect)
-        serious = alarms(f"可能引起{effect}", adverse_context=True).adverse and not keeps_taking(entity.name)
+        serious = alarms(f"可能引起{effect}", adverse_context=True).adverse and not any(
+            keeps_taking(name) for name in (entity.name, *entity.values("generic_name"))) and not stopped_gradually(
+            "".join(entity.values("precaution")))
         answer = fill(rng.choice(table["drug_effect_serious_answer" if serious else "drug_effect_answer"]),
                       e=entity.name, x=effect)
         rows.append(Row(question, answer, "case", (entity.name,), sources(entity, "adverse"), "adverse", (effect,)))

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from utils.builder import resources
-from utils.builder.safety import contentless, dosing
+from utils.builder.safety import contentless, dosing, without_names
 
 SAMPLE_ROWS = 4528  # the size of the project's own data/llama_data.json when the target was set
 TOP_PREDICATES = 40
@@ -71,7 +71,8 @@ def row_metrics(records: Sequence[dict[str, Any]], seed: int) -> dict[str, Any]:
         "distinct_question_bigrams_sample": distinct_bigram_ratio(sample(questions, SAMPLE_ROWS, seed)),
         "sample_rows": min(SAMPLE_ROWS, len(questions)),
         "distinct_question_bigrams_all": distinct_bigram_ratio(questions),
-        "rows_with_dose_or_interval": sum(1 for answer in answers if dosing(answer)),
+        "rows_with_dose_or_interval": sum(1 for answer, entity in zip(answers, names, strict=True)
+                                          if dosing(without_names(answer, entity))),
         "contentless_rows": sum(1 for answer, entity in zip(answers, names, strict=True)
                                 if contentless(answer, entity)),
         "question_length": lengths(questions),

@@ -39,7 +39,9 @@ def _dose_pattern() -> re.Pattern[str]:
     latin = [re.escape(unit) + r"(?![A-Za-z])" for unit in units if re.fullmatch(r"[A-Za-z/]+", unit)]
     other = [re.escape(unit) for unit in units if not re.fullmatch(r"[A-Za-z/]+", unit)]
     number = _number()
-    return re.compile(rf"(?<![A-Za-z]){number}(?:\s*[-—–～~至到]\s*{number})?\s*(?:{'|'.join(latin + other)})")
+    mass = "|".join(re.escape(unit) for unit in sorted(resources.safety()["mass_units"], key=len, reverse=True))
+    return re.compile(rf"(?<![A-Za-z]){number}(?:\s*[-—–～~至到]\s*{number})?\s*(?:{'|'.join(latin + other)})"
+                      rf"|(?<=[A-Za-z])\d+(?:\.\d+)?\s*(?:{mass})(?![A-Za-z])")
 
 
 @cache
@@ -54,6 +56,13 @@ def dose_or_frequency(text: str) -> str | None:
     `6小时内重复服用`) in `text`, or None. Values and rows that hold one are dropped."""
     match = _dose_pattern().search(text) or _frequency_pattern().search(text)
     return match.group(0) if match else None
+
+
+def without_names(text: str, names: Iterable[str]) -> str:
+    """`text` with the entity names taken out: 三七片 and 维生素B12片 are names, not doses of 七 or 2 tablets."""
+    for name in sorted({name for name in names if name}, key=len, reverse=True):
+        text = text.replace(name, "")
+    return text
 
 
 def dosing(text: str) -> str | None:
@@ -273,9 +282,14 @@ def alarms(text: str, adverse_context: bool = False, names: Sequence[str] = ()) 
     diseases = [name for name in names if is_emergency_disease(name) and any(name in s for s in shown_sentences)]
     for piece in pieces:
         named = [name for name in known.diseases if name in piece]
-        if named and not any(part in piece for part in known.not_emergency_parts) and "预防" not in piece:
+        if named and not any(part in piece for part in (*known.not_emergency_parts, *data["prevention_words"])):
             diseases.append(max(named, key=len))
     return Alarms(tuple(dict.fromkeys(serious)), tuple(dict.fromkeys(symptoms)), tuple(dict.fromkeys(diseases)))
+
+
+def stopped_gradually(text: str) -> bool:
+    """Whether `text` (an answer, a drug's precautions) says the drug must not be stopped abruptly."""
+    return any(phrase in text for phrase in resources.emergencies()["keep_phrases"])
 
 
 def keeps_taking(drug: str) -> bool:
@@ -288,15 +302,16 @@ def _two(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else "、".join(names[:-1]) + "和" + names[-1]
 
 
-def care_advice(question: str, answer: str, adverse_context: bool = False, names: Sequence[str] = ()) -> str:
+def care_advice(question: str, answer: str, adverse_context: bool = False, names: Sequence[str] = (),
+                keep: bool = False) -> str:
     """The sentence an answer must end with, or "" when it needs none or already names 120: a serious adverse effect
     -> stop the drug and seek care now; an emergency disease or an alarm sign -> seek care now."""
     if "120" in answer:
         return ""
     shown = alarms(f"{question}\n{answer}", adverse_context, names)
     data = resources.emergencies()
-    if shown.adverse:
-        keep = any(keeps_taking(name) for name in names)
+    if shown.adverse:  # a drug not to be stopped abruptly (不应突然停止用药) is never 'stopped now' either
+        keep = keep or any(keeps_taking(name) for name in names) or stopped_gradually(answer)
         return data["adverse_keep_sentence" if keep else "adverse_sentence"].replace("{what}", _two(shown.adverse))
     if shown.diseases:
         return data["disease_sentence"].replace("{what}", shown.diseases[0])
@@ -305,8 +320,9 @@ def care_advice(question: str, answer: str, adverse_context: bool = False, names
     return ""
 
 
-def with_care_advice(question: str, answer: str, adverse_context: bool = False, names: Sequence[str] = ()) -> str:
-    return answer + care_advice(question, answer, adverse_context, names)
+def with_care_advice(question: str, answer: str, adverse_context: bool = False, names: Sequence[str] = (),
+                     keep: bool = False) -> str:
+    return answer + care_advice(question, answer, adverse_context, names, keep)
 
 
 # --- contentless answers and text similarity ----------------------------------------------------------------------
