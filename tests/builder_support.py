@@ -4,6 +4,7 @@ small graphs made by hand."""
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -68,3 +69,25 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+_CELL = re.compile(r"(?<!\\)\|")
+
+
+def review_table(heading: str) -> list[dict[str, str]]:
+    """The rows of the Markdown table after `heading` in docs/data_review.md, by column name (cells unescaped)."""
+    lines = (REPO / "docs" / "data_review.md").read_text(encoding="utf-8").split(heading, 1)[1].splitlines()
+    start = next(number for number, line in enumerate(lines) if line.startswith("|"))
+    header = [cell.strip() for cell in _CELL.split(lines[start])[1:-1]]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip().replace("\\|", "|") for cell in _CELL.split(line)[1:-1]]
+        rows.append(dict(zip(header, cells, strict=True)))
+    return rows
+
+
+def flat(text: str) -> str:
+    """A row's text as the review quotes it (a dialogue's turns on one line)."""
+    return text.replace("\n", " ").strip()
