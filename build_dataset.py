@@ -25,11 +25,12 @@ from utils.builder import llm_backend, resources
 from utils.builder import output as out
 from utils.builder.gates import GateCounts, LeakIndex, apply_gates
 from utils.builder.graph import load_entities
-from utils.builder.knowledge import TemplateOptions, template_rows
+from utils.builder.knowledge import TemplateOptions, template_options, template_rows
+from utils.builder.lint import lint
 from utils.builder.literature import dialogue_turns, literature_item, load_documents
 from utils.builder.literature import template_rows as literature_template_rows
 from utils.builder.llm_backend import ServerArgs
-from utils.builder.report import graph_report, row_metrics, summary_lines
+from utils.builder.report import entities_without_rows, graph_report, row_metrics, summary_lines
 from utils.builder.rows import Row
 from utils.core.cli import flag, run_cli
 from utils.core.errors import UserError, raise_problems
@@ -48,16 +49,18 @@ BACKENDS = ("template", "openai")
 # --- stages shared by both commands -------------------------------------------------------------------------------
 
 
-def eval_questions(exclude_questions: str) -> tuple[list[str], str]:
-    """The evaluation questions to keep out of training, and where they came from (`none` turns this off)."""
+def eval_questions(exclude_questions: str) -> tuple[list[str], list[str], str]:
+    """The evaluation questions to keep out of training, their golden answers (a diagnosis question is about the
+    diseases its answer names), and where they came from (`none` turns this off)."""
     if exclude_questions.lower() == "none":
-        return [], "none"
+        return [], [], "none"
     path = Path(exclude_questions)
     if exclude_questions == DEFAULT_EXCLUDE and not path.exists():
         path = REPO / DEFAULT_EXCLUDE  # the default names the project's own file, wherever the command runs
     located = read_records(path)
     check_string_fields(path, located, required=("instruction",))
-    return [row["instruction"] for _, row in located], str(path)
+    return ([row["instruction"] for _, row in located], [str(row.get("output", "")) for _, row in located],
+            str(path))
 
 
 def write_and_verify(output: Path, train: list[dict[str, Any]], validation: list[dict[str, Any]],
@@ -108,8 +111,15 @@ def run_llm(items: list[llm_backend.Item], output: Path, config: llm.ChatConfig,
 
 def keep_or_refuse(output: Path, resume: bool, counts: llm_backend.RunCounts, kept: list[Row]) -> None:
     """A fresh run that could not ask everything never replaces an existing output (it would lose rows), and a run
-    whose every request failed writes nothing (an empty file is no success)."""
-    existing = output.is_file() and output.read_text(encoding="utf-8").strip() not in ("", "[]")
+    whose every request failed writes nothing (an empty file is no success). An output that is not valid UTF-8 (torn
+    by an earlier crash) is an existing output like any other: kept when this run is incomplete, else replaced."""
+    data = output.read_bytes() if output.is_file() else b""
+    existing = data.strip() not in (b"", b"[]")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        print(f"warning: {output} is not valid UTF-8 (torn by an earlier run?): it is kept unless this run writes "
+              "the whole output anew")
     if existing and not resume and counts.skipped:
         raise UserError(f"{counts.skipped} of {counts.items} requests failed, so {output} was left as it was; this "
                         f"run's answers are kept in {llm_backend.sidecar(output, '.work.jsonl')}: rerun with "
@@ -134,17 +144,18 @@ def knowledge_rows(entities: Any, output: Path, server: ServerArgs, config: llm.
                    options: TemplateOptions, leaks: LeakIndex, near_duplicate: float, counts: GateCounts,
                    ) -> tuple[list[Row], dict[str, Any]] | None:
     """The gated rows (template, or asked of the server) and the report's extra part; None after a dry run."""
+    leaks.bind(entities)
     if config is None:
         rows = template_rows(entities, options, progress=True)
         return apply_gates(rows, leaks, near_duplicate, counts, progress=True), {}
-    items = llm_backend.knowledge_items(entities, kinds, options.per_entity)
+    items = llm_backend.knowledge_items(entities, kinds, options.per_entity, "vignette" in options.kinds)
     if server.dry_run:
         print("\n".join(llm_backend.dry_run_lines(items, options.per_entity, server.input_price, server.output_price)))
         return None
     manifest = manifest_for("knowledge", config, items, prompt_version=resources.prompts()["version"],
                             prompt_kinds=kinds, per_entity=options.per_entity)
     rows, done, run_counts = run_llm(items, output, config, manifest, server.concurrency, server.resume)
-    kept = apply_gates(rows, leaks, near_duplicate, counts, check_content=False)
+    kept = apply_gates(rows, leaks, near_duplicate, counts)
     keep_or_refuse(output, server.resume, run_counts, kept)
     return kept, {"llm": llm_backend.usage_report(items, done, server.input_price, server.output_price)}
 
@@ -177,11 +188,14 @@ class KnowledgeArgs(BuildArgs):
     val_fraction: float = flag(0.0, "also write this share of the rows to OUTPUT's .val file", low=0, below=1)
     hf_dataset: str = flag("", "also save a Hugging Face `datasets` folder here (save_to_disk; train and validation)")
     prompt_kinds: str = flag(PROMPT_KINDS, "openai: the prompt kinds to ask per entity, comma-separated")
+    question_kinds: str = flag("default", "kinds to build (fact,case,...,differential), or default (fewer for cmekg: "
+                                          "the report says why) or all")
 
 
 def knowledge(args: KnowledgeArgs) -> None:
     """Knowledge graph -> instruction rows (JSON Lines) and a report."""
     started = time.monotonic()
+    options, kinds_off = template_options(args.kb, args.question_kinds, args.seed, args.per_entity, args.turns)
     kinds = [kind.strip() for kind in args.prompt_kinds.split(",") if kind.strip()]
     unknown = [kind for kind in kinds if kind not in llm_backend.prompt_kinds()]
     raise_problems([f"--prompt_kinds: unknown kind {', '.join(unknown)} (known: "
@@ -190,13 +204,12 @@ def knowledge(args: KnowledgeArgs) -> None:
     excluded = [] if args.exclude_questions == "none" else [args.exclude_questions]
     output_path = out.check_paths(args.kb, "--kb", args.output, excluded, args.hf_dataset,
                                   validation=args.val_fraction > 0)
-    questions, exclude = eval_questions(args.exclude_questions)
+    questions, answers, exclude = eval_questions(args.exclude_questions)
     with RunLock(f"{output_path}.lock", f"--output {output_path}"):
         entities, stats = load_entities(args.kb, progress=True)
         counts = GateCounts()
-        built = knowledge_rows(entities, output_path, args, config, kinds,
-                               TemplateOptions(args.seed, args.per_entity, args.turns),
-                               LeakIndex(questions, args.leak_threshold), args.near_duplicate, counts)
+        leaks = LeakIndex(questions, args.leak_threshold, answers)
+        built = knowledge_rows(entities, output_path, args, config, kinds, options, leaks, args.near_duplicate, counts)
         if built is None:
             return
         kept, report_extra = built
@@ -205,6 +218,9 @@ def knowledge(args: KnowledgeArgs) -> None:
         train, validation = out.split_validation(records, args.val_fraction, args.seed)
         written = write_and_verify(output_path, train, validation, as_array=False)
         report = graph_report(stats, counts, args.seed, args.backend, exclude) | report_extra
+        report["kinds"] = {"built": sorted(options.kinds), "off": kinds_off}
+        report["lint"] = lint(kept, entities, leaks.pairs)
+        report["entities"]["without_rows"] = entities_without_rows(entities, kept, stats, counts)
         finish(output_path, report, records, written, args.hf_dataset, validation)
     print(f"took {time.monotonic() - started:.1f}s")
 

@@ -1,12 +1,15 @@
-"""Shared by the builder's tests: the real cMeKG graph read once per test session, small graphs made by hand."""
+"""Shared by the builder's tests: the real cMeKG graph read once per test session (curated as a build curates it),
+small graphs made by hand."""
 
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from utils.builder.curation import curate
 from utils.builder.graph import (
     Entity,
     GraphStats,
@@ -28,10 +31,17 @@ def cmekg_raw() -> tuple[RawEntity, ...]:
 
 
 @cache
-def cmekg_subset() -> tuple[Entity, ...]:
+def cmekg_entities() -> tuple[Entity, ...]:
+    """Every entity of cMeKG as `--kb cmekg` reads it: cleaned, then curated against the whole graph."""
     stats = GraphStats()
-    entities = (build_entity(raw, predicate_map(), stats) for raw in cmekg_raw()[::SUBSET_STEP])
-    return tuple(entity for entity in entities if entity is not None)
+    built = (build_entity(raw, predicate_map(), stats) for raw in cmekg_raw())
+    return tuple(curate([entity for entity in built if entity is not None], stats, "cmekg"))
+
+
+@cache
+def cmekg_subset() -> tuple[Entity, ...]:
+    """Every 12th entity of the curated graph: a deterministic subset of about 2,300 entities."""
+    return cmekg_entities()[::SUBSET_STEP]
 
 
 @cache
@@ -46,10 +56,10 @@ def cmekg_neighbourhood(*words: str) -> tuple[Entity, ...]:
 
 
 def entities_from(graph: dict[str, dict[str, list[str]]]) -> list[Entity]:
-    """Clean entities of a hand-made {subject: {predicate: [values]}} graph (cMeKG's shape)."""
+    """Clean, curated entities of a hand-made {subject: {predicate: [values]}} graph (cMeKG's shape)."""
     stats = GraphStats()
     built = (build_entity(raw, predicate_map(), stats) for raw in graph_from_mapping(graph, "test graph"))
-    return [entity for entity in built if entity is not None]
+    return curate([entity for entity in built if entity is not None], stats)
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -59,3 +69,25 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+_CELL = re.compile(r"(?<!\\)\|")
+
+
+def review_table(heading: str) -> list[dict[str, str]]:
+    """The rows of the Markdown table after `heading` in docs/data_review.md, by column name (cells unescaped)."""
+    lines = (REPO / "docs" / "data_review.md").read_text(encoding="utf-8").split(heading, 1)[1].splitlines()
+    start = next(number for number, line in enumerate(lines) if line.startswith("|"))
+    header = [cell.strip() for cell in _CELL.split(lines[start])[1:-1]]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip().replace("\\|", "|") for cell in _CELL.split(line)[1:-1]]
+        rows.append(dict(zip(header, cells, strict=True)))
+    return rows
+
+
+def flat(text: str) -> str:
+    """A row's text as the review quotes it (a dialogue's turns on one line)."""
+    return text.replace("\n", " ").strip()

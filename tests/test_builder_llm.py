@@ -1,5 +1,6 @@
-"""The LLM backend against a loopback fake OpenAI server (never the network): grounding and safety filters, several
-prompt kinds, the run manifest, exact resume, nothing lost when the server fails, usage and cost, --dry_run."""
+"""The LLM backend against a loopback fake OpenAI server (never the network): grounding and safety filters (every
+hostile answer class, on the own knowledge base and on cMeKG's vocabulary), several prompt kinds, the run manifest,
+exact resume, nothing lost when the server fails (or when the output was torn), usage and cost, --dry_run."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-from builder_support import entities_from, read_jsonl, write_jsonl
+from builder_support import REPO, cmekg_entities, entities_from, read_jsonl, write_jsonl
 
 import build_dataset as bd
 from tests.fake_openai import FakeOpenAI, Reply, last_user_message, scripted
+from utils.builder.graph import load_entities
 from utils.builder.llm_backend import Lexicon, grounding_problem, sidecar
 from utils.core.errors import UserError
 from utils.core.io import RunLock
@@ -18,7 +20,8 @@ from utils.core.io import RunLock
 KB = [
     {"中心词": "甲氨蝶呤", "类型": "药物", "药物类别": ["抗代谢药"], "用途": ["类风湿关节炎", "银屑病"],
      "不良反应": ["肝功能损害", "骨髓抑制", "口腔溃疡"], "禁忌": ["妊娠期"], "用法用量": ["遵医嘱"]},
-    {"中心词": "甲病", "类型": "疾病", "相关症状": ["发热", "咳嗽"], "所属科室": ["呼吸内科"], "药物治疗": ["药甲"]},
+    {"中心词": "甲病", "类型": "疾病", "相关症状": ["发热", "咳嗽", "吸气性喉鸣"], "所属科室": ["呼吸内科"],
+     "药物治疗": ["药甲"]},
     {"中心词": "药甲", "类型": "药物", "用途": ["退热"], "不良反应": ["恶心", "皮疹"]},
 ]
 GOOD_MTX = ("甲氨蝶呤能治什么？", "甲氨蝶呤可用于类风湿关节炎和银屑病，需在医生指导下使用。")
@@ -89,6 +92,113 @@ def test_grounding_rejects_daily_methotrexate_invented_doses_absolutes_and_forei
     # the same words, negated, are sound advice
     assert grounding_problem("甲氨蝶呤用于类风湿关节炎，服药期间避免饮酒，不要自行停药，注意肝功能损害。", mtx,
                              lexicon) is None
+
+
+OWN_KB = REPO / "data" / "knowledge_base.jsonl"
+# Hostile answers of every class the review found, each otherwise grounded in the entity's facts (own KB's 华法林 and
+# 急性心肌梗死), with the reason each must be rejected for.
+HOSTILE = {
+    "华法林": [
+        ("华法林用于心房颤动患者预防脑卒中，妊娠期也适合使用。", "contradicts a listed contraindication"),
+        ("华法林用于预防和治疗静脉血栓栓塞症，不要紧张自行停药即可。", "risky instruction"),
+        ("华法林用于心房颤动患者预防脑卒中，出血时剂量减半或暂停几天。", "risky instruction"),
+        ("华法林用于心房颤动患者预防脑卒中，症状好转后不用再吃了。", "delays or stops care"),
+        ("华法林用于预防和治疗静脉血栓栓塞症，也可以换成佐拉沙坦。", "names a drug the graph does not link"),
+        ("华法林用于心房颤动患者预防脑卒中，和阿司匹林一起用更好。", "asserts a term not among the entity's facts"),
+        ("华法林用于心房颤动患者预防脑卒中，不用担心出血。", "reassurance the graph does not state"),
+    ],
+    "急性心肌梗死": [
+        ("急性心肌梗死常表现为胸痛、胸闷，可以先在家休息观察，第二天再去医院。", "delays or stops care"),
+    ],
+}
+KEPT = {
+    "华法林": ["华法林用于心房颤动患者预防脑卒中，用药期间需定期监测凝血功能，请在医生指导下使用。",
+            "华法林可能引起出血，用药期间需定期监测凝血功能，如出现严重出血应立即就医，必要时拨打120。",
+            "华法林的禁忌包括活动性出血和妊娠期。"],
+    "急性心肌梗死": ["急性心肌梗死常表现为胸痛、胸闷和大汗，应立即拨打120。",
+               "急性心肌梗死可能并发心律失常和心力衰竭。"],
+}
+
+
+def test_grounding_rejects_every_hostile_class_and_keeps_the_safety_phrases_on_the_own_kb() -> None:
+    entities, _ = load_entities(str(OWN_KB))
+    lexicon = Lexicon.of(entities)
+    by_name = {entity.name: entity for entity in entities}
+    for name, answers in HOSTILE.items():
+        for answer, why in answers:
+            problem = grounding_problem(answer, by_name[name], lexicon)
+            assert problem is not None and problem.startswith(why), (answer, problem)
+    for name, answers in KEPT.items():
+        for answer in answers:
+            assert grounding_problem(answer, by_name[name], lexicon) is None, answer
+    # the graph's own advice is no risky instruction of the model's (a drug's 手术前需暂停用药)
+    (drug,) = entities_from({"甲药": {"适应症": ["甲病"], "注意事项": ["手术前需暂停用药"]}})
+    assert grounding_problem("甲药可用于甲病，手术前需暂停用药。", drug, Lexicon.of([drug])) is None
+    assert grounding_problem("甲药可用于甲病，手术前需暂停用药，出院后也可暂停几天。", drug, Lexicon.of([drug]))
+
+
+def test_grounding_keeps_the_safety_phrases_and_rejects_hostile_answers_on_the_cmekg_vocabulary() -> None:
+    entities = list(cmekg_entities())
+    lexicon = Lexicon.of(entities)
+    drug = next(e for e in entities if e.values("contraindication") == ("孕妇禁用",) and len(e.values("adverse")) >= 2
+                and not [value for value in e.values("adverse") if "停" in value])
+    lead = f"{drug.name}可能引起{drug.values('adverse')[0]}、{drug.values('adverse')[1]}，"
+    good = lead + "用药期间如有不适请在医生指导下使用，出现严重过敏时拨打120。"
+    assert grounding_problem(good, drug, lexicon) is None
+    for answer, why in (("孕妇也可以服用。", "contradicts a listed contraindication"),
+                        ("不要紧张自行停药即可。", "risky instruction"),
+                        ("疼痛好转后不用再吃。", "delays or stops care"),
+                        ("也可以加用佐拉沙星。", "names a drug the graph does not link"),
+                        ("也可以加用布洛芬。", "names a drug the graph does not link"),
+                        ("也可用于治疗肺炎。", "asserts a term not among the entity's facts")):
+        problem = grounding_problem(lead + answer, drug, lexicon)
+        assert problem is not None and problem.startswith(why), (answer, problem)
+
+
+def own_kb_replies(body: dict) -> Reply:
+    message = last_user_message(body)
+    name = next(name for name in HOSTILE if f"“{name}”" in message)
+    pairs = [(f"关于{name}的问题{number}", answer) for number, answer in
+             enumerate([answer for answer, _ in HOSTILE[name]] + KEPT[name])]
+    return Reply(content=qa_json(pairs))
+
+
+def test_hostile_answers_from_the_server_never_reach_the_output(tmp_path: Path, api_env: str,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """End to end through the fake server on the own KB's entries: only the kept answers are written, an emergency
+    answer without 120 gets the care advice (the template rows' safety module), and the report's lint agrees."""
+    lines = [line for line in OWN_KB.read_text(encoding="utf-8").splitlines()
+             if json.loads(line)["中心词"] in HOSTILE]
+    kb = tmp_path / "kb.jsonl"
+    kb.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "rows.json"
+    with FakeOpenAI(own_kb_replies) as server:
+        run(server, kb, out, api_env, prompt_kinds="facts")
+    outputs = [row["output"] for row in read_jsonl(out)]
+    hostile = [answer for answers in HOSTILE.values() for answer, _ in answers]
+    assert not [text for text in outputs if any(text.startswith(answer) for answer in hostile)]
+    assert len(outputs) == sum(len(answers) for answers in KEPT.values())
+    no_120 = next(text for text in outputs if text.startswith("急性心肌梗死可能并发心律失常和心力衰竭。"))
+    assert "立即就医" in no_120 and "120" in no_120
+    report = json.loads((tmp_path / "rows.json.report.json").read_text(encoding="utf-8"))
+    assert report["lint"]["alarm_sign_without_120"] == 0 and report["lint"]["invented_reassurance"] == 0
+    assert "delays or stops care" in capsys.readouterr().out
+
+
+def test_a_torn_output_is_an_existing_output_not_a_traceback(tmp_path: Path, api_env: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """An output torn by an earlier crash (not valid UTF-8) is kept when the server fails, with one error line, and
+    replaced by a run that completes; never a UnicodeDecodeError."""
+    kb = write_jsonl(tmp_path / "kb.jsonl", KB)
+    out = tmp_path / "rows.json"
+    torn = '{"instruction": "甲'.encode()[:-1]
+    out.write_bytes(torn)
+    with FakeOpenAI(lambda body: Reply(status=500)) as server, pytest.raises(UserError, match="left as it was"):
+        run(server, kb, out, api_env, max_retries=0)
+    assert out.read_bytes() == torn and "not valid UTF-8" in capsys.readouterr().out
+    with FakeOpenAI(by_entity) as server:
+        run(server, kb, out, api_env)
+    assert read_jsonl(out)
 
 
 def test_only_trusted_answers_are_kept_from_several_prompt_kinds(tmp_path: Path, api_env: str,

@@ -1,5 +1,6 @@
-"""Question kinds: the vignette rule, emergencies, question/answer agreement, comparisons, multi-hop, dialogues, and
-the quality of rows built from a deterministic subset of the real cMeKG graph."""
+"""Question kinds: the vignette rule, differentials, emergencies, question/answer agreement, comparisons, multi-hop,
+dialogues, each relation answered once, every kind of entity yielding rows, and the quality of rows built from a
+deterministic subset of the real cMeKG graph."""
 
 from __future__ import annotations
 
@@ -7,22 +8,24 @@ import random
 import re
 
 import pytest
-from builder_support import SUBSET_STEP, cmekg_neighbourhood, cmekg_raw, cmekg_subset, entities_from
+from builder_support import cmekg_neighbourhood, cmekg_raw, cmekg_subset, entities_from
 
 from utils.builder import resources
 from utils.builder.crossing import GraphIndex, comparison_rows, multi_hop_rows, vignette_rows
 from utils.builder.gates import GateCounts, LeakIndex, apply_gates
-from utils.builder.graph import predicate_map
-from utils.builder.knowledge import TemplateOptions, entity_rows, template_rows
+from utils.builder.graph import entity_name, predicate_map
+from utils.builder.knowledge import TemplateOptions, entity_rows, template_options, template_rows, with_safety
+from utils.builder.lint import lint
 from utils.builder.literature import dialogue_turns
 from utils.builder.questions import fact_rows
 from utils.builder.report import SAMPLE_ROWS, distinct_bigram_ratio, duplicate_rate, sample
-from utils.builder.rows import is_emergency_disease
-from utils.builder.safety import contentless, dose_or_frequency
+from utils.builder.safety import contentless, dose_or_frequency, is_emergency_disease, without_names
 
 GRAPH = {
-    # 咳嗽 and 咳痰 together: 甲病 and 乙病 (ambiguous); 咳嗽 and 盗汗: only 甲病 (unique)
-    "甲病": {"常见症状": ["咳嗽", "咳痰", "盗汗"], "就诊科室": ["呼吸内科"], "检查": ["胸部CT"], "药物治疗": ["甲药"],
+    # 咳嗽 and 咳痰 together: 甲病 and 乙病 (ambiguous, a differential); 咳嗽 and 盗汗: only 甲病, but two non-specific
+    # symptoms never make one diagnosis; four with at most two non-specific ones may (痰中带血, 声音嘶哑)
+    "甲病": {"常见症状": ["咳嗽", "咳痰", "盗汗", "痰中带血", "声音嘶哑"], "就诊科室": ["呼吸内科"], "检查": ["胸部CT"],
+           "药物治疗": ["甲药"],
            "多发群体": ["老年人"], "高危因素": ["吸烟"], "并发症": ["丙病"], "常见病因": ["感染"]},
     "乙病": {"常见症状": ["咳嗽", "咳痰", "咯血"], "就诊科室": ["呼吸内科"], "检查": ["痰培养"],
            "常见病因": ["感染", "吸烟"]},
@@ -46,8 +49,9 @@ def named(entities: list, name: str):
 
 def test_an_ambiguous_symptom_set_gets_a_differential_and_a_unique_one_a_diagnosis(small) -> None:
     entities, index = small
-    assert index.candidates(("咳嗽", "咳痰")) == ["乙病", "甲病"]
-    assert index.candidates(("咳嗽", "盗汗")) == ["甲病"]
+    assert index.candidates(("咳嗽", "咳痰")) == ["甲病", "乙病"]  # 甲病, which a drug treats, is the commoner
+    assert index.candidates(("咳嗽", "盗汗")) == ["甲病"] and not index.diagnosable(("咳嗽", "盗汗"))
+    assert index.diagnosable(("咳嗽", "盗汗", "痰中带血", "声音嘶哑"))
     rows = [row for seed in range(40) for row in vignette_rows(named(entities, "甲病"), index, seed, 8)]
     shows = {row.kind for row in rows}
     assert shows == {"vignette", "differential"}
@@ -58,20 +62,47 @@ def test_an_ambiguous_symptom_set_gets_a_differential_and_a_unique_one_a_diagnos
             assert "呼吸内科" in row.output  # the department to see
             assert "可能患有" not in row.output and "首先考虑" not in row.output
         else:
-            assert row.entities == ("甲病",) and "乙病" not in row.output
-            assert "盗汗" in row.instruction and "不能确诊" in row.output
-    # The same symptom set gets the same differential, whoever it was drawn from.
+            assert row.entities == ("甲病",) and "乙病" not in row.output and "不能确诊" in row.output
+            assert index.diagnosable([s for s in GRAPH["甲病"]["常见症状"] if s in row.instruction]), row.instruction
+    # The same symptom set gets the same differential, whoever it was drawn from, common candidates first.
     differentials = [row.output for row in rows if row.kind == "differential"]
-    assert all("乙病、甲病等" in text for text in differentials)
+    assert all("甲病、乙病等" in text for text in differentials)
+
+
+def test_a_differential_leads_with_common_causes_and_keeps_an_emergency() -> None:
+    symptoms = ["腹痛", "呕吐"]
+    graph = {name: {"常见症状": symptoms, "就诊科室": ["普外科"]} for name in
+             ("罕见甲病", "罕见乙病", "罕见丙病", "罕见丁病", "罕见戊病", "急性胃肠炎", "肠套叠")}
+    entities = entities_from(graph)
+    index = GraphIndex(entities)
+    rows = [row for entity in entities for seed in range(3)
+            for row in vignette_rows(entity, index, seed, 8) if row.kind == "differential"]
+    assert rows
+    for row in rows:
+        assert row.entities[0] == "急性胃肠炎" and "肠套叠" in row.entities  # common first; the emergency kept
+        assert "肠套叠属于急危重症" in with_safety(row).output
 
 
 def test_emergencies_say_seek_care_now(small) -> None:
     entities, index = small
     heart = named(entities, "急性心肌梗死")
-    symptom_row = next(row for row in fact_rows(heart, random.Random(0)) if row.relation == "symptom")
+    symptom_row = with_safety(next(row for row in fact_rows(heart, random.Random(0)) if row.relation == "symptom"))
     assert "立即就医" in symptom_row.output and "120" in symptom_row.output
-    rows = [row for seed in range(20) for row in vignette_rows(heart, index, seed, 8)]
-    assert rows and all("拨打120" in row.output for row in rows if "胸骨后疼痛" in row.instruction)
+    rows = [with_safety(row) for seed in range(20) for row in vignette_rows(heart, index, seed, 8)]
+    assert all("拨打120" in row.output for row in rows if "胸骨后疼痛" in row.instruction)
+
+
+def test_a_serious_adverse_effect_says_stop_the_drug_and_seek_care(small) -> None:
+    entities = entities_from({"甲药": {"适应症": ["甲病"], "不良反应": ["恶心", "过敏性休克"]}})
+    rows = [with_safety(row) for row in fact_rows(entities[0], random.Random(0)) if row.relation == "adverse"]
+    assert rows and all("立即停药" in row.output and "120" in row.output for row in rows)
+
+
+def test_no_reassurance_the_graph_does_not_state() -> None:
+    (entity,) = entities_from({"甲病": {"常见症状": ["皮疹", "瘙痒"], "传染性": ["无"]}})
+    answers = {row.output for seed in range(30) for row in fact_rows(entity, random.Random(seed))
+               if row.relation == "contagious"}
+    assert answers and not [text for text in answers if "不会被传染" in text or "放心" in text]
 
 
 def test_questions_and_answers_agree(small) -> None:
@@ -97,7 +128,7 @@ def test_comparisons_only_between_entities_that_share_something(small) -> None:
 
 def test_multi_hop_follows_the_graph(small) -> None:
     entities, index = small
-    rows = multi_hop_rows(named(entities, "甲病"), index, 42)
+    rows = [with_safety(row) for row in multi_hop_rows(named(entities, "甲病"), index, 42)]
     by_relation = {row.relation: row for row in rows}
     assert set(by_relation) == {"drug→adverse", "drug→contraindication", "complication→symptom"}
     assert "甲药" in by_relation["drug→adverse"].output and "肝损害" in by_relation["drug→adverse"].output
@@ -115,6 +146,40 @@ def test_dialogues_are_multi_turn_in_the_published_shape(small) -> None:
     assert turns is not None and len(turns) == 5 and turns[0][1].count("甲病") and "甲病" not in turns[-1][1]
 
 
+def test_each_relation_of_an_entity_is_answered_once(small) -> None:
+    """A relation answered in a dialogue's last turn, a two-relation question or a patient's case is not asked
+    again as a plain question: no row only restates another."""
+    entities, index = small
+    rows = entity_rows(named(entities, "甲病"), index, TemplateOptions(per_entity=99), set())
+    own = [row for row in rows if row.kind in ("fact", "multi_fact", "dialogue", "case")]
+    answered = [relation for row in own for relation in
+                ([row.relation.split("+")[-1]] if row.kind == "dialogue" else row.relation.split("+"))]
+    assert len(answered) == len(set(answered)), answered
+    assert {"fact", "multi_fact", "dialogue"} <= {row.kind for row in own}
+    assert lint(own, entities)["restated_fact"] == 0
+
+
+def test_an_entity_of_every_kind_with_usable_facts_yields_rows() -> None:
+    """A test without a stated kind (its name says it), a formula, a procedure, a herb, a drug, a disease: each gets
+    rows, and the report would list any entity that got none."""
+    entities = entities_from({
+        "糖化血红蛋白检查": {"用途": ["反映近2至3个月平均血糖水平"], "所属分类": ["血"]},
+        "小柴胡汤": {"组成": ["柴胡", "黄芩", "人参"], "功用": ["和解少阳"], "主治": ["寒热往来", "口苦"]},
+        "甲草": {"性味": ["味苦"], "功效": ["清热解毒"], "入药部位": ["根"]},
+        "甲药": {"适应症": ["甲病"], "不良反应": ["恶心"]},
+        "甲病": {"常见症状": ["发热", "咳嗽"], "就诊科室": ["呼吸内科"]},
+    })
+    from utils.builder.graph import Entity
+
+    entities.append(Entity("阑尾切除术", "procedure", {"indication": ("急性阑尾炎",), "complication": ("切口感染",)},
+                           {"indication": ("适应症",), "complication": ("并发症",)}))
+    rows = apply_gates(template_rows(entities, TemplateOptions()), LeakIndex([], 0.8), 0.8, GateCounts())
+    subjects = {row.entities[0] for row in rows}
+    assert subjects >= {entity.name for entity in entities}, {entity.kind for entity in entities}
+    test_row = next(row for row in rows if row.entities[0] == "糖化血红蛋白检查")
+    assert "反映近2至3个月平均血糖水平" in test_row.output
+
+
 @pytest.fixture(scope="module")
 def cmekg_rows() -> list:
     entities = list(cmekg_subset())
@@ -124,10 +189,11 @@ def cmekg_rows() -> list:
 
 def test_rows_from_real_cmekg_meet_the_quality_targets(cmekg_rows: list) -> None:
     rows = cmekg_rows
-    assert len(rows) > 10000
-    assert {"fact", "multi_fact", "case", "vignette", "differential", "reverse", "compare", "multi_hop",
+    assert len(rows) > 5000
+    # every kind (multi-hop needs the drug-disease links cMeKG's review turned off: tested on the small graph)
+    assert {"fact", "multi_fact", "case", "vignette", "differential", "reverse", "compare",
             "dialogue"} <= {row.kind for row in rows}
-    assert not [row.output for row in rows if dose_or_frequency(row.output)]
+    assert not [row.output for row in rows if dose_or_frequency(without_names(row.output, row.entities))]
     assert not [row.output for row in rows if contentless(row.output, row.entities)]
     assert duplicate_rate([row.instruction for row in rows]) <= 0.01
     assert duplicate_rate([row.output for row in rows]) <= 0.05
@@ -174,11 +240,17 @@ def shown_symptoms(row) -> frozenset[str] | None:
     return None
 
 
+def reverse_lookup(row) -> bool:
+    """`哪些疾病会出现咯血？`: a differential from one symptom, not a symptom set."""
+    return any(re.match(f"^{_template_regex(question)}$", row.instruction)
+               for question in resources.phrasings()["reverse"]["symptom"]["questions"])
+
+
 def test_one_symptom_set_gets_one_answer_in_every_row(cmekg_rows: list) -> None:
     answers: dict[frozenset[str], set[tuple]] = {}
     read = 0
     for row in cmekg_rows:
-        if row.kind not in ("vignette", "differential") or row.relation != "symptom":
+        if row.kind not in ("vignette", "differential") or row.relation != "symptom" or reverse_lookup(row):
             continue
         shown = shown_symptoms(row)
         assert shown is not None, row.instruction
@@ -210,11 +282,12 @@ def test_a_single_diagnosis_fits_no_other_subject_of_the_raw_graph(cmekg_rows: l
     """Against the source itself: no other subject of the graph the rows were built from lists (as a substring of
     its symptom values as written) every symptom a single-diagnosis vignette shows."""
     wanted = set(predicate_map().relations["symptom"].predicates)
-    subjects = [(raw.name, "\n".join(v for p, values in raw.predicates if p in wanted for v in values))
-                for raw in cmekg_raw()[::SUBSET_STEP]]
+    built_from = {entity.name for entity in cmekg_subset()}
+    subjects = [(entity_name(raw.name), "\n".join(v for p, values in raw.predicates if p in wanted for v in values))
+                for raw in cmekg_raw() if entity_name(raw.name) in built_from]
     subjects = [(name, text) for name, text in subjects if text]
     vignettes = [row for row in cmekg_rows if row.kind == "vignette"]
-    assert len(vignettes) > 100
+    assert len(vignettes) > 50
     violations = []
     for row in vignettes:
         shown = shown_symptoms(row)
@@ -260,7 +333,7 @@ def test_emergency_diseases_are_found_by_pattern_unless_chronic(name: str, urgen
 def test_alarm_signs_pictures_and_patients_say_120() -> None:
     entities = entities_from({
         "眼部肿瘤": {"常见症状": ["头痛", "眼压升高", "瞳孔散大"], "就诊科室": ["眼科"]},
-        "乙眼病": {"常见症状": ["头痛", "眼压升高"], "就诊科室": ["眼科"]},
+        "乙眼病": {"常见症状": ["头痛", "眼压升高", "瞳孔散大", "流泪"], "就诊科室": ["眼科"]},
         "丙病": {"常见症状": ["偏侧瘫痪", "失语", "黑便"], "就诊科室": ["神经内科"]},
         "丁病": {"常见症状": ["乏力", "皮疹"], "就诊科室": ["皮肤科"], "多发群体": ["昏迷病人"]},
         "戊病": {"常见症状": ["乏力", "皮疹", "低热"], "就诊科室": ["皮肤科"]},
@@ -268,13 +341,37 @@ def test_alarm_signs_pictures_and_patients_say_120() -> None:
     })
     index = GraphIndex(entities)
     for name in ("眼部肿瘤", "丙病", "有机磷农药中毒"):
-        row = next(row for row in fact_rows(named(entities, name), random.Random(0)) if row.relation == "symptom")
+        row = with_safety(next(row for row in fact_rows(named(entities, name), random.Random(0))
+                               if row.relation == "symptom"))
         assert "立即就医" in row.output and "120" in row.output, row.output
-    glaucoma = [row for seed in range(30) for row in vignette_rows(named(entities, "眼部肿瘤"), index, seed, 8)
+    glaucoma = [with_safety(row) for seed in range(30) for row in vignette_rows(named(entities, "眼部肿瘤"), index,
+                                                                               seed, 8)
                 if "瞳孔散大" in row.instruction and "眼压升高" in row.instruction]
     assert glaucoma and all("120" in row.output for row in glaucoma)
-    comatose = [row for seed in range(30) for row in vignette_rows(named(entities, "丁病"), index, seed, 8)
+    comatose = [with_safety(row) for seed in range(30) for row in vignette_rows(named(entities, "丁病"), index, seed, 8)
                 if "昏迷" in row.instruction]
     assert comatose and all("昏迷可能是急危重症" in row.output for row in comatose)
-    calm = next(row for row in fact_rows(named(entities, "戊病"), random.Random(0)) if row.relation == "symptom")
+    calm = with_safety(next(row for row in fact_rows(named(entities, "戊病"), random.Random(0))
+                            if row.relation == "symptom"))
     assert "120" not in calm.output
+
+
+def test_cmekg_builds_by_default_only_the_kinds_its_review_passed(cmekg_subset_default: list) -> None:
+    options, off = template_options("cmekg", "default", 42, 16, 3)
+    assert {"vignette", "differential", "compare", "multi_hop", "reverse", "dialogue", "multi_fact"} == set(off)
+    assert all(off.values()) and options.kinds == {"fact", "case"}
+    assert template_options("data/knowledge_base.jsonl", "default", 42, 16, 3)[1] == {}
+    assert template_options("cmekg", "all", 42, 16, 3)[1] == {}
+    rows = cmekg_subset_default
+    assert {row.kind for row in rows} == {"fact", "case"}
+    counts = lint(rows, list(cmekg_subset()))
+    zero = ("alarm_sign_without_120", "single_diagnosis_from_few_nonspecific_symptoms", "dose_or_interval",
+            "tautology", "excipient", "invented_reassurance")
+    assert {name: counts[name] for name in zero} == dict.fromkeys(zero, 0)
+    assert counts["contentless_share"] <= 0.001 and counts["restated_share"] <= 0.10
+
+
+@pytest.fixture(scope="module")
+def cmekg_subset_default() -> list:
+    options, _ = template_options("cmekg", "default", 42, 16, 3)
+    return apply_gates(template_rows(list(cmekg_subset()), options), LeakIndex([], 0.8), 0.8, GateCounts())

@@ -32,5 +32,5 @@ def test_every_link_points_to_something_that_exists(page):
 
 def test_the_readme_is_read_in_ten_minutes_and_the_docs_pages_stay_short():
     assert len((REPO / "README.md").read_text(encoding="utf-8").splitlines()) <= 250
-    for page in PAGES[1:]:
-        assert len(page.read_text(encoding="utf-8").splitlines()) <= 300, page.name
+    for page in PAGES[1:]:  # the clinical review is a record (every sampled row quoted), not a page to read through
+        assert page.name == "data_review.md" or len(page.read_text(encoding="utf-8").splitlines()) <= 300, page.name

@@ -1,7 +1,12 @@
-"""Question kinds that look across entities: symptom vignettes (a diagnosis only when the shown symptoms point to
-one disease of the graph, else a differential and a department), reverse lookups, comparisons of entities that
-share something, and multi-hop questions (disease -> drug -> side effect or contraindication, disease ->
-complication -> symptoms)."""
+"""Question kinds that look across entities: symptom vignettes and differentials, reverse lookups, comparisons of
+entities that share something, and multi-hop questions (disease -> drug -> side effect or contraindication,
+disease -> complication -> symptoms).
+
+Vignettes and differentials show only symptoms of the curated clinical-symptom vocabulary (`clinical.yaml`). One
+diagnosis is named only when no other disease of the graph lists every shown symptom and the set could point to one
+disease at all (a specific sign among them, or at least four symptoms of which at most two are non-specific); a
+differential lists its candidates common ones first (the curated commonness list, then how often the graph names
+them) and always keeps an emergency among them (the safety pass then says to seek care now)."""
 
 from __future__ import annotations
 
@@ -13,10 +18,12 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from utils.builder import resources
+from utils.builder.curation import Vocabulary, vocabulary
 from utils.builder.graph import Entity
+from utils.builder.progress import progress_bar
 from utils.builder.questions import patients_for, treatment_phrase
-from utils.builder.rows import Row, capped, emergency_sentence, fill, join, join_and, rng_for, sources
-from utils.builder.safety import bigrams
+from utils.builder.rows import Row, capped, fill, join, join_and, rng_for, sources
+from utils.builder.safety import bigrams, is_emergency_disease
 
 MAX_LISTED = 6
 DOSAGE_FORMS = ("肠溶片", "缓释片", "控释片", "分散片", "咀嚼片", "泡腾片", "片", "胶囊", "软胶囊", "颗粒", "注射液",
@@ -41,8 +48,28 @@ class GraphIndex:
     def vague(self) -> frozenset[str]:
         return frozenset(resources.cleaning()["vague_symptoms"])
 
+    @cached_property
+    def vocabulary(self) -> Vocabulary:
+        return vocabulary()
+
     def specific_symptoms(self, entity: Entity) -> list[str]:
-        return [symptom for symptom in entity.values("symptom") if symptom not in self.vague]
+        """The disease's symptoms that a vignette may show: in the clinical-symptom vocabulary, not vague."""
+        return [symptom for symptom in entity.values("symptom")
+                if symptom in self.vocabulary and symptom not in self.vague]
+
+    @cached_property
+    def mentions(self) -> Counter[str]:
+        """How many entities name each value: how often the graph speaks of a disease, a proxy of how common it is."""
+        return Counter(value for entity in self.entities for value in set(entity.all_values()))
+
+    @cached_property
+    def _common(self) -> dict[str, int]:
+        return {name: index for index, name in enumerate(resources.clinical()["common_diseases"])}
+
+    def ranked(self, names: Sequence[str]) -> list[str]:
+        """Common diseases first: the curated commonness list, then the ones the graph names most, then the name."""
+        return sorted(names, key=lambda name: (self._common.get(name, len(self._common)), -self.mentions[name],
+                                                len(name), name))
 
     @cached_property
     def symptom_holders(self) -> dict[str, set[str]]:
@@ -84,10 +111,17 @@ class GraphIndex:
         return found
 
     def candidates(self, symptoms: Sequence[str]) -> list[str]:
-        """Every disease that lists all the shown symptoms, most specific names first (deterministic)."""
+        """Every disease that lists all the shown symptoms, common ones first (deterministic)."""
         sets = sorted((self.holders(symptom) for symptom in symptoms), key=len)
         found = set(sets[0]).intersection(*sets[1:]) if sets else set()
-        return sorted(found, key=lambda name: (len(name), name))
+        return self.ranked(sorted(found))
+
+    def diagnosable(self, shown: Sequence[str]) -> bool:
+        """Whether one diagnosis may be named from these symptoms at all: a specific sign among them, or at least
+        four of which at most two are non-specific (never one diagnosis from two or three non-specific symptoms)."""
+        words = self.vocabulary
+        return any(words.specific(symptom) for symptom in shown) or (
+            len(shown) >= 4 and sum(words.nonspecific(symptom) for symptom in shown) <= 2)
 
     @cached_property
     def drugs_by_key(self) -> dict[str, list[Entity]]:
@@ -117,10 +151,10 @@ class GraphIndex:
 
 
 def _symptom_sets(symptoms: list[str], rng: random.Random, tries: int = 8) -> list[tuple[str, ...]]:
-    """Up to `tries` distinct sets of 2-3 of the disease's symptoms, each in the disease's own order."""
+    """Up to `tries` distinct sets of 2-4 of the disease's symptoms, each in the disease's own order."""
     sets: list[tuple[str, ...]] = []
     for _ in range(tries):
-        size = rng.randint(2, min(3, len(symptoms)))
+        size = rng.randint(2, min(4, len(symptoms)))
         chosen = tuple(symptoms[index] for index in sorted(rng.sample(range(len(symptoms)), size)))
         if chosen not in sets:
             sets.append(chosen)
@@ -162,16 +196,25 @@ def vignette_answer(index: GraphIndex, shown: Sequence[str], names: Sequence[str
             return None
         parts.append(fill(table["tests"], t=join(tests)))
         named.extend(tests)
-    parts.append(emergency_sentence(shown, names, [patient]))
     return "".join(parts), tuple(named)
+
+
+def listed_candidates(names: Sequence[str], most: int = 5) -> list[str]:
+    """The candidates a differential names: the first (commonest) ones, and an emergency among them whatever its
+    rank (it must be triaged, not cut)."""
+    listed = list(names[:most])
+    urgent = next((name for name in names if is_emergency_disease(name)), None)
+    if urgent is not None and urgent not in listed:
+        listed[-1] = urgent
+    return listed
 
 
 def differential_answer(index: GraphIndex, shown: Sequence[str], names: Sequence[str], ending: str,
                         rng: random.Random, patient: str = "") -> tuple[str, tuple[str, ...]] | None:
     """Several diseases fit: name them, say which department to see, and (when asked) which tests tell them apart."""
     table = resources.phrasings()["vignette"]
-    listed = list(names[:5])
-    departments = _departments(index, names)
+    listed = listed_candidates(names)
+    departments = _departments(index, listed)
     if not departments:
         return None
     parts = [fill(rng.choice(table["differential"]), s=join_and(list(shown)), n=join(listed)),
@@ -185,13 +228,13 @@ def differential_answer(index: GraphIndex, shown: Sequence[str], names: Sequence
         named.extend(tests)
     if ending == "treat":
         parts.append(table["treat_differential"])
-    parts.append(emergency_sentence(shown, names, [patient]))
     return "".join(parts), tuple(named)
 
 
-def vignette_rows(entity: Entity, index: GraphIndex, seed: int, max_candidates: int) -> list[Row]:
+def vignette_rows(entity: Entity, index: GraphIndex, seed: int, max_candidates: int,
+                  kinds: frozenset[str] = frozenset(("vignette", "differential"))) -> list[Row]:
     """Up to two case vignettes from the disease's symptoms: one whose symptom set points to this disease alone
-    (a diagnosis), one whose set several diseases share (a differential)."""
+    and may point to one disease at all (a diagnosis), one whose set several diseases share (a differential)."""
     symptoms = index.specific_symptoms(entity)
     if len(symptoms) < 2:
         return []
@@ -200,9 +243,9 @@ def vignette_rows(entity: Entity, index: GraphIndex, seed: int, max_candidates: 
     unique, shared = None, None
     for shown in _symptom_sets(symptoms, rng):
         names = index.candidates(shown)
-        if names == [entity.name] and unique is None:
+        if names == [entity.name] and unique is None and "vignette" in kinds and index.diagnosable(shown):
             unique = (shown, names)
-        elif 1 < len(names) <= max_candidates and shared is None:
+        elif 1 < len(names) <= max_candidates and shared is None and "differential" in kinds:
             shared = (shown, names)
     rows = []
     for found in (unique, shared):
@@ -216,8 +259,8 @@ def vignette_rows(entity: Entity, index: GraphIndex, seed: int, max_candidates: 
             continue
         question = fill(rng.choice(table["openings"]), p=patient, s=join_and(list(shown))) + table["endings"][ending]
         kind = "vignette" if len(names) == 1 else "differential"
-        rows.append(Row(question, answered[0], kind, tuple(names[:5]), sources(entity, "symptom"), "symptom",
-                        tuple(shown) + answered[1]))
+        rows.append(Row(question, answered[0], kind, tuple(listed_candidates(names)), sources(entity, "symptom"),
+                        "symptom", tuple(shown) + answered[1]))
     return rows
 
 
@@ -227,32 +270,37 @@ REVERSE_KIND = {"adverse": "drug", "drug_class": "drug", "indication": "drug", "
 REVERSE_MAX_HOLDERS = {"adverse": 40, "indication": 40, "drug_class": 200, "symptom": 60}
 
 
-def reverse_rows(entities: Sequence[Entity], seed: int, progress: bool = False) -> list[Row]:
-    """From a value back to the entities holding it: `哪些疾病会出现咯血？`, `哪些药物可能引起便秘？`."""
-    from tqdm import tqdm
-
+def reverse_rows(index: GraphIndex, seed: int, kinds: frozenset[str] = frozenset(("reverse", "differential")),
+                 progress: bool = False) -> list[Row]:
+    """From a value back to the entities holding it: `哪些药物可能引起便秘？`. Which diseases show a symptom is a
+    differential: only for symptoms of the clinical vocabulary, common diseases first, an emergency always named."""
     specs = resources.phrasings()["reverse"]
-    vague = frozenset(resources.cleaning()["vague_symptoms"])
     rows: list[Row] = []
-    for relation, spec in tqdm(specs.items(), desc="reverse look-ups", unit="relation", disable=not progress):
-        kind = REVERSE_KIND.get(relation, "disease")
+    for relation, spec in progress_bar(list(specs.items()), "reverse look-ups", "relations", progress):
+        kind = "differential" if relation == "symptom" else "reverse"
+        if kind not in kinds:
+            continue
         holders: dict[str, list[Entity]] = {}
-        for entity in entities:
-            if entity.kind == kind:
+        for entity in index.entities:
+            if entity.kind == REVERSE_KIND.get(relation, "disease"):
                 for value in entity.values(relation):
                     holders.setdefault(value, []).append(entity)
         most = REVERSE_MAX_HOLDERS.get(relation, 10**9)
-        for value, names in holders.items():
-            if len(names) < int(spec["min"]) or len(names) > most or (relation == "symptom" and value in vague):
+        for value, found in holders.items():
+            if len(found) < int(spec["min"]) or len(found) > most:
                 continue
+            if relation == "symptom" and (value not in index.vocabulary or value in index.vague):
+                continue
+            if relation == "symptom":
+                shown = [index.by_name[name] for name in listed_candidates(index.ranked([e.name for e in found]),
+                                                                           MAX_LISTED)]
+            else:
+                shown = found[: 8 if relation == "department" else MAX_LISTED]
             rng = rng_for(seed, "reverse", relation, value)
-            shown = names[: 8 if relation == "department" else MAX_LISTED]
             question = fill(rng.choice(spec["questions"]), v=value)
             answer = fill(rng.choice(spec["answers"]), v=value, n=join([e.name for e in shown]))
-            if relation == "symptom":
-                answer += emergency_sentence([value], [e.name for e in shown])
             predicates = tuple(dict.fromkeys(p for e in shown for p in e.sources.get(relation, ())))
-            rows.append(Row(question, answer, "reverse", tuple(e.name for e in shown), predicates, relation,
+            rows.append(Row(question, answer, kind, tuple(e.name for e in shown), predicates, relation,
                             (value, *[e.name for e in shown])))
     return rows
 
@@ -268,10 +316,9 @@ def shared_symptom_rows(entity: Entity, index: GraphIndex, seed: int, max_candid
         first, second = rng.sample(symptoms, 2)
         names = index.candidates((first, second))
         if 2 <= len(names) <= max_candidates:
-            shown = names[:MAX_LISTED]
+            shown = listed_candidates(names)  # the same candidates as a vignette's differential of the same set
             question = fill(rng.choice(spec["questions"]), a=first, b=second)
-            answer = (fill(rng.choice(spec["answers"]), a=first, b=second, n=join(shown))
-                      + emergency_sentence([first, second], shown))
+            answer = fill(rng.choice(spec["answers"]), a=first, b=second, n=join(shown))
             return [Row(question, answer, "differential", tuple(shown), sources(entity, "symptom"), "symptom",
                         (first, second, *shown))]
     return []
@@ -289,27 +336,25 @@ def _contrast(a: Entity, b: Entity, relation: str, spec: dict, prefix: str, tail
     extra = [fill(spec[f"{prefix}_only"], x=x.name, v=join(values))
              for x, values in ((a, only_a), (b, only_b)) if values]
     text = parts[0] + ("；" + "；".join(extra) if extra else "") + "。" + tail
-    if relation == "symptom":
-        text += emergency_sentence(shared + only_a + only_b, [a.name, b.name])
     return text, tuple(shared + only_a + only_b)
 
 
 def disease_partner(entity: Entity, index: GraphIndex) -> tuple[Entity, int] | None:
-    """The disease sharing most specific symptoms with this one (at least 2), the same department preferred."""
+    """The disease of the same department (or class) sharing most vocabulary symptoms with this one (at least 2)."""
     counts: Counter[str] = Counter()
     for symptom in index.specific_symptoms(entity):
         holders = index.symptom_holders.get(symptom, set())
         if len(holders) <= 200:
             counts.update(holders)
     counts.pop(entity.name, None)
-    departments = set(entity.values("department"))
+    related = set(entity.values("department")) | set(entity.values("parent"))
 
-    def rank(item: tuple[str, int]) -> tuple[int, int, str]:
-        name, shared = item
-        same = bool(departments & set(index.by_name[name].values("department")))
-        return (-shared, -int(same), name)
+    def kin(name: str) -> bool:
+        other = index.by_name[name]
+        return bool(related & (set(other.values("department")) | set(other.values("parent"))))
 
-    best = min((item for item in counts.items() if item[1] >= 2), key=rank, default=None)
+    best = min((item for item in counts.items() if item[1] >= 2 and kin(item[0])),
+               key=lambda item: (-item[1], item[0]), default=None)
     return (index.by_name[best[0]], best[1]) if best else None
 
 
@@ -369,13 +414,19 @@ def drug_partner(entity: Entity, index: GraphIndex) -> Entity | None:
 # --- multi-hop -----------------------------------------------------------------------------------------------------
 
 
+def treats(drug: Entity, disease: str) -> bool:
+    """Whether the drug's own indications name the disease (糖尿病 for 2型糖尿病, 原发性高血压 for 高血压)."""
+    return any(value == disease or (len(value) >= 2 and value in disease) or disease in value
+               for value in drug.values("indication"))
+
+
 def linked_drugs(entity: Entity, index: GraphIndex) -> list[Entity]:
-    """Drug entities this disease is linked to: its 药物治疗 values found as drugs, else drugs whose indications
-    name the disease."""
+    """Drug entities this disease is linked to from both sides: its 药物治疗 values found as drugs whose own
+    indications name the disease; else drugs whose indications name the disease."""
     found: list[Entity] = []
     for value in entity.values("drug_treatment"):
         for drug in index.drugs_by_key.get(value, [])[:3]:
-            if drug not in found:
+            if drug not in found and treats(drug, entity.name):
                 found.append(drug)
     if not found:
         found = list(index.drugs_by_indication.get(entity.name, [])[:20])
@@ -408,8 +459,7 @@ def multi_hop_rows(entity: Entity, index: GraphIndex, seed: int) -> list[Row]:
         other = rng.choice(complications)
         values = capped(other, "symptom", 5)
         question = fill(rng.choice(spec["complication_symptom"]), d=entity.name, c=other.name)
-        answer = (fill(rng.choice(spec["complication_symptom_answer"]), d=entity.name, c=other.name, v=join(values))
-                  + emergency_sentence(values, [other.name]))
+        answer = fill(rng.choice(spec["complication_symptom_answer"]), d=entity.name, c=other.name, v=join(values))
         rows.append(Row(question, answer, "multi_hop", (entity.name, other.name),
                         sources(entity, "complication") + sources(other, "symptom"), "complication→symptom",
                         values + (other.name,)))

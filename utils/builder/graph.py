@@ -33,7 +33,7 @@ CENTER_KEY = "中心词"
 TYPE_KEY = "类型"
 CMEKG = "cmekg"
 PICKLE_SUFFIXES = (".pkl", ".pickle")
-KINDS = ("disease", "drug", "herb", "test", "other")
+KINDS = ("disease", "drug", "herb", "formula", "procedure", "test", "other")
 
 
 # --- reading -------------------------------------------------------------------------------------------------------
@@ -187,8 +187,9 @@ class RelationSpec:
     min_chars: int = 2
     max_chars: int = 16
     latin: bool = False
-    no_name_parts: bool = False
+    no_name_parts: str = ""  # "both": no value inside the name or holding it; "part": no value inside the name
     people_only: bool = False
+    keep_whole: bool = False
 
 
 @dataclass(frozen=True)
@@ -198,15 +199,23 @@ class PredicateMap:
     ignored: dict[str, str]  # predicate -> why it is left out
     kind_rules: tuple[tuple[str, frozenset[str]], ...]
     type_names: dict[str, str]
+    kind_by_name: tuple[tuple[str, tuple[str, ...]], ...]
 
     def kind_of(self, raw: RawEntity) -> str:
+        """The stated kind (疾病, 检查项目 ...), else the first kind whose marker predicates the entity has, else the
+        kind its name says (糖化血红蛋白检查 is a test), else other."""
         if raw.stated_kind:
-            return self.type_names.get(raw.stated_kind, "other")
+            stated = self.type_names.get(raw.stated_kind)
+            return stated or next((kind for name, kind in self.type_names.items() if name in raw.stated_kind), "other")
         predicates = {predicate for predicate, _ in raw.predicates}
         for kind, markers in self.kind_rules:
             if predicates & markers:
                 return kind
-        return "other"
+        return next((kind for kind, endings in self.kind_by_name if raw.name.endswith(endings)), "other")
+
+
+def _name_parts(setting: bool | str) -> str:
+    return "both" if setting is True else (setting or "")
 
 
 @cache
@@ -218,9 +227,10 @@ def predicate_map() -> PredicateMap:
         relation = RelationSpec(
             name=name, predicates=tuple(spec["predicates"]), kinds=tuple(spec["kinds"]),
             max_items=int(spec.get("max_items", 6)), split=tuple(str(part) for part in spec.get("split", ())),
-            min_chars=int(spec.get("min_chars", 1 if name == "body_site" else 2)),
+            min_chars=int(spec.get("min_chars", 2)),
             max_chars=int(spec.get("max_chars", 16)), latin=bool(spec.get("latin", False)),
-            no_name_parts=bool(spec.get("no_name_parts", False)), people_only=bool(spec.get("people_only", False)),
+            no_name_parts=_name_parts(spec.get("no_name_parts", False)),
+            people_only=bool(spec.get("people_only", False)), keep_whole=bool(spec.get("keep_whole", False)),
         )
         relations[name] = relation
         for predicate in relation.predicates:
@@ -228,7 +238,8 @@ def predicate_map() -> PredicateMap:
                 by_predicate.setdefault((predicate, kind), name)
     ignored = {predicate: reason for reason, predicates in data["ignore"].items() for predicate in predicates}
     rules = tuple((rule["kind"], frozenset(rule["markers"])) for rule in data["kind_rules"])
-    return PredicateMap(relations, by_predicate, ignored, rules, dict(data["type_names"]))
+    by_name = tuple((kind, tuple(endings)) for kind, endings in data["kind_by_name"].items())
+    return PredicateMap(relations, by_predicate, ignored, rules, dict(data["type_names"]), by_name)
 
 
 # --- cleaning values -----------------------------------------------------------------------------------------------
@@ -238,10 +249,14 @@ _NOTE = re.compile(r"[（(][^（）()]*[\d%％名例][^（）()]*[）)]")  # 腹
 _CITATION = re.compile(r"[（(]?《[^》]*》[^）)]*[）)]?")
 _SPACES_NEAR_CJK = re.compile(r"(?<=[\u3400-\u9fff])\s+|\s+(?=[\u3400-\u9fff])")
 _ALWAYS_SPLIT = "；;、"
+# A strength in a product's name (米非司酮片10mg, 安平10%): one product among several of that name. Only Arabic digits
+# with a unit of strength: 三七片, 维生素B12片, 十滴水 are names, not doses.
+_STRENGTH = re.compile(r"\d+(?:\.\d+)?\s*(?:mg|g|ml|μg|ug|IU|%|％|万单位|毫克|克|毫升)(?![A-Za-z])", re.IGNORECASE)
 _CODE_LIKE = re.compile(r"^(?:[A-Z]\d{2}(?:\.\d+)?|[A-Z0-9]{1,3}\d[A-Z0-9./—-]*|[\W\d_]+)$")
 _ACRONYM = re.compile(r"^[A-Za-z][A-Za-z0-9+\-/ ]{0,11}$")
 ACRONYM_RELATIONS = {"test", "histology", "surgery", "treatment", "drug_treatment", "english_name"}
 SYMPTOM_LIKE = {"symptom", "adverse", "complication"}
+SAID_AS_SYMPTOMS = SYMPTOM_LIKE | {"indication", "function_indication"}  # one spelling per symptom (阳萎 -> 阳痿)
 
 
 @dataclass(frozen=True)
@@ -254,21 +269,29 @@ class Cleaner:
     boilerplate: tuple[str, ...]
     boilerplate_patterns: re.Pattern[str]
     split_protected: tuple[str, ...]
+    organ_list: re.Pattern[str]  # the 、 of 肝、肾功能: not a separator
+    variants: dict[int, str]  # str.translate table: 甙 -> 苷
+    ocr_fixes: dict[str, str]  # l岁 -> 1岁
     fragment_values: frozenset[str]
     person_endings: tuple[str, ...]
     person_exclude: tuple[str, ...]
     excipients: frozenset[str]
+    excipient_parts: tuple[str, ...]
     synonyms: dict[str, str]
     routes: tuple[str, ...]
     stopwords: dict[str, frozenset[str]]
     trailing_category: re.Pattern[str]
     test_categories: dict[str, str]
     prescription_labels: dict[str, str]
+    icd_markers: tuple[str, ...]
+    icd_name_parts: tuple[str, ...]
+    value_synonyms: dict[str, dict[str, str]]  # relation -> {as the graph says it: as it is meant}
+    not_values: dict[str, frozenset[str]]  # relation -> values that are no fact of it
 
 
 @cache
 def cleaner() -> Cleaner:
-    data = resources.cleaning()
+    data, clinical = resources.cleaning(), resources.clinical()
     return Cleaner(
         trailing=tuple(sorted(data["trailing"], key=len, reverse=True)),
         leading=tuple(sorted(data["leading"], key=len, reverse=True)),
@@ -276,13 +299,20 @@ def cleaner() -> Cleaner:
         generic=frozenset(data["generic_values"]), boilerplate=tuple(data["boilerplate_parts"]),
         boilerplate_patterns=re.compile("|".join(f"(?:{pattern})" for pattern in data["boilerplate_patterns"])),
         split_protected=tuple(sorted(data["split_protected"], key=len, reverse=True)),
+        organ_list=re.compile("([{0}])、(?=[{0}](?:、[{0}])*(?:{1}))".format(
+            data["organ_lists"]["organs"], "|".join(data["organ_lists"]["shared"]))),
+        variants=str.maketrans(data["variant_characters"]), ocr_fixes=dict(data["ocr_fixes"]),
         fragment_values=frozenset(data["fragment_values"]),
         person_endings=tuple(data["person_endings"]), person_exclude=tuple(data["person_exclude"]),
-        excipients=frozenset(data["excipients"]), synonyms=dict(data["synonyms"]),
+        excipients=frozenset(data["excipients"]), excipient_parts=tuple(data["excipient_parts"]),
+        synonyms=dict(data["synonyms"]) | dict(clinical["symptom_synonyms"]),
         routes=tuple(sorted(data["routes"], key=len, reverse=True)),
         stopwords={relation: frozenset(words) for relation, words in data["relation_stopwords"].items()},
         trailing_category=re.compile("等(?:" + "|".join(map(re.escape, data["trailing_categories"])) + ")$"),
         test_categories=dict(data["test_categories"]), prescription_labels=dict(data["prescription_labels"]),
+        icd_markers=tuple(data["icd_markers"]), icd_name_parts=tuple(data["icd_name_parts"]),
+        value_synonyms={relation: dict(table) for relation, table in clinical["value_synonyms"].items()},
+        not_values={relation: frozenset(values) for relation, values in clinical["not_values"].items()},
     )
 
 
@@ -316,6 +346,10 @@ def _why_dropped(piece: str, spec: RelationSpec, clean: Cleaner) -> str | None:
         return "too long"
     if piece in clean.generic or piece in clean.stopwords.get(spec.name, ()):
         return "generic"
+    if piece in clean.not_values.get(spec.name, ()):
+        return "no fact of its relation"
+    if any(marker in piece for marker in clean.icd_markers):
+        return "ICD label"
     if any(part in piece for part in clean.boilerplate) or clean.boilerplate_patterns.search(piece):
         return "boilerplate"
     if dose_or_frequency(piece):
@@ -332,7 +366,8 @@ def _why_dropped(piece: str, spec: RelationSpec, clean: Cleaner) -> str | None:
         return "not latin"
     if piece.startswith(clean.fragment_starts) or piece.endswith(clean.fragment_ends):
         return "fragment"
-    if spec.name == "ingredient" and piece in clean.excipients:
+    if spec.name == "ingredient" and (piece in clean.excipients or any(part in piece for part in clean.excipient_parts)
+                                      or any(item in clean.excipients for item in re.split(r"[（）()]", piece))):
         return "excipient"
     if spec.name in SYMPTOM_LIKE and piece in clean.fragment_values:
         return "fragment"
@@ -362,15 +397,18 @@ def _clean_pieces(relation: str, value: str) -> tuple[tuple[str, ...], tuple[str
     """(kept pieces, reasons for dropped pieces) of one raw value, independent of the entity (hence cached)."""
     spec, clean = predicate_map().relations[relation], cleaner()
     text = _CITATION.sub("", _NOTE.sub("", value.replace("\u3000", " ")))
-    text = text if spec.latin else _SPACES_NEAR_CJK.sub("", text)
+    text = text if spec.latin else clean.organ_list.sub(r"\1", _SPACES_NEAR_CJK.sub("", text)).translate(clean.variants)
+    for misread, meant in clean.ocr_fixes.items():
+        text = text.replace(misread, meant)
     if dose_or_frequency(text):  # a value with a dose in it is dropped whole: its other pieces are instructions too
         return (), ("dose or frequency",)
-    pieces = split_value(text, tuple(_ALWAYS_SPLIT) + spec.split, clean.split_protected)
+    pieces = [text] if spec.keep_whole else split_value(text, tuple(_ALWAYS_SPLIT) + spec.split, clean.split_protected)
     kept: list[str] = []
     dropped: list[str] = []
     for raw in pieces:
         piece = _trim(raw, clean)
-        if relation in SYMPTOM_LIKE:
+        piece = clean.value_synonyms.get(relation, {}).get(piece, piece)
+        if relation in SAID_AS_SYMPTOMS:
             piece = clean.synonyms.get(piece, piece)
         reason = _why_dropped(piece, spec, clean)
         if reason:
@@ -382,7 +420,7 @@ def _clean_pieces(relation: str, value: str) -> tuple[tuple[str, ...], tuple[str
     return tuple(kept), tuple(dropped)
 
 
-def _special_values(relation: str, values: Iterable[str], clean: Cleaner) -> list[str]:
+def _special_values(relation: str, values: Iterable[str], clean: Cleaner, name: str) -> list[str]:
     """Relations whose values are labels rather than facts to list."""
     values = list(values)
     if relation == "contagious":
@@ -410,7 +448,9 @@ def _special_values(relation: str, values: Iterable[str], clean: Cleaner) -> lis
                     routes.append(route)
         return routes
     if relation == "test_category":
-        return [clean.test_categories[value.strip()] for value in values if value.strip() in clean.test_categories]
+        return [clean.test_categories[value.strip()] for value in values if value.strip() in clean.test_categories
+                and value.strip() not in name and clean.test_categories[value.strip()] not in name]
+        # 免疫学检测 "is an immunological test", 泌尿系统CT检查 "a CT" restate the name
     return []
 
 
@@ -423,22 +463,35 @@ def clean_values(relation: str, values: Iterable[str], entity_name: str, dropped
     (the reasons are counted into `dropped`)."""
     clean = cleaner()
     if relation in SPECIAL_RELATIONS:
-        return _special_values(relation, values, clean)
+        return _special_values(relation, values, clean, entity_name)
     spec = predicate_map().relations[relation]
+    values = list(values)
     kept: list[str] = []
+    named_in_name = 0
     for value in values:
         pieces, reasons = _clean_pieces(relation, value)
         if dropped is not None:
             dropped.update(reasons)
         for piece in pieces:
-            if piece == entity_name or (spec.no_name_parts and (piece in entity_name or entity_name in piece)):
+            if piece == entity_name or (spec.no_name_parts and piece in entity_name) or (
+                    spec.no_name_parts == "both" and entity_name in piece):
                 if dropped is not None:
                     dropped["tautology"] += 1
+                named_in_name += 1
                 continue
             if relation == "nature" and ("经" in piece or "归" in piece):
                 continue
             if piece not in kept:
                 kept.append(piece)
+    # an excipient the name states is the active ingredient there (开塞露（含甘油）: 甘油, not its preservative)
+    named_in_name += relation == "ingredient" and any(value.strip() in clean.excipients and value.strip() in entity_name
+                                                      for value in values)
+    if relation == "ingredient" and named_in_name and not entity_name.startswith("复方"):
+        # the active ingredient is the product's name (注射用盐酸头孢吡肟, 肝素钠软膏): what is left is its base and
+        # excipients (L-精氨酸, 白凡士林), no answer to "what does it contain"; a compound (复方…) keeps the others
+        if dropped is not None:
+            dropped["only excipients left beside the named ingredient"] += len(kept)
+        return []
     return kept
 
 
@@ -478,15 +531,27 @@ class GraphStats:
     ignored_facts: Counter[str] = field(default_factory=Counter)  # by predicate (listed under `ignore`)
     not_for_kind: Counter[str] = field(default_factory=Counter)  # predicate@kind: mapped, but not for that kind
     dropped_values: Counter[str] = field(default_factory=Counter)  # by reason
+    relations_off: dict[str, str] = field(default_factory=dict)  # relation -> why this graph's values are not used
+
+
+def entity_name(name: str) -> str:
+    """The name an entity is asked about: without an ICD label's parts (部位未特指的消化性溃疡 -> 消化性溃疡,
+    初发性或维持性睡眠障碍［失眠症］ -> 初发性或维持性睡眠障碍)."""
+    clean = cleaner()
+    bare = re.sub(r"[［\[【][^］\]】]*[］\]】]", "", name)
+    for part in clean.icd_name_parts:
+        bare = bare.replace(part, "")
+    return bare.strip() or name
 
 
 def build_entity(raw: RawEntity, pmap: PredicateMap, stats: GraphStats) -> Entity | None:
     """The clean entity of a raw one, or None (no usable name, no usable fact)."""
     stats.subjects += 1
     stats.facts += sum(len(values) for _, values in raw.predicates)
-    if dose_or_frequency(raw.name) or len(raw.name) > 40:
-        stats.skipped_entities["name holds a dose or is too long"] += 1
+    if _STRENGTH.search(raw.name) or len(raw.name) > 40:
+        stats.skipped_entities["name holds a strength or is too long"] += 1
         return None
+    raw = RawEntity(entity_name(raw.name), raw.stated_kind, raw.predicates, raw.where)
     kind = pmap.kind_of(raw)
     gathered: dict[str, list[str]] = {}
     sources: dict[str, list[str]] = {}
@@ -533,15 +598,17 @@ def relation_conflicts(facts: dict[str, tuple[str, ...]]) -> bool:
 
 
 def load_entities(kb: str, progress: bool = False) -> tuple[list[Entity], GraphStats]:
-    """The clean entities of `--kb`, in source order, and what reading them did."""
-    from tqdm import tqdm
+    """The clean entities of `--kb`, in source order, checked against the curated clinical lists (curation.py), and
+    what reading them did."""
+    from utils.builder.curation import curate
+    from utils.builder.progress import progress_bar
 
     raws, source = read_graph(kb)
     stats = GraphStats(source=source)
     pmap = predicate_map()
     entities = []
-    for raw in tqdm(raws, desc="reading the graph", unit="entity", disable=not progress, mininterval=1.0):
+    for raw in progress_bar(raws, "reading the graph", "entities", progress):
         entity = build_entity(raw, pmap, stats)
         if entity is not None:
             entities.append(entity)
-    return entities, stats
+    return curate(entities, stats, CMEKG if kb == CMEKG else ""), stats

@@ -3,12 +3,17 @@
 - Several prompt kinds per entity (`prompts.yaml`: facts, patient questions, case vignettes built only from symptom
   sets that point to the entity alone, drug safety); one request per (entity, kind), its key `entity#kind`.
 - Grounding that means something (`grounding_problem`): an answer must state specific facts of the entity
-  (generic ones like 遵医嘱 and 1-character ones never count; one 2-character fact alone is not enough); every medical
-  term it asserts must be among the entity's facts; a number, dose or frequency not in the facts rejects it; so
-  does an absolute claim (所有, 一定, 不会引起任何 ...) and a risky instruction (服药后可以喝酒, 自行停药, 放心使用,
-  `safety.yaml`). The term check knows only the graph's own vocabulary (its values and entity names) plus the alarm
-  signs and emergency diseases of `emergencies.yaml`: a medical term that appears nowhere in the graph and in no such
-  list (an unlisted drug or disease) is not recognised as a term, so it cannot be caught this way.
+  (generic ones like 遵医嘱 and 1-character ones never count; one 2-character fact alone is not enough); every
+  medical term it asserts must be among the entity's facts, and every drug it names (known by how drug names end)
+  must be one the graph links to the entity; a number, dose or frequency not in the facts rejects it (the standard
+  safety phrases 拨打120, 请在医生指导下使用, 用药期间 are taken out first); so do an absolute claim (所有, 一定,
+  不会引起任何 ...), a risky instruction that no negation governs (服药后可以喝酒, 不要紧张，自行停药即可), advice
+  that delays or stops care (第二天再去, 暂停几天, 不用再吃), reassurance the graph does not state (不会被传染) and a
+  listed contraindication said to be fine (妊娠期也适合使用). The term check knows only the graph's own vocabulary
+  (its values and entity names) plus the alarm signs and emergency diseases of `emergencies.yaml`: a medical term
+  that appears nowhere in the graph and in no such list is not recognised as a term.
+- The same content gate as the template rows (gates.py) and the same safety module (safety.py): an accepted answer
+  that shows an alarm sign, a serious adverse effect or an emergency disease ends with "seek care now / 120".
 - A run manifest (`OUTPUT.manifest.json`: command, model, server, temperature, prompt version, builder data version,
   a hash of the facts sent, pairs asked for) written when a run starts; `--resume True` with other settings refuses.
 - A work log (`OUTPUT.work.jsonl`): one line per finished item, holding its rows and tokens, fsynced; the output is
@@ -39,7 +44,19 @@ from utils.builder import resources
 from utils.builder.crossing import GraphIndex
 from utils.builder.graph import Entity, generic_values
 from utils.builder.rows import Row, fill
-from utils.builder.safety import absolute_claim, dose_or_frequency, risky_instruction, stated_numbers
+from utils.builder.safety import (
+    absolute_claim,
+    care_delaying,
+    contradicted_contraindication,
+    dose_or_frequency,
+    drug_spans,
+    reassurance,
+    risky_instruction,
+    stated_numbers,
+    stopped_gradually,
+    with_care_advice,
+    without_allowed_phrases,
+)
 from utils.core.cli import flag
 from utils.core.errors import UserError
 from utils.core.io import append_jsonl, atomic_write, drop_torn_tail, read_jsonl_tolerant
@@ -137,29 +154,42 @@ def facts_text(entity: Entity) -> str:
 
 
 def grounding_problem(answer: str, entity: Entity, lexicon: Lexicon) -> str | None:
-    """Why a model's answer about `entity` cannot be trusted, or None."""
-    claim = absolute_claim(answer)
-    if claim:
-        return f"absolute claim ({claim})"
-    risky = risky_instruction(answer)
-    if risky:
-        return f"risky instruction ({risky})"
+    """Why a model's answer about `entity` cannot be trusted, or None. (A risky word inside a fact of the entity the
+    answer states, such as 二甲双胍's 造影检查前后需遵医嘱暂停, is the graph's own advice, not the model's.)"""
+    own = answer
+    for fact in sorted(entity.all_values(), key=len, reverse=True):
+        if len(fact) >= 4:
+            own = own.replace(fact, "，")
+    checks = ((absolute_claim, "absolute claim"), (lambda text: risky_instruction(own), "risky instruction"),
+              (lambda text: care_delaying(own), "delays or stops care"),
+              (reassurance, "reassurance the graph does not state"),
+              (lambda text: contradicted_contraindication(text, entity.values("contraindication")),
+               "contradicts a listed contraindication"))
+    for check, why in checks:
+        found = check(answer)
+        if found:
+            return f"{why} ({found})"
     text = facts_text(entity)
-    for number in stated_numbers(answer):
+    checked = without_allowed_phrases(answer)
+    for number in stated_numbers(checked):
         if number not in text:
             return f"number, dose or frequency not in the facts ({number})"
-    dose = dose_or_frequency(answer)
+    dose = dose_or_frequency(checked)
     if dose and dose not in text:
         return f"dose or frequency not in the facts ({dose})"
     generic = generic_values()
-    support = {fact for fact in entity.all_values() if len(fact) >= 2 and fact not in generic and fact in answer}
+    facts = [fact for fact in entity.all_values() if len(fact) >= 2 and fact not in generic]
+    support = {fact for fact in facts if fact in answer}
     if sum(len(fact) for fact in support) < MIN_SUPPORT_CHARS:
         return "not grounded in the entity's specific facts"
-    facts = list(entity.all_values())
-    for term in lexicon.asserted(answer):
-        if term in entity.name or any(term in fact or fact in term for fact in facts if len(fact) >= 2):
+    for term in lexicon.asserted(checked):
+        if term in entity.name or any(term in fact or fact in term for fact in facts):
             continue
         return f"asserts a term not among the entity's facts ({term})"
+    for drug in drug_spans(checked):
+        if drug in entity.name or entity.name in drug or any(drug in fact or fact in drug for fact in facts):
+            continue
+        return f"names a drug the graph does not link to it ({drug})"
     return None
 
 
@@ -177,14 +207,17 @@ def facts_json(entity: Entity) -> str:
                       ensure_ascii=False)
 
 
-def unique_symptom_sets(entity: Entity, index: GraphIndex, most: int = 3) -> list[tuple[str, str]]:
-    """Pairs of the disease's symptoms that no other disease of the graph shares (the only vignettes allowed)."""
+def unique_symptom_sets(entity: Entity, index: GraphIndex, most: int = 3) -> list[tuple[str, ...]]:
+    """Sets of the disease's vocabulary symptoms that no other disease of the graph shares and that may point to one
+    disease at all (the vignette rule of crossing.py: a specific sign, or four with at most two non-specific)."""
+    from itertools import combinations
+
     symptoms = index.specific_symptoms(entity)
-    found = []
-    for first_index, first in enumerate(symptoms):
-        for second in symptoms[first_index + 1 :]:
-            if index.candidates((first, second)) == [entity.name]:
-                found.append((first, second))
+    found: list[tuple[str, ...]] = []
+    for size in (2, 3, 4):
+        for shown in combinations(symptoms[:8], size):
+            if index.diagnosable(shown) and index.candidates(shown) == [entity.name]:
+                found.append(shown)
                 if len(found) == most:
                     return found
     return found
@@ -208,12 +241,16 @@ def knowledge_messages(entity: Entity, kind: str, count: int, index: GraphIndex)
     return [{"role": "system", "content": data["system"]}, {"role": "user", "content": header + body + data["footer"]}]
 
 
-def knowledge_items(entities: Sequence[Entity], kinds: Sequence[str], count: int) -> list[Item]:
+def knowledge_items(entities: Sequence[Entity], kinds: Sequence[str], count: int, vignettes: bool = True,
+                    ) -> list[Item]:
+    """One request per entity and prompt kind; the case kind (vignettes) only when vignettes are built."""
     index = GraphIndex(entities)
     lexicon = Lexicon.of(entities)
     items = []
     for entity in entities:
         for kind in kinds:
+            if kind == "case" and not vignettes:
+                continue
             messages = knowledge_messages(entity, kind, count, index)
             if messages is not None:
                 items.append(Item(f"{entity.name}#{kind}", messages, _acceptor(entity, kind, lexicon)))
@@ -232,10 +269,14 @@ def _acceptor(entity: Entity, kind: str, lexicon: Lexicon) -> Acceptor:
             if problem:
                 filtered[problem.split(" (")[0]] += 1
                 continue
-            used = tuple(fact for fact in entity.all_values() if fact in answer)
+            used = tuple(dict.fromkeys(fact for fact in entity.all_values() if fact in answer))
             relations = tuple(relation for relation, values in entity.facts.items() if set(values) & set(used))
             predicates = tuple(dict.fromkeys(p for relation in relations for p in entity.sources.get(relation, ())))
-            rows.append(Row(question, answer, f"llm_{kind}", (entity.name,), predicates, "+".join(relations), used))
+            adverse = "adverse" in relations or "不良反应" in answer or "副作用" in answer
+            names = (entity.name, *entity.values("generic_name"))  # a brand of insulin is never stopped alone
+            keep = stopped_gradually("".join(entity.values("precaution")))
+            rows.append(Row(question, with_care_advice(question, answer, adverse, names, keep), f"llm_{kind}",
+                            (entity.name,), predicates, "+".join(relations), used))
         return rows, filtered
 
     return accept
@@ -331,7 +372,7 @@ def run_items(items: Sequence[Item], done: dict[str, dict[str, Any]], log: Path,
             rows, filtered = item.accept(pairs)
             filtered["malformed"] += malformed
             counts.reasked += reasked
-            entry = {"key": item.key, "rows": [row.record() for row in rows],
+            entry = {"key": item.key, "rows": [row.record() | {"values": list(row.values)} for row in rows],
                      "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens},
                      "filtered": dict(filtered)}
             append_jsonl(log, [entry])
@@ -352,7 +393,7 @@ def collected_rows(items: Sequence[Item], done: dict[str, dict[str, Any]], count
             meta = record.get("meta", {})
             rows.append(Row(record["instruction"], record["output"], meta.get("kind", "llm"),
                             tuple(meta.get("entities", ())), tuple(meta.get("predicates", ())),
-                            meta.get("relation", ""), ()))
+                            meta.get("relation", ""), tuple(record.get("values", ()))))
     return rows
 
 

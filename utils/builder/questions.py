@@ -1,14 +1,18 @@
 """Question kinds about one entity: a fact, two facts at once, a patient's case with a drug or a test, a confirmed
-diagnosis, and a multi-turn dialogue. Every answer states only the entity's own (clean) facts."""
+diagnosis, and a multi-turn dialogue. Every answer states only the entity's own (clean) facts, and each relation of
+an entity is answered once (`single_entity_rows`): as a patient's case, two at once, the last turn of a dialogue or a
+plain question, never all of them (a row that only restates what an earlier row said teaches nothing)."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 
 from utils.builder import resources
 from utils.builder.graph import SPECIAL_RELATIONS, Entity
-from utils.builder.rows import Row, capped, emergency_tail, fill, join, phrasing, sources
+from utils.builder.rows import Row, capped, fill, join, phrasing, sources
+from utils.builder.safety import alarms, care_advice, keeps_taking, stopped_gradually
 
 # Relations whose answers are labels: asked through their own phrasing tables, never combined or put in dialogues.
 LABEL_RELATIONS = ("contagious", "prescription", "toxicity")
@@ -25,7 +29,7 @@ def fact_row(entity: Entity, relation: str, rng: random.Random) -> Row:
     assert table is not None
     values = capped(entity, relation)
     question = fill(rng.choice(table["questions"]), e=entity.name)
-    answer = fill(rng.choice(table["answers"]), e=entity.name, v=join(values)) + emergency_tail(entity, (relation,))
+    answer = fill(rng.choice(table["answers"]), e=entity.name, v=join(values))
     return Row(question, answer, "fact", (entity.name,), sources(entity, relation), relation, values)
 
 
@@ -46,9 +50,9 @@ def label_row(entity: Entity, relation: str, rng: random.Random) -> Row | None:
     return Row(question, answer, "fact", (entity.name,), sources(entity, relation), relation, (label,))
 
 
-def fact_rows(entity: Entity, rng: random.Random) -> list[Row]:
-    """One question per relation, in one of its phrasings (never the same question twice with the same answer)."""
-    rows = [fact_row(entity, relation, rng) for relation in askable(entity)]
+def fact_rows(entity: Entity, rng: random.Random, relations: Sequence[str] | None = None) -> list[Row]:
+    """One question per relation (all of them unless `relations` names some), in one of its phrasings."""
+    rows = [fact_row(entity, relation, rng) for relation in (askable(entity) if relations is None else relations)]
     for relation in LABEL_RELATIONS:
         if entity.values(relation):
             row = label_row(entity, relation, rng)
@@ -57,32 +61,33 @@ def fact_rows(entity: Entity, rng: random.Random) -> list[Row]:
     return rows
 
 
-def multi_fact_rows(entity: Entity, rng: random.Random, most: int = 2) -> list[Row]:
-    """Two relations asked at once: `偏头痛有哪些常见症状？需要做哪些检查？`."""
-    relations = [relation for relation in askable(entity) if relation not in SPECIAL_RELATIONS]
-    pairs = [(a, b) for index, a in enumerate(relations) for b in relations[index + 1 :]]
-    rows = []
-    for first, second in rng.sample(pairs, min(most, len(pairs))):
-        one, two = phrasing(entity.kind, first), phrasing(entity.kind, second)
-        assert one is not None and two is not None
-        follow = rng.choice(two["follow"]).removeprefix("那")
-        question = fill(rng.choice(one["questions"]), e=entity.name) + "另外，" + follow
-        answer = (fill(rng.choice(one["answers"]), e=entity.name, v=join(capped(entity, first)))
-                  + fill(rng.choice(two["follow_answers"]), e=entity.name, v=join(capped(entity, second)))
-                  + emergency_tail(entity, (first, second)))
-        values = capped(entity, first) + capped(entity, second)
-        rows.append(Row(question, answer, "multi_fact", (entity.name,), sources(entity, first, second),
-                        f"{first}+{second}", values))
-    return rows
+def multi_fact_row(entity: Entity, rng: random.Random, first: str, second: str) -> Row:
+    """Two relations asked at once: `偏头痛有哪些常见症状？另外，需要做哪些检查？`."""
+    one, two = phrasing(entity.kind, first), phrasing(entity.kind, second)
+    assert one is not None and two is not None
+    follow = rng.choice(two["follow"]).removeprefix("那")
+    question = fill(rng.choice(one["questions"]), e=entity.name) + "另外，" + follow
+    answer = (fill(rng.choice(one["answers"]), e=entity.name, v=join(capped(entity, first)))
+              + fill(rng.choice(two["follow_answers"]), e=entity.name, v=join(capped(entity, second))))
+    values = capped(entity, first) + capped(entity, second)
+    return Row(question, answer, "multi_fact", (entity.name,), sources(entity, first, second), f"{first}+{second}",
+               values)
 
 
-def dialogue_rows(entity: Entity, rng: random.Random, turns: int) -> list[Row]:
+def dialogue_rows(entity: Entity, rng: random.Random, turns: int, last: str | None = None,
+                  allowed: AbstractSet[str] | None = None) -> list[Row]:
     """A multi-turn dialogue in the literature shape (` <user>: q1 <bot>: a1 <user>: q2`): the first question names
-    the entity, the later ones lean on it (`那需要做哪些检查？`)."""
-    relations = [relation for relation in askable(entity) if relation not in SPECIAL_RELATIONS]
+    the entity, the later ones lean on it (`那需要做哪些检查？`); its answer is about `last` (when given), every turn
+    about one of the `allowed` relations (all when None); an earlier answer gets its care advice too."""
+    relations = [relation for relation in askable(entity) if relation not in SPECIAL_RELATIONS
+                 and (allowed is None or relation in allowed)]
     if len(relations) < 2 or turns < 2:
         return []
-    chosen = rng.sample(relations, min(turns, len(relations)))
+    if last is None:
+        chosen = rng.sample(relations, min(turns, len(relations)))
+    else:
+        chosen = rng.sample([relation for relation in relations if relation != last],
+                            min(turns, len(relations)) - 1) + [last]
     first = chosen[0]
     opening = phrasing(entity.kind, first)
     assert opening is not None
@@ -93,11 +98,17 @@ def dialogue_rows(entity: Entity, rng: random.Random, turns: int) -> list[Row]:
         assert table is not None
         pairs.append((rng.choice(table["follow"]),
                       fill(rng.choice(table["follow_answers"]), e=entity.name, v=join(capped(entity, relation)))))
-    history = "".join(f" <user>: {question} <bot>: {answer}" for question, answer in pairs[:-1])
+    final = care_advice(pairs[-1][0], pairs[-1][1], chosen[-1] == "adverse", (entity.name,))
+    said = {final}
+    turns_text = []
+    for (question, answer), relation in zip(pairs[:-1], chosen, strict=False):
+        advice = care_advice(question, answer, relation == "adverse", (entity.name,))
+        turns_text.append(f" <user>: {question} <bot>: {answer}{'' if advice in said else advice}")
+        said.add(advice)
+    history = "".join(turns_text)
     instruction = f"{history} <user>: {pairs[-1][0]}"
     last = chosen[-1]
-    answer = pairs[-1][1] + emergency_tail(entity, chosen)
-    return [Row(instruction, answer, "dialogue", (entity.name,), sources(entity, *chosen), "+".join(chosen),
+    return [Row(instruction, pairs[-1][1], "dialogue", (entity.name,), sources(entity, *chosen), "+".join(chosen),
                 capped(entity, last))]
 
 
@@ -139,15 +150,21 @@ def confirmed_rows(entity: Entity, rng: random.Random) -> list[Row]:
         answer = fill(rng.choice(table["confirmed_complication_answer"]), e=entity.name, v=join(complications))
         rows.append(Row(question, answer, "case", (entity.name,), sources(entity, "complication"), "complication",
                         complications))
-    tests = capped(entity, "test", 3)
     treatment, named = treatment_phrase(entity)
-    if tests and treatment:
-        question = fill(rng.choice(table["confirmed_treatment"]), p=patient, c=rng.choice(tests), e=entity.name)
+    if entity.values("drug_treatment") or entity.values("treatment"):  # never surgery alone: 高血压急症 "治疗: 透析"
+        question = fill(rng.choice(table["confirmed_treatment"]), p=patient, e=entity.name)
         lead = fill(table["treat_unique"], t=treatment)
         answer = fill(rng.choice(table["confirmed_treatment_answer"]), t=lead.removesuffix("具体方案需由医生制定。"))
-        rows.append(Row(question, answer, "case", (entity.name,),
-                        sources(entity, "test", "drug_treatment", "treatment", "surgery"), "treatment", named))
+        used = [relation for relation in ("drug_treatment", "treatment", "surgery") if entity.values(relation)]
+        rows.append(Row(question, answer, "case", (entity.name,), sources(entity, *used), "+".join(used), named))
     return rows
+
+
+def counselled(effects: Sequence[str], shown: int = 3) -> list[str]:
+    """The adverse effects a counselling answer names: the first ones of the ranked list (the key effect of the drug's
+    class, the common ones) and its first serious one, which a patient must know to act on."""
+    serious = [effect for effect in effects if alarms(f"可能引起{effect}", adverse_context=True).adverse][:1]
+    return [effect for effect in effects if effect not in serious][: shown - len(serious)] + serious
 
 
 def drug_case_rows(entity: Entity, rng: random.Random) -> list[Row]:
@@ -155,10 +172,11 @@ def drug_case_rows(entity: Entity, rng: random.Random) -> list[Row]:
     table = resources.phrasings()["cases"]
     patient = rng.choice(resources.phrasings()["vignette"]["patients"])
     parts, used, named = [], [], []
-    for relation, limit in (("adverse", 3), ("contraindication", 2), ("precaution", 2)):
-        values = capped(entity, relation, limit)
+    for relation, limit in (("adverse", 3), ("contraindication", None), ("precaution", None)):
+        values = counselled(capped(entity, relation)) if relation == "adverse" else capped(entity, relation, limit)
         if values:
-            parts.append(fill(table["drug_notes_parts"][relation], e=entity.name, v=join(values)))
+            part = fill(table["drug_notes_parts"][relation], e=entity.name, v=join(values))
+            parts.append(part.removeprefix(entity.name + "的") if used else part)
             used.append(relation)
             named.extend(values)
     rows = []
@@ -169,7 +187,11 @@ def drug_case_rows(entity: Entity, rng: random.Random) -> list[Row]:
     adverse = capped(entity, "adverse")
     for effect in rng.sample(adverse, min(1, len(adverse))):
         question = fill(rng.choice(table["drug_effect"]), p=patient, e=entity.name, x=effect)
-        answer = fill(rng.choice(table["drug_effect_answer"]), e=entity.name, x=effect)
+        serious = alarms(f"可能引起{effect}", adverse_context=True).adverse and not any(
+            keeps_taking(name) for name in (entity.name, *entity.values("generic_name"))) and not stopped_gradually(
+            "".join(entity.values("precaution")))
+        answer = fill(rng.choice(table["drug_effect_serious_answer" if serious else "drug_effect_answer"]),
+                      e=entity.name, x=effect)
         rows.append(Row(question, answer, "case", (entity.name,), sources(entity, "adverse"), "adverse", (effect,)))
     return rows
 
@@ -180,7 +202,7 @@ def test_case_rows(entity: Entity, rng: random.Random) -> list[Row]:
     rows = []
     for relation, questions, answers in (("purpose", "test_purpose", "test_purpose_answer"),
                                          ("related_disease", "test_abnormal", "test_abnormal_answer")):
-        values = capped(entity, relation, 4)
+        values = capped(entity, relation)
         if values:
             question = fill(rng.choice(table[questions]), p=patient, e=entity.name)
             answer = fill(rng.choice(table[answers]), e=entity.name, v=join(values))
@@ -196,6 +218,33 @@ def case_rows(entity: Entity, rng: random.Random) -> list[Row]:
     if entity.kind == "disease":
         return confirmed_rows(entity, rng)
     return []
+
+
+def single_entity_rows(entity: Entity, rng: random.Random, turns: int, kinds: AbstractSet[str],
+                       combinable: AbstractSet[str] | None = None) -> list[Row]:
+    """The rows about one entity, each relation answered once: patient cases first (a relation a case states in full
+    is not asked again), then one dialogue whose last turn answers a relation of its own, two relations asked at once,
+    and a plain question for each relation left (label relations always plainly). Dialogues and two-relation rows
+    combine only `combinable` relations (all when None)."""
+    cases = case_rows(entity, rng) if "case" in kinds else []
+    done = {relation for row in cases for relation in row.relation.split("+")
+            if set(capped(entity, relation)) <= set(row.values)}
+    left = [relation for relation in askable(entity) if relation not in done]
+    pool = [relation for relation in left if relation not in SPECIAL_RELATIONS
+            and (combinable is None or relation in combinable)]
+    rows = list(cases)
+    if "dialogue" in kinds and len(pool) >= 3:
+        last = rng.choice(pool)
+        rows += dialogue_rows(entity, rng, turns, last, combinable)
+        left.remove(last)
+        pool.remove(last)
+    if "multi_fact" in kinds and len(pool) >= 3:
+        first, second = rng.sample(pool, 2)
+        rows.append(multi_fact_row(entity, rng, first, second))
+        left = [relation for relation in left if relation not in (first, second)]
+    if "fact" in kinds:
+        rows += fact_rows(entity, rng, left)
+    return rows
 
 
 def interleave(groups: Sequence[list[Row]]) -> list[Row]:

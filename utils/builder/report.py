@@ -5,7 +5,8 @@ Metrics (docs/building_data.md defines them with the published data's values):
 - distinct question bigrams: distinct character bigrams of the questions / all character bigrams of the questions
   (whitespace removed, bigrams within one question), on a seeded random sample of `SAMPLE_ROWS` rows (all rows
   when there are fewer) and on all rows;
-- rows with doses / contentless answers: answers that the detectors of `safety.py` flag.
+- rows with doses or intervals / contentless answers: answers that the detectors of `safety.py` flag;
+- the clinical lint counters (lint.py) and the entities that yield no row, by reason.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from utils.builder import resources
-from utils.builder.safety import contentless, dose_or_frequency
+from utils.builder.safety import contentless, dosing, without_names
 
 SAMPLE_ROWS = 4528  # the size of the project's own data/llama_data.json when the target was set
 TOP_PREDICATES = 40
@@ -70,7 +71,8 @@ def row_metrics(records: Sequence[dict[str, Any]], seed: int) -> dict[str, Any]:
         "distinct_question_bigrams_sample": distinct_bigram_ratio(sample(questions, SAMPLE_ROWS, seed)),
         "sample_rows": min(SAMPLE_ROWS, len(questions)),
         "distinct_question_bigrams_all": distinct_bigram_ratio(questions),
-        "rows_with_dose_or_frequency": sum(1 for answer in answers if dose_or_frequency(answer)),
+        "rows_with_dose_or_interval": sum(1 for answer, entity in zip(answers, names, strict=True)
+                                          if dosing(without_names(answer, entity))),
         "contentless_rows": sum(1 for answer, entity in zip(answers, names, strict=True)
                                 if contentless(answer, entity)),
         "question_length": lengths(questions),
@@ -100,7 +102,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if removed:
         content = ", ".join(f"{why} {count}" for why, count in removed.get("content", {}).items()) or "none"
         lines.append(f"removed: content ({content}); leaks {removed.get('leaks_exact', 0)} exact + "
-                     f"{removed.get('leaks_near', 0)} near; duplicate questions {removed.get('duplicate_questions', 0)}"
+                     f"{removed.get('leaks_near', 0)} near + {removed.get('leaks_entity_relation', 0)} by (entity, "
+                     f"relation); restated {removed.get('restated', 0)}; duplicate questions "
+                     f"{removed.get('duplicate_questions', 0)}"
                      f", answers {removed.get('duplicate_answers', 0)}; near duplicates "
                      f"{removed.get('near_duplicates', 0)}")
     kinds = ", ".join(f"{kind} {count}" for kind, count in metrics["rows_by_kind"].items())
@@ -108,8 +112,22 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines.append(f"quality: duplicate questions {metrics['duplicate_question_rate']:.2%}, duplicate answers "
                  f"{metrics['duplicate_answer_rate']:.2%}, distinct question bigrams "
                  f"{metrics['distinct_question_bigrams_sample']:.3f} on {metrics['sample_rows']} rows "
-                 f"({metrics['distinct_question_bigrams_all']:.3f} on all), doses "
-                 f"{metrics['rows_with_dose_or_frequency']}, contentless {metrics['contentless_rows']}")
+                 f"({metrics['distinct_question_bigrams_all']:.3f} on all), doses or intervals "
+                 f"{metrics['rows_with_dose_or_interval']}, contentless {metrics['contentless_rows']}")
+    if "lint" in report:
+        lint = report["lint"]
+        lines.append("clinical lint: " + ", ".join(f"{name.replace('_', ' ')} {value}" for name, value in lint.items()
+                                                    if not name.endswith("_share")))
+    if report.get("relations_off"):
+        lines.append("relations left out: " + "; ".join(f"{name} ({why})"
+                                                        for name, why in report["relations_off"].items()))
+    if report.get("kinds", {}).get("off"):
+        lines.append("question kinds left out: " + "; ".join(f"{kind} ({why})"
+                                                          for kind, why in report["kinds"]["off"].items()))
+    without = report.get("entities", {}).get("without_rows", {})
+    if without.get("total"):
+        lines.append(f"entities without rows: {without['total']} (" + ", ".join(
+            f"{why} {count}" for why, count in without["by_reason"].items()) + ")")
     if "llm" in report:
         usage = report["llm"]
         price = usage.get("estimated_cost_usd")
@@ -117,6 +135,24 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"tokens: {usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion in "
                      f"{usage['requests']} requests{cost}")
     return lines
+
+
+def entities_without_rows(entities: Sequence[Any], rows: Sequence[Any], stats: Any, gate_counts: Any,
+                          ) -> dict[str, Any]:
+    """Every entity of the graph that no written row is about, by reason: skipped when the graph was read, no
+    question kind applies to its facts, or a gate removed all its rows (the gate that removed most of them)."""
+    named = {name for row in rows for name in row.entities}
+    reasons: Counter[str] = Counter({f"skipped: {why}": count for why, count in stats.skipped_entities.items()})
+    examples: dict[str, list[str]] = {}
+    for entity in entities:
+        if entity.name in named:
+            continue
+        removed = gate_counts.removed.get(entity.name)
+        why = f"all rows removed ({removed.most_common(1)[0][0]})" if removed else "no question kind applies"
+        reasons[why] += 1
+        if len(examples.setdefault(why, [])) < 3:
+            examples[why].append(entity.name)
+    return {"total": sum(reasons.values()), "by_reason": dict(reasons.most_common()), "examples": examples}
 
 
 def graph_report(stats: Any, gate_counts: Any, seed: int, backend: str, exclude: str) -> dict[str, Any]:
@@ -131,8 +167,10 @@ def graph_report(stats: Any, gate_counts: Any, seed: int, backend: str, exclude:
                        "by_relation": dict(stats.mapped_facts.most_common()), "unmapped": top(stats.unmapped_facts),
                        "ignored": top(stats.ignored_facts), "not_for_kind": top(stats.not_for_kind)},
         "values_dropped": dict(stats.dropped_values.most_common()),
+        "relations_off": stats.relations_off,
         "removed": {"content": dict(gate_counts.rejected.most_common()), "leaks_exact": gate_counts.leaks_exact,
-                    "leaks_near": gate_counts.leaks_near, "duplicate_questions": gate_counts.duplicate_questions,
+                    "leaks_near": gate_counts.leaks_near, "leaks_entity_relation": gate_counts.leaks_pair,
+                    "restated": gate_counts.restated, "duplicate_questions": gate_counts.duplicate_questions,
                     "duplicate_answers": gate_counts.duplicate_answers,
                     "near_duplicates": gate_counts.near_duplicates},
     }

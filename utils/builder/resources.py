@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 HERE = Path(__file__).resolve().parent
-FILES = ("predicates", "cleaning", "safety", "emergencies", "phrasings", "prompts", "literature")
+FILES = ("predicates", "cleaning", "clinical", "safety", "emergencies", "phrasings", "prompts", "literature")
 
 
 @cache
@@ -30,6 +30,10 @@ def predicate_map() -> dict[str, Any]:
 
 def cleaning() -> dict[str, Any]:
     return load("cleaning")
+
+
+def clinical() -> dict[str, Any]:
+    return load("clinical")
 
 
 def safety() -> dict[str, Any]:
