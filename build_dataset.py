@@ -23,8 +23,8 @@ from typing import Any
 from utils import llm
 from utils.builder import llm_backend, resources
 from utils.builder import output as out
+from utils.builder.curation import load_entities
 from utils.builder.gates import GateCounts, LeakIndex, apply_gates
-from utils.builder.graph import load_entities
 from utils.builder.knowledge import TemplateOptions, template_options, template_rows
 from utils.builder.lint import lint
 from utils.builder.literature import dialogue_turns, literature_item, load_documents

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from utils.core.cli import run_cli, storage_failure
-from utils.core.errors import UserError, first_line, raise_problems
+from utils.core.cli import run_cli
+from utils.core.errors import UserError, first_line, raise_problems, storage_failure
 from utils.core.io import RunLock, output_dir_problems, publish_files
 from utils.data import load_instruction_dataset, tokenize_dataset
 from utils.model.checks import quantization_problems

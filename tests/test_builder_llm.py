@@ -12,7 +12,7 @@ from builder_support import REPO, cmekg_entities, entities_from, read_jsonl, wri
 
 import build_dataset as bd
 from tests.fake_openai import FakeOpenAI, Reply, last_user_message, scripted
-from utils.builder.graph import load_entities
+from utils.builder.curation import load_entities
 from utils.builder.llm_backend import Lexicon, grounding_problem, sidecar
 from utils.core.errors import UserError
 from utils.core.io import RunLock

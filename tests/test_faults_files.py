@@ -17,8 +17,9 @@ from faultkit import assert_refused, assert_succeeded, assert_unchanged, cli, sn
 import evaluate
 import finetune
 import infer
-from utils.core.io import read_jsonl_tolerant, read_records
+from utils.core.io import read_records
 from utils.data import read_instruction_rows
+from utils.llm import read_jsonl_tolerant
 
 ROW = {"instruction": "高血压有哪些症状？", "output": "头痛、头晕。"}
 LINE = json.dumps(ROW, ensure_ascii=False) + "\n"

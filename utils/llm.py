@@ -9,6 +9,9 @@
 - `backoff_delay`: the wait before asking again after an *unusable* reply (which the SDK cannot know about).
 - `extract_json_array` / `qa_pairs`: the model is asked for a JSON array of `{"question", "answer"}` objects, and
   models like to wrap it in a ```json fence or add a sentence around it.
+- `append_jsonl` / `read_jsonl_tolerant` / `drop_torn_tail`: the work log of a long run of requests (the builder's,
+  the judge's), appended and flushed item by item, read back whole after a crash tore its last line: a resumed run
+  asks only what is not in it.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import json
 import os
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from utils.core.errors import UserError, redact, register_secret
+from utils.core.io import atomic_write, jsonl_text
 
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 
@@ -169,3 +174,41 @@ def qa_pairs(items: Iterable[Any]) -> tuple[list[tuple[str, str]], int]:
         else:
             malformed += 1
     return pairs, malformed
+
+
+# --- the work log of a run of requests ---------------------------------------------------------------------
+
+
+def read_jsonl_tolerant(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of an append-only JSON Lines file (none when it is absent); a line torn by a crash (cut JSON,
+    or cut inside a UTF-8 character) is skipped: its writer redoes the item that line stood for."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_bytes().split(b"\n"):
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def append_jsonl(path: str | Path, records: Sequence[dict[str, Any]]) -> None:
+    """Append records to a JSON Lines file and flush: once this returns, they survive a crash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(jsonl_text(records))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def drop_torn_tail(path: str | Path) -> None:
+    """Cut a last line that a crash left without its newline, so appended rows start on a line of their own."""
+    path = Path(path)
+    data = path.read_bytes() if path.is_file() else b""
+    if data and not data.endswith(b"\n"):
+        atomic_write(path, data[: data.rfind(b"\n") + 1])

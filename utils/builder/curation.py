@@ -26,7 +26,8 @@ from functools import cache, cached_property
 from itertools import zip_longest
 
 from utils.builder import resources
-from utils.builder.graph import Entity, GraphStats, predicate_map
+from utils.builder.graph import CMEKG, Entity, GraphStats, build_entity, predicate_map, read_graph
+from utils.builder.progress import progress_bar
 from utils.builder.safety import alarm_symptoms, bigrams, emergencies, is_emergency_disease
 
 MIN_LISTED = {"symptom": 3, "complication": 2, "test": 2}  # a large graph's shorter lists: what its extraction missed
@@ -390,3 +391,16 @@ def curate(entities: Sequence[Entity], stats: GraphStats, graph_key: str = "") -
         stats.entities_by_kind[entity.kind] += 1
         kept.append(replace(entity, facts=facts, sources={r: entity.sources[r] for r in facts}))
     return kept
+
+
+def load_entities(kb: str, progress: bool = False) -> tuple[list[Entity], GraphStats]:
+    """The clean entities of `--kb`, in source order, curated (`curate`), and what reading them did."""
+    raws, source = read_graph(kb)
+    stats = GraphStats(source=source)
+    pmap = predicate_map()
+    entities = []
+    for raw in progress_bar(raws, "reading the graph", "entities", progress):
+        entity = build_entity(raw, pmap, stats)
+        if entity is not None:
+            entities.append(entity)
+    return curate(entities, stats, CMEKG if kb == CMEKG else ""), stats

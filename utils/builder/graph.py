@@ -596,19 +596,3 @@ def relation_conflicts(facts: dict[str, tuple[str, ...]]) -> bool:
     """A disease said not to be contagious that has a transmission route: its contagiousness is not asked about."""
     return facts.get("contagious") == ("无",) and bool(facts.get("transmission"))
 
-
-def load_entities(kb: str, progress: bool = False) -> tuple[list[Entity], GraphStats]:
-    """The clean entities of `--kb`, in source order, checked against the curated clinical lists (curation.py), and
-    what reading them did."""
-    from utils.builder.curation import curate
-    from utils.builder.progress import progress_bar
-
-    raws, source = read_graph(kb)
-    stats = GraphStats(source=source)
-    pmap = predicate_map()
-    entities = []
-    for raw in progress_bar(raws, "reading the graph", "entities", progress):
-        entity = build_entity(raw, pmap, stats)
-        if entity is not None:
-            entities.append(entity)
-    return curate(entities, stats, CMEKG if kb == CMEKG else ""), stats

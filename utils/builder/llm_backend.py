@@ -59,7 +59,8 @@ from utils.builder.safety import (
 )
 from utils.core.cli import flag
 from utils.core.errors import UserError
-from utils.core.io import append_jsonl, atomic_write, drop_torn_tail, read_jsonl_tolerant
+from utils.core.io import atomic_write
+from utils.llm import append_jsonl, drop_torn_tail, read_jsonl_tolerant
 
 MAX_TERM_CHARS = 16
 MIN_SUPPORT_CHARS = 4

@@ -20,20 +20,17 @@ help page, written from the help strings. Library errors that mean a full or bro
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import errno
 import inspect
 import math
 import operator
 import os
-import re
 import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from utils.core.errors import EXIT_USER_ERROR, UserError, raise_problems, redact
+from utils.core.errors import EXIT_USER_ERROR, UserError, did_you_mean, raise_problems, redact, storage_failure
 
 
 def flag(default: Any, help: str, *, low: float | None = None, high: float | None = None,
@@ -61,6 +58,12 @@ def range_problems(args: Any) -> list[str]:
 
 def _choices(meta: Mapping[str, Any]) -> str:
     return ", ".join(str(choice) if choice != "" else "'' (empty)" for choice in meta["choices"])
+
+
+def _bounds(meta: Mapping[str, Any]) -> str:
+    """`; >= 1`, `; one of a, b` or `` for the help page."""
+    described = f"one of {_choices(meta)}" if meta.get("choices") else _describe(meta) if "help" in meta else ""
+    return f"; {described}" if described else ""
 
 
 _BOUNDS = {"low": (">=", operator.ge), "above": (">", operator.gt), "high": ("<=", operator.le),
@@ -109,12 +112,6 @@ def convert(raw: str, hint: Any) -> Any:
     raise ValueError(f"must be {kinds}, got {raw!r}")
 
 
-def did_you_mean(name: str, names: list[str], prefix: str = "--") -> str:
-    """` (did you mean --num_epochs?)` for the closest of `names` to a mistyped `name`, or ``."""
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
-    return f" (did you mean {prefix}{close[0]}?)" if close else ""
-
-
 def args_class(main: Callable[..., Any]) -> type:
     """The dataclass of flags that `main` takes as its one parameter."""
     parameter = next(iter(inspect.signature(main).parameters))
@@ -150,40 +147,31 @@ def parse_args(cls: type, given: Mapping[str, Any], positional: tuple[Any, ...] 
     return args
 
 
-def help_text(main: Callable[..., Any], name: str) -> str:
-    """Fire's help page for `main`'s flags, from their help strings and ranges."""
-    import fire.helptext
-    import fire.trace
-
-    cls = args_class(main)
-    lines = [(inspect.getdoc(main) or "").split("\n\n")[0], "", "Args:"]
-    for field in dataclasses.fields(cls):
-        bounds = _describe(field.metadata) if "help" in field.metadata else ""
-        bounds = f"; one of {_choices(field.metadata)}" if field.metadata.get("choices") else (
-            f"; {bounds}" if bounds else "")
-        lines.append(f"  {field.name}: {field.metadata.get('help', '')}{bounds}")
-    hints = typing.get_type_hints(cls)
-    parameters = [inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
-                                    annotation=hints[field.name]) for field in dataclasses.fields(cls)]
-
-    def page(**flags: Any) -> None: ...
-
-    page.__doc__, page.__signature__ = "\n".join(lines), inspect.Signature(parameters)  # type: ignore[attr-defined]
-    return str(fire.helptext.HelpText(page, trace=fire.trace.FireTrace(page, name=name)))
-
-
 # --- running a script --------------------------------------------------------------------------------------------
 
 
 def _command(main: Callable[..., Any], name: str) -> Callable[..., Any]:
-    """What fire calls: every flag arrives as typed (`**given`), is parsed into `main`'s dataclass, then `main` runs."""
+    """What fire calls: every flag arrives as typed (`**given`), is parsed into `main`'s dataclass, then `main` runs.
+    `--help` is fire's own help page, for a stand-in whose signature and docstring are the flags and their help."""
+    import fire.helptext
+    import fire.trace
     from fire.decorators import SetParseFn
+
+    cls, hints = args_class(main), typing.get_type_hints(args_class(main))
+    fields = dataclasses.fields(cls)
+
+    def page(**flags: Any) -> None: ...
+
+    page.__doc__ = "\n".join([(inspect.getdoc(main) or "").split("\n\n")[0], "", "Args:", *(
+        f"  {field.name}: {field.metadata.get('help', '')}{_bounds(field.metadata)}" for field in fields)])
+    page.__signature__ = inspect.Signature([inspect.Parameter(  # type: ignore[attr-defined]
+        field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=hints[field.name])
+        for field in fields])
 
     def call(*positional: Any, **given: Any) -> Any:
         if given.keys() & {"help", "h"}:
-            print(help_text(main, name))
-            return None
-        return main(parse_args(args_class(main), given, positional))
+            return print(fire.helptext.HelpText(page, trace=fire.trace.FireTrace(page, name=name)))
+        return main(parse_args(cls, given, positional))
 
     return SetParseFn(str)(call)  # fire hands every value over as the text typed
 
@@ -262,26 +250,3 @@ def silence_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):
         pass  # stdout is not a real file (a test's capture): nothing will be flushed to the pipe
-
-
-_STORAGE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-            errno.EFBIG: "the file is larger than the file system or the file-size limit (ulimit -f) allows",
-            errno.EROFS: "the file system is read-only", errno.EIO: "an input/output error (a failing disk or a lost "
-                                                                    "network mount)"}
-# safetensors and tokenizers (Rust) and torch.save (C++) raise their own types; the OS error lives in the message
-_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)|PytorchStreamWriter failed writing")
-
-
-def storage_failure(error: BaseException) -> str | None:
-    """Why a write failed, in words, when `error` (or one it was raised from) is a storage failure: a full disk, a
-    quota, the file-size limit, a read-only file system, an I/O error; None for anything else."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in _STORAGE:
-            return _STORAGE[error.errno]
-        match = _OS_ERROR_IN_TEXT.search(str(error)) if not isinstance(error, OSError) else None
-        if match and not (match.group(1) or match.group(2)):
-            return "the write failed (is the disk full?)"
-        if match and int(match.group(1) or match.group(2)) in _STORAGE:
-            return _STORAGE[int(match.group(1) or match.group(2))]
-        error = error.__cause__ or error.__context__
-    return None

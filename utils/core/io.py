@@ -2,8 +2,6 @@
 
 - `read_records`: a JSON array or JSON Lines (split on `\\n` only: U+2028/U+2029/U+0085 are valid inside JSON
   strings), UTF-8 (a BOM is fine); every problem one `UserError` naming the file, the line and the field.
-- `read_jsonl_tolerant`: an append-only sidecar where a crash may have torn the last line: torn lines are skipped,
-  their item is simply done again.
 - `atomic_write` / `publish_files` / `replace_folder`: a temporary file or folder beside the target, flushed, renamed
   into place, read back; the modes the umask gives (temporary files start at 0600).
 - `output_file_problems` / `output_dir_problems`: an output that can be written, of the right kind, not an input
@@ -14,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import difflib
 import errno
 import json
 import os
@@ -28,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Self
 
-from utils.core.errors import UserError, raise_problems, redact
+from utils.core.errors import UserError, did_you_mean, raise_problems, redact
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -46,8 +43,8 @@ def nearest(path: Path, folders: bool = False) -> str:
         names = [entry.name for entry in path.parent.iterdir() if entry.is_dir() or not folders]
     except OSError:
         return ""
-    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
-    return f" (did you mean {path.parent / close[0] if str(path.parent) != '.' else close[0]}?)" if close else ""
+    prefix = "" if str(path.parent) == "." else f"{path.parent}/"
+    return did_you_mean(path.name, names, prefix=prefix)
 
 
 def file_problems(path: str | Path, flag: str = "") -> list[str]:
@@ -135,23 +132,6 @@ def check_string_fields(path: str | Path, located_rows: Iterable[tuple[str, dict
                 raise UserError(f"{path} {where}: field `{field}` holds an unpaired UTF-16 surrogate; fix or drop it")
 
 
-def read_jsonl_tolerant(path: str | Path) -> list[dict[str, Any]]:
-    """The JSON objects of an append-only JSON Lines file (none when it is absent); a line torn by a crash (cut JSON,
-    or cut inside a UTF-8 character) is skipped: its writer redoes the item that line stood for."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_bytes().split(b"\n"):
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 # --- writing -------------------------------------------------------------------------------------------------------
 
 
@@ -208,24 +188,6 @@ def atomic_write_json(path: str | Path, value: Any) -> Path:
     return atomic_write(path, json.dumps(value, ensure_ascii=False, indent=2) + "\n")
 
 
-def append_jsonl(path: str | Path, records: Sequence[dict[str, Any]]) -> None:
-    """Append records to a JSON Lines file and flush: once this returns, they survive a crash."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(jsonl_text(records))
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def drop_torn_tail(path: str | Path) -> None:
-    """Cut a last line that a crash left without its newline, so appended rows start on a line of their own."""
-    path = Path(path)
-    data = path.read_bytes() if path.is_file() else b""
-    if data and not data.endswith(b"\n"):
-        atomic_write(path, data[: data.rfind(b"\n") + 1])
-
-
 def make_readable(folder: Path) -> None:
     """Files as the umask allows (libraries write some through 0600 temporary files), folders searchable."""
     for path in [folder, *folder.rglob("*")]:
@@ -264,17 +226,14 @@ def publish_files(output_dir: str | Path, write: Callable[[Path], None], last: S
     try:
         staging.mkdir(parents=True)
         write(staging)
-        files = _seal(staging)
-    except BaseException:
+        files, moved = _seal(staging), []
+        for path in [p for p in files if p.name not in last] + [p for name in last for p in files if p.name == name]:
+            target = output / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+            moved.append(target)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    moved = []
-    for path in [p for p in files if p.name not in last] + [p for name in last for p in files if p.name == name]:
-        target = output / path.relative_to(staging)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
-        moved.append(target)
-    shutil.rmtree(staging, ignore_errors=True)
     _fsync(output)
     return moved
 

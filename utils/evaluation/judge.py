@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from utils import llm
 from utils.core.errors import UserError
-from utils.core.io import append_jsonl, drop_torn_tail, read_jsonl_tolerant
+from utils.llm import append_jsonl, drop_torn_tail, read_jsonl_tolerant
 
 PROMPT_FILE = Path(__file__).resolve().parent / "judge.yaml"
 
