@@ -24,7 +24,7 @@ from utils.core.cli import run_cli
 from utils.core.errors import UserError, raise_problems
 from utils.core.io import check_output_dir, replace_folder, write_failure
 from utils.model.checks import check_adapter, check_base_model
-from utils.model.loading import load_adapter, load_checked
+from utils.model.loading import gguf_path, load_adapter, load_checked
 
 PROBE_TEXT = "下面是一个问题，运用医学知识来正确回答提问.\n### 问题:\n高血压有哪些常见症状？\n### 回答:\n"
 DTYPES = {"auto": "auto", "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -235,6 +235,7 @@ def save_checked(merged: Any, tokenizer: Any, output_dir: str, max_shard_size: i
 
 def main(
     base_model: str = "",  # base model folder or hub id (default: the BASE_MODEL environment variable)
+    gguf_file: str = "",  # with a folder --base_model: the GGUF file in it to load (a .gguf --base_model needs none)
     lora_weights: str = "",  # adapter folder written by finetune.py
     output_dir: str = "./hf_ckpt",  # where the merged checkpoint goes
     max_shard_size: str = "5GB",  # largest safetensors file (5GB, 500MB, 2GiB, ...)
@@ -243,7 +244,7 @@ def main(
     trust_remote_code: bool = False,  # allow a hub model's own Python code to run
 ) -> None:
     """Merge --lora_weights into --base_model with peft's merge_and_unload and save to --output_dir."""
-    base_model = base_model or os.environ.get("BASE_MODEL", "")
+    base_model = gguf_path(base_model or os.environ.get("BASE_MODEL", ""), gguf_file)
     validate_args(base_model, lora_weights, output_dir, max_shard_size, dtype, overwrite, trust_remote_code)
     base, tokenizer = load_checked(base_model, precision="fp32", device="cpu", trust_remote_code=trust_remote_code,
                                    device_map={"": "cpu"}, dtype=DTYPES[dtype])

@@ -31,7 +31,7 @@ from utils.core.errors import UserError, raise_problems
 from utils.core.io import RunLock, check_output_dir, publish_files, write_failure
 from utils.data import load_instruction_dataset, tokenize_dataset
 from utils.model.checks import check_attention, preflight_model
-from utils.model.loading import load_checked, load_checked_tokenizer, resolve_lora_targets
+from utils.model.loading import gguf_path, load_checked, load_checked_tokenizer, resolve_lora_targets
 from utils.prompter import Prompter
 from utils.runtime import is_main_process, log, world_size
 from utils.training import checkpoints, results, setup
@@ -303,6 +303,7 @@ def main(args: FinetuneArgs = DEFAULTS) -> str:
     # `--output_dir=~/x` reaches us unexpanded: every stage (the checks, the lock, the Trainer) uses the same folder
     args = replace(args, **{name: str(Path(value).expanduser()) for name, value in
                             (("output_dir", args.output_dir), ("data_path", args.data_path)) if value})
+    args = replace(args, base_model=gguf_path(args.base_model, args.gguf_file), gguf_file="")
     validate_args(args)
     run = resolve(args)
     check_launch(run)

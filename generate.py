@@ -26,7 +26,7 @@ from utils.core.cli import PORT, SEED, option_checks, run_cli
 from utils.core.errors import UserError, raise_problems
 from utils.generation.args import DEFAULT_GENERATION, GenerationArgs, generation_flags
 from utils.generation.dialogue import Chat, context_length
-from utils.model.loading import load_for_inference
+from utils.model.loading import gguf_path, load_for_inference
 from utils.prompter import Prompter
 from utils.runtime import parse_device_map
 
@@ -129,6 +129,7 @@ def check_port_free(server_name: str, server_port: int) -> None:
 @option_checks(server_port=PORT, seed=SEED)
 def main(
     base_model: str = "",  # local folder or hub id of the base model (required)
+    gguf_file: str = "",  # with a folder --base_model: the GGUF file in it to load (a .gguf --base_model needs none)
     lora_weights: str = "",  # adapter folder written by finetune.py (or a hub id)
     use_lora: bool = True,  # apply --lora_weights (False: a merged checkpoint or the bare base)
     prompt_template: str = "med_template",  # a name in templates/ or a path; a multi_turn template keeps history
@@ -147,6 +148,7 @@ def main(
     """Serve the chat page until interrupted."""
     from transformers import set_seed
 
+    base_model = gguf_path(base_model, gguf_file)
     if use_lora and not lora_weights:
         raise UserError("--lora_weights is required with --use_lora True (for a merged checkpoint or a bare base "
                         "model, pass --use_lora False)")

@@ -19,7 +19,7 @@ from utils.core.io import atomic_write, check_output_file, check_string_fields, 
 from utils.generation.args import DEFAULT_GENERATION, GenerationArgs, generation_flags
 from utils.generation.dialogue import context_length
 from utils.generation.engine import default_batch_size, generate_answers
-from utils.model.loading import load_for_inference
+from utils.model.loading import gguf_path, load_for_inference
 from utils.prompter import Prompter
 from utils.runtime import parse_device_map
 
@@ -121,6 +121,7 @@ def main(
     load_8bit: bool = False,  # load the base in 8-bit (CUDA + bitsandbytes)
     load_4bit: bool = False,  # load the base in 4-bit nf4 (CUDA + bitsandbytes)
     base_model: str = "",  # local folder or hub id of the base model (required)
+    gguf_file: str = "",  # with a folder --base_model: the GGUF file in it to load (a .gguf --base_model needs none)
     instruct_dir: str = "",  # JSON Lines or JSON array of {instruction[, input, output]}; empty: built-in questions
     use_lora: bool = True,  # apply the adapter in --lora_weights (False: a merged checkpoint or the bare base)
     lora_weights: str = "",  # adapter folder written by finetune.py (or a hub id)
@@ -136,6 +137,7 @@ def main(
     """Answer every row of --instruct_dir (or a few built-in questions) and print the original blocks."""
     from transformers import set_seed
 
+    base_model = gguf_path(base_model, gguf_file)
     validate_args(use_lora, lora_weights, instruct_dir, output_file, base_model)
     raise_problems(generation.problems())
     prompter = Prompter(prompt_template)

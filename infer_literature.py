@@ -18,7 +18,7 @@ from utils.core.errors import UserError, raise_problems
 from utils.generation.args import DEFAULT_GENERATION, GenerationArgs, generation_flags
 from utils.generation.dialogue import Chat, context_length
 from utils.generation.engine import default_batch_size, generate_answers
-from utils.model.loading import load_for_inference
+from utils.model.loading import gguf_path, load_for_inference
 from utils.prompter import Prompter
 
 BUILT_IN_QUESTIONS = [
@@ -96,6 +96,7 @@ def main(
     load_8bit: bool = False,  # load the base in 8-bit (CUDA + bitsandbytes)
     load_4bit: bool = False,  # load the base in 4-bit nf4 (CUDA + bitsandbytes)
     base_model: str = "",  # local folder or hub id of the base model (required)
+    gguf_file: str = "",  # with a folder --base_model: the GGUF file in it to load (a .gguf --base_model needs none)
     single_or_multi: str = "single",  # single: built-in questions; multi: a chat read from standard input
     use_lora: bool = True,  # apply the adapter in --lora_weights (False: a merged checkpoint or the bare base)
     lora_weights: str = "",  # adapter folder written by finetune.py
@@ -110,6 +111,7 @@ def main(
     """Answer the built-in liver-cancer questions (single) or chat turn by turn from standard input (multi)."""
     from transformers import set_seed
 
+    base_model = gguf_path(base_model, gguf_file)
     if use_lora and not lora_weights:
         raise UserError("--lora_weights is required with --use_lora True (for a merged checkpoint or a bare base "
                         "model, pass --use_lora False)")

@@ -45,13 +45,27 @@ DEFAULT_LORA_TARGETS = {
 NOT_LORA_TARGETS = ("lm_head", "score")
 
 
+def gguf_path(base_model: str, gguf_file: str = "") -> str:
+    """`--base_model FOLDER --gguf_file NAME` as the one path FOLDER/NAME that every later step (and the adapter's
+    record of its base) uses."""
+    return str(Path(base_model, gguf_file)) if gguf_file else base_model
+
+
+def gguf_kwargs(base_model: str) -> tuple[str, dict[str, str]]:
+    """(what `from_pretrained` is given, its extra arguments): a `.gguf` file loads from its folder with `gguf_file=`
+    (transformers reads the config and tokenizer from it and dequantises the weights); anything else as it is."""
+    path = Path(base_model).expanduser()
+    return (str(path.parent), {"gguf_file": str(path.resolve())}) if path.suffix == ".gguf" else (base_model, {})
+
+
 def load_tokenizer(base_model: str, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
     """The base model's tokenizer, with a pad token (unk or eos when the model has none, as LLaMA)."""
     from transformers import AutoTokenizer
 
     check_model_source(base_model)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+        source, gguf = gguf_kwargs(base_model)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf)
     except (OSError, ValueError, json.JSONDecodeError) as error:
         raise hub_error(base_model, error) from error
     except Exception as error:  # the tokenizers library raises plain Exception/KeyError for a broken tokenizer.json
@@ -76,7 +90,7 @@ def load_base_model(
 ) -> Any:
     """`AutoModelForCausalLM` in the resolved precision on `device` (or spread by `device_map`), with
     `attn_implementation` when one is given; `dtype` ("auto": as stored) overrides the precision."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GgufConfig
 
     check_model_source(base_model)
     device = device or resolve_device()
@@ -91,7 +105,11 @@ def load_base_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
+        source, gguf = gguf_kwargs(base_model)
+        if gguf:  # unpacked into a plain dense model: GGUF-packed weights neither train nor save
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **gguf)
+        model.name_or_path = base_model  # what an adapter records as its base: a .gguf file, not its folder
     except pickle.UnpicklingError as error:  # a pytorch_model.bin that is more than tensors: refused unread
         raise UserError(f"refusing to load {base_model}: a weights file in it is a pickle that is not plain "
                         f"tensors ({str(error).strip().splitlines()[0][:200]}); use safetensors weights") from None

@@ -40,6 +40,8 @@ def check_source(name: str, flag: str, marker: str) -> None:
             what = "a Hugging Face model" if marker == "config.json" else "a LoRA adapter"
             raise UserError(f"{flag} {name}: the folder has no {marker}, so it is not {what}")
         return
+    if path.is_file() and path.suffix == ".gguf" and marker == "config.json":
+        return  # a GGUF file holds the config and tokenizer itself (utils.model.loading.gguf_kwargs)
     if path.exists():
         raise UserError(f"{flag} {name}: is a file; pass the folder that holds {marker}")
     if not is_hub_id(name):

@@ -15,6 +15,7 @@ class FinetuneArgs:
 
     # model/data params
     base_model: str = ""  # local folder or Hugging Face hub id (org/name) of the base model (required)
+    gguf_file: str = ""  # with a folder --base_model: the GGUF file in it to load (a .gguf --base_model needs none)
     data_path: str = "data/llama_data.json"  # JSON Lines or JSON array of {instruction, input, output}
     output_dir: str = "./lora-bentsao"  # where checkpoints and the final adapter go
     # training hyperparams
