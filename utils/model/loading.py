@@ -46,16 +46,17 @@ NOT_LORA_TARGETS = ("lm_head", "score")
 
 
 def gguf_path(base_model: str, gguf_file: str = "") -> str:
-    """`--base_model FOLDER --gguf_file NAME` as the one path FOLDER/NAME that every later step (and the adapter's
-    record of its base) uses."""
+    """FOLDER/NAME for `--base_model FOLDER --gguf_file NAME`: one path from there on (the adapter records it)."""
     return str(Path(base_model, gguf_file)) if gguf_file else base_model
 
 
-def gguf_kwargs(base_model: str) -> tuple[str, dict[str, str]]:
-    """(what `from_pretrained` is given, its extra arguments): a `.gguf` file loads from its folder with `gguf_file=`
-    (transformers reads the config and tokenizer from it and dequantises the weights); anything else as it is."""
+def gguf_kwargs(base_model: str) -> dict[str, str]:
+    """`from_pretrained`'s arguments for a base: a `.gguf` file loads from its folder with `gguf_file=`
+    (transformers reads the config and tokenizer from it); anything else as it is."""
     path = Path(base_model).expanduser()
-    return (str(path.parent), {"gguf_file": str(path.resolve())}) if path.suffix == ".gguf" else (base_model, {})
+    if path.suffix != ".gguf":
+        return {"pretrained_model_name_or_path": base_model}
+    return {"pretrained_model_name_or_path": str(path.parent), "gguf_file": str(path.resolve())}
 
 
 def load_tokenizer(base_model: str, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
@@ -64,8 +65,7 @@ def load_tokenizer(base_model: str, trust_remote_code: bool = False, padding_sid
 
     check_model_source(base_model)
     try:
-        source, gguf = gguf_kwargs(base_model)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **gguf)
+        tokenizer = AutoTokenizer.from_pretrained(**gguf_kwargs(base_model), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, json.JSONDecodeError) as error:
         raise hub_error(base_model, error) from error
     except Exception as error:  # the tokenizers library raises plain Exception/KeyError for a broken tokenizer.json
@@ -105,10 +105,9 @@ def load_base_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        source, gguf = gguf_kwargs(base_model)
-        if gguf:  # unpacked into a plain dense model: GGUF-packed weights neither train nor save
+        if "gguf_file" in gguf_kwargs(base_model):  # unpacked: GGUF-packed weights neither train nor save
             kwargs["quantization_config"] = GgufConfig(dequantize=True)
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(**gguf_kwargs(base_model), **kwargs)
         model.name_or_path = base_model  # what an adapter records as its base: a .gguf file, not its folder
     except pickle.UnpicklingError as error:  # a pytorch_model.bin that is more than tensors: refused unread
         raise UserError(f"refusing to load {base_model}: a weights file in it is a pickle that is not plain "
