@@ -162,6 +162,7 @@ def main(
         base_model, lora_weights if use_lora else None, precision=precision, load_8bit=load_8bit,
         load_4bit=load_4bit, trust_remote_code=trust_remote_code, device_map=device_map,
     )
+    prompter.tokenizer = tokenizer  # a chat template renders with the base model's own
     context = context_length(model, tokenizer)
     chat = Chat(prompter, tokenizer, context - generation.max_new_tokens)
     adapter = f"adapter `{lora_weights}`" if use_lora else "no adapter"

@@ -149,6 +149,7 @@ def main(
         base_model, lora_weights if use_lora else None, precision=precision, load_8bit=load_8bit,
         load_4bit=load_4bit, trust_remote_code=trust_remote_code, device_map=device_map,
     )
+    prompter.tokenizer = tokenizer  # a chat template renders with the base model's own
     prompts = [prompter.generate_prompt(row["instruction"], row.get("input") or None) for row in rows]
     note_long_prompts(model, tokenizer, prompts, generation.max_new_tokens)
     answers = answer_in_order(model, tokenizer, prompts, rows, generation,

@@ -122,6 +122,7 @@ def main(
         base_model, lora_weights if use_lora else None, precision=precision, load_8bit=load_8bit,
         load_4bit=load_4bit, trust_remote_code=trust_remote_code,
     )
+    prompter.tokenizer = tokenizer  # a chat template renders with the base model's own
     if single_or_multi == "single":
         answer_single(model, tokenizer, prompter, generation, batch_size or default_batch_size(generation.num_beams))
     else:
