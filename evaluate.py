@@ -32,11 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from utils import llm
-from utils.core.cli import NON_NEGATIVE, POSITIVE, option_checks, run_cli
+from utils.core.cli import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, choices, option_checks, run_cli
 from utils.core.errors import UserError
-from utils.core.io import atomic_write, check_output_file, read_records
+from utils.core.io import atomic_write, check_output_file, jsonl_text, read_records
 from utils.evaluation.judge import criteria, default_judge_cache, judge_config, judge_scores
 from utils.evaluation.metrics import METRIC_NAMES, corpus_scores
+
+BENCHMARK_FORMATS = ("cmmlu", "ceval", "cmb", "cmexam", "medqa")
 
 # --- reading predictions -----------------------------------------------------------------------------------
 
@@ -151,6 +153,38 @@ def compare_paths(compare: Any, more_files: tuple[Any, ...]) -> list[str]:
     return paths
 
 
+def run_benchmark(benchmark: str, base_model: str, lora_weights: str = "", subjects: str = "", n_shot: int = 0,
+                  benchmark_format: str = "", scoring: str = "", batch_size: int = 8, max_questions: int = 0,
+                  max_new_tokens: int = 32, precision: str = "auto", output: str = "",
+                  predictions_out: str = "") -> None:
+    """Score the base model and each adapter on a multiple-choice benchmark: one table, one report, one prediction
+    per question and model. The base loads once; each adapter is put on it with peft and taken off after."""
+    from utils.evaluation import benchmarks
+    from utils.model.loading import load_adapter, load_for_inference
+
+    for flag, path in (("--output", output), ("--predictions_out", predictions_out)):
+        if path:
+            check_output_file(path, flag, inputs=[benchmark, output if flag != "--output" else ""])
+    adapters = [name for name in lora_weights.split(",") if name.strip()] if lora_weights else []
+    if not base_model or len(set(adapters)) < len(adapters):
+        raise UserError("--benchmark needs --base_model" if not base_model else "--lora_weights names an adapter twice")
+    wanted = [name.strip() for name in subjects.split(",") if name.strip()] if subjects else []
+    bench = benchmarks.read_benchmark(benchmark, benchmark_format, wanted, n_shot, max_questions)
+    model, tokenizer, _ = load_for_inference(base_model, precision=precision)
+    rows = []
+    for label in ["base", *adapters]:
+        scored = model if label == "base" else load_adapter(model, label)
+        rows += benchmarks.predict(bench, scored, tokenizer, label, n_shot, scoring, batch_size, max_new_tokens)
+        model = model if label == "base" else scored.unload()
+    report = {"benchmark": str(benchmark), "format": bench.format, "base_model": base_model, "n_shot": n_shot,
+              "scoring": scoring or bench.config["scoring"], "models": benchmarks.accuracy_report(bench, rows)}
+    if predictions_out:
+        atomic_write(predictions_out, jsonl_text(rows))
+    if output:
+        write_text(output, json.dumps(report, ensure_ascii=False, indent=2))
+    print(benchmarks.markdown_table(bench, report["models"]))
+
+
 def write_text(path: str, text: str) -> None:
     """Written atomically and read back before the result is printed (a full disk fails here, not silently)."""
     written = atomic_write(path, text + "\n")
@@ -158,7 +192,9 @@ def write_text(path: str, text: str) -> None:
         raise UserError(f"{path}: what was written does not read back")
 
 
-@option_checks(max_retries=NON_NEGATIVE, retry_base_delay=NON_NEGATIVE, timeout=POSITIVE)
+@option_checks(max_retries=NON_NEGATIVE, retry_base_delay=NON_NEGATIVE, timeout=POSITIVE, n_shot=NON_NEGATIVE,
+               batch_size=AT_LEAST_ONE, max_questions=NON_NEGATIVE, max_new_tokens=AT_LEAST_ONE,
+               scoring=choices("", "logits", "generate"), benchmark_format=choices("", *BENCHMARK_FORMATS))
 def main(
     *more_files: str,  # the further files of --compare A.jsonl B.jsonl ...
     predictions: str = "",  # JSON Lines (or a JSON array) from `infer.py --output_file`: `output` and `model_output`
@@ -174,8 +210,26 @@ def main(
     timeout: float = 120.0,  # judge: seconds to wait for one reply
     golden_field: str = "output",  # the field holding the golden answer
     answer_field: str = "model_output",  # the field holding the model's answer
+    benchmark: str = "",  # score models on a benchmark: CMMLU or C-Eval folder, CMB .json, CMExam .csv, MedQA .jsonl
+    base_model: str = "",  # --benchmark: the base model (folder or hub id)
+    lora_weights: str = "",  # --benchmark: adapters to score beside the base, comma-separated
+    subjects: str = "",  # --benchmark: only these subjects, comma-separated (default: all)
+    n_shot: int = 0,  # --benchmark: solved examples from the dev split before each question
+    benchmark_format: str = "",  # --benchmark: cmmlu, ceval, cmb, cmexam or medqa (default: told by the layout)
+    scoring: str = "",  # --benchmark: logits (the letters' next-token logits) or generate (default: the authors')
+    batch_size: int = 8,  # --benchmark: questions per forward pass
+    max_questions: int = 0,  # --benchmark: only the first N questions of each subject (0: all)
+    max_new_tokens: int = 32,  # --benchmark --scoring generate: the longest answer
+    precision: str = "auto",  # --benchmark: auto, fp32, bf16 or fp16
+    predictions_out: str = "",  # --benchmark: write one prediction per question and model here (JSON Lines)
 ) -> None:
-    """Print (and with --output write) the metrics JSON of --predictions, or the --compare table."""
+    """Print (and with --output write) the metrics JSON of --predictions, or the --compare table; with --benchmark,
+    the accuracy table of the base model and each adapter."""
+    if benchmark:
+        if predictions or (compare is not None and compare is not False) or more_files:
+            raise UserError("--benchmark scores models; give it without --predictions or --compare")
+        return run_benchmark(benchmark, base_model, lora_weights, subjects, n_shot, benchmark_format, scoring,
+                             batch_size, max_questions, max_new_tokens, precision, output, predictions_out)
     comparing = compare is not None and compare is not False
     inputs = [predictions, *(compare_paths(compare, more_files) if comparing else [])]
     if output:  # before any scoring or judging: a folder, an unwritable place or an input file is refused now
