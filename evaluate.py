@@ -37,6 +37,7 @@ from utils.core.errors import UserError
 from utils.core.io import atomic_write, check_output_file, jsonl_text, read_records
 from utils.evaluation.judge import criteria, default_judge_cache, judge_config, judge_scores
 from utils.evaluation.metrics import METRIC_NAMES, corpus_scores
+from utils.prompter import Prompter
 
 BENCHMARK_FORMATS = ("cmmlu", "ceval", "cmb", "cmexam", "medqa")
 
@@ -156,11 +157,11 @@ def compare_paths(compare: Any, more_files: tuple[Any, ...]) -> list[str]:
 def run_benchmark(benchmark: str, base_model: str, lora_weights: str = "", subjects: str = "", n_shot: int = 0,
                   benchmark_format: str = "", scoring: str = "", batch_size: int = 8, max_questions: int = 0,
                   max_new_tokens: int = 32, precision: str = "auto", output: str = "",
-                  predictions_out: str = "") -> None:
+                  predictions_out: str = "", gguf_file: str = "", prompt_template: str = "") -> None:
     """Score the base model and each adapter on a multiple-choice benchmark: one table, one report, one prediction
     per question and model. The base loads once; each adapter is put on it with peft and taken off after."""
     from utils.evaluation import benchmarks
-    from utils.model.loading import load_adapter, load_for_inference
+    from utils.model.loading import gguf_path, load_adapter, load_for_inference
 
     for flag, path in (("--output", output), ("--predictions_out", predictions_out)):
         if path:
@@ -170,11 +171,15 @@ def run_benchmark(benchmark: str, base_model: str, lora_weights: str = "", subje
         raise UserError("--benchmark needs --base_model" if not base_model else "--lora_weights names an adapter twice")
     wanted = [name.strip() for name in subjects.split(",") if name.strip()] if subjects else []
     bench = benchmarks.read_benchmark(benchmark, benchmark_format, wanted, n_shot, max_questions)
-    model, tokenizer, _ = load_for_inference(base_model, precision=precision)
+    prompter = Prompter(prompt_template) if prompt_template else None  # an unknown one is refused before loading
+    model, tokenizer, _ = load_for_inference(gguf_path(base_model, gguf_file), precision=precision)
+    if prompter:
+        prompter.tokenizer = tokenizer  # a chat template renders with the base model's own
     rows = []
     for label in ["base", *adapters]:
         scored = model if label == "base" else load_adapter(model, label)
-        rows += benchmarks.predict(bench, scored, tokenizer, label, n_shot, scoring, batch_size, max_new_tokens)
+        rows += benchmarks.predict(bench, scored, tokenizer, label, n_shot, scoring, batch_size, max_new_tokens,
+                                   prompter.generate_prompt if prompter else None)
         model = model if label == "base" else scored.unload()
     report = {"benchmark": str(benchmark), "format": bench.format, "base_model": base_model, "n_shot": n_shot,
               "scoring": scoring or bench.config["scoring"], "models": benchmarks.accuracy_report(bench, rows)}
@@ -212,6 +217,8 @@ def main(
     answer_field: str = "model_output",  # the field holding the model's answer
     benchmark: str = "",  # score models on a benchmark: CMMLU or C-Eval folder, CMB .json, CMExam .csv, MedQA .jsonl
     base_model: str = "",  # --benchmark: the base model (folder or hub id)
+    gguf_file: str = "",  # with a folder --base_model: the GGUF file in it to load (a .gguf --base_model needs none)
+    prompt_template: str = "",  # --benchmark: render each question with this template as training did (e.g. chat)
     lora_weights: str = "",  # --benchmark: adapters to score beside the base, comma-separated
     subjects: str = "",  # --benchmark: only these subjects, comma-separated (default: all)
     n_shot: int = 0,  # --benchmark: solved examples from the dev split before each question
@@ -229,7 +236,8 @@ def main(
         if predictions or (compare is not None and compare is not False) or more_files:
             raise UserError("--benchmark scores models; give it without --predictions or --compare")
         return run_benchmark(benchmark, base_model, lora_weights, subjects, n_shot, benchmark_format, scoring,
-                             batch_size, max_questions, max_new_tokens, precision, output, predictions_out)
+                             batch_size, max_questions, max_new_tokens, precision, output, predictions_out,
+                             gguf_file=gguf_file, prompt_template=prompt_template)
     comparing = compare is not None and compare is not False
     inputs = [predictions, *(compare_paths(compare, more_files) if comparing else [])]
     if output:  # before any scoring or judging: a folder, an unwritable place or an input file is refused now

@@ -115,3 +115,24 @@ def test_infer_on_a_chat_tuned_adapter_renders_the_training_prompt(tiny_llama, t
         assert trained.input_ids[: len(prompt_ids)] == prompt_ids
         assert trained.labels[len(prompt_ids)] != IGNORE_INDEX and trained.labels[len(prompt_ids) - 1] == IGNORE_INDEX
         assert Prompter("chat").template["system"] in prompt
+
+
+def test_evaluate_benchmark_renders_the_questions_with_the_chat_template(tiny_llama, tmp_path, monkeypatch):
+    from test_benchmark_eval import cmmlu_folder
+
+    import evaluate
+    from utils.evaluation import benchmarks
+
+    base = tmp_path / "chat-base"
+    shutil.copytree(tiny_llama, base)
+    chat_tokenizer(tiny_llama, "smollm2", special_tokens=False).save_pretrained(base)
+    seen: list[str] = []
+    score = benchmarks.choice_predictions
+    monkeypatch.setattr(benchmarks, "choice_predictions", lambda model, tokenizer, prompts, *a, **k: (
+        seen.extend(prompts), score(model, tokenizer, prompts, *a, **k))[1])
+    result = run_main(evaluate.main, "--benchmark", cmmlu_folder(tmp_path / "cmmlu"), "--base_model", base,
+                      "--prompt_template", "chat")
+    assert result.returncode == 0, result.stderr[-2000:]
+    system = Prompter("chat").template["system"]
+    assert seen and all(p.startswith(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n以下是关于")
+                        and p.endswith("答案是：<|im_end|>\n<|im_start|>assistant\n") for p in seen)
