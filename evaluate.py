@@ -41,6 +41,9 @@ from utils.core.errors import UserError, raise_problems
 from utils.core.io import atomic_write, jsonl_text, output_file_problems, read_records
 from utils.evaluation.judge import criteria, default_judge_cache, judge_config, judge_scores
 from utils.evaluation.metrics import METRIC_NAMES, corpus_scores
+from utils.model.gguf import GGUF_FILE_HELP, fold_gguf_file
+from utils.model.source import source_problems
+from utils.prompter import Prompter, template_problems
 
 BENCHMARK_FORMATS = ("cmmlu", "ceval", "cmb", "cmexam", "medqa")
 
@@ -174,7 +177,10 @@ class EvaluateArgs:
     answer_field: str = flag("model_output", "the field holding the model's answer")
     benchmark: str = flag("", "score models on a benchmark: CMMLU or C-Eval folder, CMB .json, CMExam .csv, MedQA "
                               ".jsonl")
-    base_model: str = flag("", "--benchmark: the base model (folder or hub id)")
+    base_model: str = flag("", "--benchmark: the base model (folder, hub id or .gguf file)")
+    gguf_file: str = flag("", GGUF_FILE_HELP)
+    prompt_template: str = flag("", "--benchmark: render each question with this template as training did (e.g. "
+                                    "chat; default: the benchmark's own prompt as it is)")
     lora_weights: str = flag("", "--benchmark: adapters to score beside the base, comma-separated")
     subjects: str = flag("", "--benchmark: only these subjects, comma-separated (default: all)")
     n_shot: int = flag(0, "--benchmark: solved examples from the dev split before each question", low=0)
@@ -187,6 +193,9 @@ class EvaluateArgs:
     max_new_tokens: int = flag(32, "--benchmark --scoring generate: the longest answer", low=1)
     precision: str = flag("auto", "--benchmark: auto, fp32, bf16 or fp16", choices=("auto", "bf16", "fp16", "fp32"))
     predictions_out: str = flag("", "--benchmark: write one prediction per question and model here (JSON Lines)")
+
+    def __post_init__(self) -> None:
+        fold_gguf_file(self)
 
 
 def validate(args: EvaluateArgs) -> list[str]:
@@ -214,7 +223,8 @@ def validate(args: EvaluateArgs) -> list[str]:
 
 def benchmark_problems(args: EvaluateArgs) -> list[str]:
     adapters = [name.strip() for name in args.lora_weights.split(",") if name.strip()]
-    problems = [] if args.base_model else ["--benchmark needs --base_model"]
+    problems = source_problems(args.base_model, "--base_model", "config.json") + template_problems(
+        args.prompt_template) if args.base_model else ["--benchmark needs --base_model"]
     if len(set(adapters)) < len(adapters):
         problems.append("--lora_weights names an adapter twice")
     if args.predictions or args.compare or args.more_files:
@@ -235,12 +245,15 @@ def run_benchmark(args: EvaluateArgs) -> None:
     adapters = [name.strip() for name in args.lora_weights.split(",") if name.strip()]
     wanted = [name.strip() for name in args.subjects.split(",") if name.strip()]
     bench = benchmarks.read_benchmark(args.benchmark, args.benchmark_format, wanted, args.n_shot, args.max_questions)
+    prompter = Prompter(args.prompt_template) if args.prompt_template else None
     model, tokenizer, _ = load_for_inference(args.base_model, precision=args.precision)
+    if prompter:
+        prompter.tokenizer = tokenizer  # a chat template renders with the base model's own
     rows = []
     for label in ["base", *adapters]:
         scored = model if label == "base" else load_adapter(model, label)
         rows += benchmarks.predict(bench, scored, tokenizer, label, args.n_shot, args.scoring, args.batch_size,
-                                   args.max_new_tokens)
+                                   args.max_new_tokens, prompter.generate_prompt if prompter else None)
         model = model if label == "base" else scored.unload()
     report = {"benchmark": str(args.benchmark), "format": bench.format, "base_model": args.base_model,
               "n_shot": args.n_shot, "scoring": args.scoring or bench.config["scoring"],

@@ -16,7 +16,7 @@ import re
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from utils.core.cli import flag, run_cli
 from utils.core.errors import UserError, raise_problems
 from utils.core.io import output_dir_problems, replace_folder
 from utils.model.checks import adapter_source_problems
+from utils.model.gguf import GGUF_FILE_HELP, fold_gguf_file
 from utils.model.loading import load_adapter, load_base_model, load_tokenizer
 from utils.model.source import source_problems
 
@@ -65,13 +66,18 @@ def holds_model(folder: Path) -> bool:
 class ExportArgs:
     """The flags of export_hf_checkpoint.py."""
 
-    base_model: str = flag("", "base model folder or hub id (default: the BASE_MODEL environment variable)")
+    base_model: str = flag("", "base model folder, hub id or .gguf file (default: the BASE_MODEL environment variable)")
+    gguf_file: str = flag("", GGUF_FILE_HELP)
     lora_weights: str = flag("", "adapter folder written by finetune.py")
     output_dir: str = flag("./hf_ckpt", "where the merged checkpoint goes")
     max_shard_size: str = flag("5GB", "largest safetensors file (5GB, 500MB, 2GiB, ...)")
     dtype: str = flag("auto", "auto: as stored in the base checkpoint", choices=tuple(DTYPES))
     overwrite: bool = flag(False, "replace a model already in --output_dir")
     trust_remote_code: bool = flag(False, "allow a hub model's own Python code to run")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "base_model", self.base_model or os.environ.get("BASE_MODEL", ""))
+        fold_gguf_file(self)
 
 
 def validate(args: ExportArgs) -> list[str]:
@@ -229,7 +235,6 @@ def save_checked(merged: Any, tokenizer: Any, output_dir: str, max_shard_size: i
 
 def main(args: ExportArgs) -> None:
     """Merge --lora_weights into --base_model with peft's merge_and_unload and save to --output_dir."""
-    args = replace(args, base_model=args.base_model or os.environ.get("BASE_MODEL", ""))
     raise_problems(validate(args))
     tokenizer = load_tokenizer(args.base_model, trust_remote_code=args.trust_remote_code)
     base = load_base_model(args.base_model, device="cpu", trust_remote_code=args.trust_remote_code,

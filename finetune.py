@@ -34,7 +34,7 @@ from utils.data import load_instruction_dataset, tokenize_dataset
 from utils.model.checks import quantization_problems
 from utils.model.loading import load_base_model, load_tokenizer, resolve_lora_targets
 from utils.model.source import source_problems
-from utils.prompter import Prompter
+from utils.prompter import Prompter, template_problems
 from utils.runtime import (
     is_main_process,
     log,
@@ -81,8 +81,8 @@ def validate(args: FinetuneArgs) -> list[str]:
     problems += batching_problems(args.pack_len, args.cutoff_len, args.micro_batch_tokens)
     problems += precision_problems(args.precision, resolve_device()) + quantization_problems(args.load_8bit,
                                                                                               args.load_4bit)
-    problems += engine_problems(args) + (source_problems(args.base_model, "--base_model", "config.json")
-                                         if args.base_model else [])
+    problems += engine_problems(args) + template_problems(args.prompt_template_name) + (
+        source_problems(args.base_model, "--base_model", "config.json") if args.base_model else [])
     if args.attn_implementation.startswith("flash_attention"):  # else refused by transformers after tokenising
         import transformers.utils
 

@@ -28,7 +28,7 @@ from utils.core.errors import UserError, raise_problems
 from utils.generation.args import GenerationArgs, ModelArgs
 from utils.generation.dialogue import Chat, context_length
 from utils.model.loading import load_for_inference
-from utils.prompter import Prompter
+from utils.prompter import Prompter, template_problems
 from utils.runtime import parse_device_map
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ def validate(args: GenerateArgs) -> list[str]:
     problems = args.generation_problems()
     if args.auth and parse_auth(args.auth) is None:
         problems.append("--auth must look like user:password")
-    return problems + args.model_problems()
+    return problems + args.model_problems() + template_problems(args.prompt_template)
 
 
 def main(args: GenerateArgs) -> None:
@@ -158,6 +158,7 @@ def main(args: GenerateArgs) -> None:
         args.base_model, args.adapter, precision=args.precision, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
         trust_remote_code=args.trust_remote_code, device_map=device_map,
     )
+    prompter.tokenizer = tokenizer  # a chat template renders with the base model's own
     context = context_length(model, tokenizer)
     chat = Chat(prompter, tokenizer, context - args.max_new_tokens)
     adapter = f"adapter `{args.lora_weights}`" if args.use_lora else "no adapter"

@@ -27,7 +27,7 @@ from utils.generation.args import GenerationArgs, ModelArgs
 from utils.generation.dialogue import context_length
 from utils.generation.engine import default_batch_size, generate_answers
 from utils.model.loading import load_for_inference
-from utils.prompter import Prompter
+from utils.prompter import Prompter, template_problems
 from utils.runtime import parse_device_map
 
 BUILT_IN_QUESTIONS = [
@@ -57,7 +57,7 @@ def validate(args: InferArgs) -> list[str]:
     if args.output_file:
         problems += output_file_problems(args.output_file, "--output_file", inputs=[args.instruct_dir],
                                          protected=[args.base_model, args.adapter])
-    return problems + args.model_problems()
+    return problems + args.model_problems() + template_problems(args.prompt_template)
 
 
 def read_questions(instruct_dir: str) -> list[dict[str, Any]]:
@@ -139,6 +139,7 @@ def main(args: InferArgs) -> None:
         args.base_model, args.adapter, precision=args.precision, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
         trust_remote_code=args.trust_remote_code, device_map=device_map,
     )
+    prompter.tokenizer = tokenizer  # a chat template renders with the base model's own
     prompts = [prompter.generate_prompt(row["instruction"], row.get("input") or None) for row in rows]
     note_long_prompts(model, tokenizer, prompts, args.max_new_tokens)
     answers = answer_in_order(model, tokenizer, prompts, rows, args,

@@ -120,6 +120,8 @@ def test_every_shipped_template_loads():
         available_templates()
     )
     for name in available_templates():
+        if Prompter(name).chat:  # rendered by a tokenizer's own template: tests/test_chat_template.py
+            continue
         prompt = Prompter(name).generate_prompt("问题", None, "回答")
         assert "问题" in prompt and prompt.endswith("回答")
 

@@ -61,6 +61,8 @@ def tokenize_row(
     `train_on_inputs`. The whole text is tokenised at once (as at inference time) and the prompt's length is
     measured by tokenising the prompt alone, as the original recipe does.
     """
+    if prompter.chat:
+        return tokenize_chat(row, prompter, tokenizer, cutoff_len, train_on_inputs)
     prompt = prompter.generate_prompt(row["instruction"], row.get("input") or None)
     full_ids = tokenizer(prompt + row["output"], add_special_tokens=True)["input_ids"]
     eos = tokenizer.eos_token_id
@@ -74,6 +76,32 @@ def tokenize_row(
         labels[:prompt_len] = [IGNORE_INDEX] * min(prompt_len, len(labels))
     trainable = sum(1 for label in labels if label != IGNORE_INDEX)
     return Tokenized(input_ids=input_ids, labels=labels, truncated=truncated, trainable_tokens=trainable)
+
+
+def tokenize_chat(row: dict[str, Any], prompter: Prompter, tokenizer, cutoff_len: int, train_on_inputs: bool,
+                  ) -> Tokenized:
+    """A row rendered by the tokenizer's chat template and tokenised whole (as at inference time); labels on the
+    tokens of the assistant's turns, each turn's end marker included (the model learns to stop there; the template
+    ends the text, no EOS is added). A turn's characters are where the chat rendered up to it (with the assistant's
+    cue) ends and the chat rendered through it ends; the tokens are found by their character offsets, so the spans
+    hold whatever the template and the tokenizer do at the boundaries."""
+    turns = prompter.turns(row["instruction"], row.get("input") or None)
+    turns.append({"role": "assistant", "content": row["output"]})
+    text = prompter.render(turns, tokenizer)
+    spans = []
+    for end, turn in enumerate(turns, start=1):
+        if turn["role"] == "assistant":
+            before, through = prompter.render(turns[: end - 1], tokenizer), prompter.render(turns[:end], tokenizer)
+            if not text.startswith(before) or not text.startswith(through.rstrip()):
+                raise UserError("this tokenizer's chat template renders the beginning of a chat differently from the "
+                                "whole chat, so the assistant's turns cannot be found: use a plain template")
+            spans.append((len(before), len(through.rstrip())))
+    encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    labels = [token if train_on_inputs or any(start < stop and end > begin for begin, stop in spans) else IGNORE_INDEX
+              for token, (start, end) in zip(ids, encoded["offset_mapping"], strict=True)]
+    labels = labels[:cutoff_len]
+    return Tokenized(ids[:cutoff_len], labels, len(ids) > cutoff_len, sum(label != IGNORE_INDEX for label in labels))
 
 
 @contextlib.contextmanager

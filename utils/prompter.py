@@ -3,14 +3,18 @@
 A template is a JSON object with `prompt_no_input` and `response_split`, optionally `prompt_input`,
 `description` and `multi_turn` (true: the instruction carries a dialogue, ` <user>: ... <bot>: ... <user>: ...`, as
 the literature template's does). Placeholders are `{instruction}` and `{input}`, nothing else (no format specs).
+A chat template file (`"chat_template": true`, `system`, as `templates/chat.json`) renders rows with the base
+tokenizer's own chat template instead, the dialogue as user/assistant turns.
 The BenTsao templates keep the exact prompt strings of the published ones, because the published adapters were
 trained on them: `PUBLISHED_SHA256` holds their hashes, so that a plain clone can check them.
 """
 
 from __future__ import annotations
 
+import re
 import string
 from pathlib import Path
+from typing import Any
 
 from utils.core.errors import UserError
 from utils.core.io import read_json_object
@@ -19,6 +23,7 @@ TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 REQUIRED_KEYS = ("prompt_no_input", "response_split")
 OPTIONAL_KEYS = ("prompt_input", "description")
 PLACEHOLDERS = {"instruction", "input"}
+USER, BOT = "<user>", "<bot>"  # the turns of a literature dialogue: ` <user>: q1 <bot>: a1 <user>: q2`
 # SHA-256 of the published BenTsao / Alpaca-LoRA prompt strings (UTF-8): the interface of the published adapters.
 PUBLISHED_SHA256 = {
     "med_template": {
@@ -80,6 +85,10 @@ def load_template(template: str) -> dict[str, str]:
     path = resolve_template_path(template)
     hint = f"available templates: {', '.join(available_templates())}"
     data = read_json_object(path, f"template {path}")
+    if data.get("chat_template") is True:  # rendered by the tokenizer's chat template (Prompter.render)
+        if not isinstance(data.get("system", ""), str) or not isinstance(data.get("multi_turn", False), bool):
+            raise UserError(f"template {path}: `system` must be a string and `multi_turn` true or false; {hint}")
+        return data
     missing = [key for key in REQUIRED_KEYS if key not in data]
     if missing:
         raise UserError(f"template {path}: missing key {', '.join(f'`{k}`' for k in missing)}; {hint}")
@@ -106,12 +115,23 @@ def load_template(template: str) -> dict[str, str]:
     return data
 
 
+def template_problems(template: str) -> list[str]:
+    """What is wrong with `template` (not found, not a template), for a script's `validate`; nothing for ""."""
+    try:
+        if template:
+            load_template(template)
+    except UserError as error:
+        return [str(error)]
+    return []
+
+
 class Prompter:
     """`Prompter("med_template")` or `Prompter("path/to/template.json")`."""
 
-    def __init__(self, template: str = "med_template", verbose: bool = False) -> None:
+    def __init__(self, template: str = "med_template", verbose: bool = False, tokenizer: Any = None) -> None:
         self.template_name = template
         self.template = load_template(template)
+        self.tokenizer = tokenizer  # a chat template's renderer: set once the base model's tokenizer is loaded
         if verbose:
             print(f"Using prompt template {template}: {self.template.get('description', '')}")
 
@@ -121,8 +141,38 @@ class Prompter:
         return bool(self.template.get("multi_turn", False))
 
     @property
+    def chat(self) -> bool:
+        """True when the tokenizer's own chat template renders the prompts."""
+        return self.template.get("chat_template") is True
+
+    @property
     def response_split(self) -> str:
-        return self.template["response_split"]
+        return self.template.get("response_split", "")
+
+    def turns(self, instruction: str, input: str | None = None) -> list[dict[str, str]]:
+        """A row as chat turns: the template's system prompt, then the instruction as a user turn, or (multi_turn)
+        its dialogue ` <user>: q1 <bot>: a1 <user>: q2` as user/assistant turns; an input joins the last turn."""
+        parts = re.split(f" ?({USER}|{BOT}): ", instruction) if self.multi_turn else [instruction]
+        turns = [{"role": "system", "content": self.template["system"]}] if self.template.get("system") else []
+        turns += [{"role": "user", "content": parts[0]}] if parts[0].strip() else []
+        turns += [{"role": "user" if marker == USER else "assistant", "content": text}
+                  for marker, text in zip(parts[1::2], parts[2::2], strict=True)]
+        if input:
+            turns[-1]["content"] += f"\n{input}"
+        return turns
+
+    def render(self, turns: list[dict[str, str]], tokenizer: Any = None) -> str:
+        """The chat as the tokenizer's chat template writes it, ending with the assistant's cue when the last turn is
+        not the assistant's; less a leading BOS that the tokenizer adds itself when it encodes the text."""
+        tokenizer = tokenizer or self.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(f"--prompt_template {self.template_name} renders the base model's own chat template, and "
+                            "its tokenizer has none: use a plain template such as med_template")
+        text = tokenizer.apply_chat_template(turns, tokenize=False,
+                                             add_generation_prompt=turns[-1]["role"] != "assistant")
+        bos = tokenizer.bos_token
+        adds_bos = bos is not None and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
+        return text[len(bos):] if adds_bos and text.startswith(bos) else text
 
     def generate_prompt(self, instruction: str, input: str | None = None, label: str | None = None) -> str:
         """The prompt for an instruction (and optional input), followed by `label` when training.
@@ -131,6 +181,9 @@ class Prompter:
         `literature_template` has no `prompt_input` at all), a non-empty input is appended to the instruction
         on a new line, so it still reaches the model. With an empty input the published prompt is unchanged.
         """
+        if self.chat:
+            turns = self.turns(instruction, input)
+            return self.render(turns + [{"role": "assistant", "content": label}] if label else turns)
         if input:
             fmt = self.template.get("prompt_input", self.template["prompt_no_input"])
             if "input" in _placeholders(fmt):

@@ -248,10 +248,13 @@ def progress_line(label: str, total: int) -> Callable[[int], None]:
 
 
 def predict(bench: Benchmark, model: Any, tokenizer: Any, label: str, n_shot: int = 0, scoring: str = "",
-            batch_size: int = 8, max_new_tokens: int = 32) -> list[dict[str, Any]]:
-    """One row per question: `model` (label), `subject`, `index`, `prediction`, `answer` (generating: `output`)."""
+            batch_size: int = 8, max_new_tokens: int = 32, render: Callable[[str], str] | None = None,
+            ) -> list[dict[str, Any]]:
+    """One row per question: `model` (label), `subject`, `index`, `prediction`, `answer` (generating: `output`).
+    `render`: the prompt as a training template wraps it (a chat template: the question as the user's turn)."""
     max_length = min(getattr(model.config, "max_position_embeddings", None) or 2048, 2048)  # CMMLU's 2048
     prompts = build_prompts(bench, n_shot, lambda text: len(tokenizer.encode(text)), max_length)
+    prompts = [render(prompt) for prompt in prompts] if render else prompts
     progress, questions = progress_line(label, len(prompts)), bench.questions
     if (scoring or bench.config["scoring"]) == "logits":
         letters = ["".join(question.options) for question in questions]

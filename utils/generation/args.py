@@ -8,6 +8,7 @@ from typing import Any
 
 from utils.core.cli import flag
 from utils.model.checks import adapter_source_problems, quantization_problems
+from utils.model.gguf import GGUF_FILE_HELP, fold_gguf_file
 from utils.model.source import source_problems
 
 
@@ -56,7 +57,8 @@ class GenerationArgs:
 class ModelArgs:
     """The flags every script that answers with a base model and an adapter takes."""
 
-    base_model: str = flag("", "local folder or hub id of the base model (required)")
+    base_model: str = flag("", "local folder, hub id or .gguf file of the base model (required)")
+    gguf_file: str = flag("", GGUF_FILE_HELP)
     lora_weights: str = flag("", "adapter folder written by finetune.py (or a hub id)")
     use_lora: bool = flag(True, "apply --lora_weights (False: a merged checkpoint or the bare base)")
     load_8bit: bool = flag(False, "load the base in 8-bit (CUDA + bitsandbytes)")
@@ -64,6 +66,9 @@ class ModelArgs:
     precision: str = flag("auto", "auto | bf16 | fp16 | fp32 (fp32 on CPU)", choices=("auto", "bf16", "fp16", "fp32"))
     trust_remote_code: bool = flag(False, "allow a hub model's own Python code to run")
     seed: int = flag(42, "seeds sampling", low=0, high=2**32 - 1)
+
+    def __post_init__(self) -> None:
+        fold_gguf_file(self)
 
     def model_problems(self) -> list[str]:
         """The base and the adapter are where they are said to be; the quantisation flags can run here."""

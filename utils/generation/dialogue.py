@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-USER, BOT = "<user>", "<bot>"
+from utils.prompter import BOT, USER
 
 
 def render_dialogue(history: Sequence[tuple[str, str]], question: str) -> str:

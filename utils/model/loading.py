@@ -19,6 +19,7 @@ from utils.model.checks import (
     linear_layers,
     quantization_config,
 )
+from utils.model.gguf import gguf_kwargs
 from utils.model.source import load_error
 from utils.runtime import resolve_device, resolve_precision, torch_dtype, use_idle_cores
 
@@ -47,7 +48,7 @@ def load_tokenizer(base_model: str, trust_remote_code: bool = False, padding_sid
 
     rows = config_embedding_rows(base_model)  # config.json read first: the tokenizer's own failure on it is cryptic
     try:
-        tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(**gguf_kwargs(base_model), trust_remote_code=trust_remote_code)
     except Exception as error:  # tokenizers raises plain Exception/KeyError for a broken tokenizer.json
         raise load_error("the tokenizer of", base_model, error) from error
     if tokenizer.pad_token_id is None:
@@ -63,7 +64,7 @@ def load_base_model(base_model: str, precision: str = "auto", device: str | None
     """`AutoModelForCausalLM` in the resolved precision on `device` (or spread by `device_map`), with
     `attn_implementation` when one is given; `dtype` ("auto": as stored) overrides the precision; checked to fit
     `tokenizer` when one is given."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GgufConfig
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     device = device or resolve_device()
@@ -78,7 +79,10 @@ def load_base_model(base_model: str, precision: str = "auto", device: str | None
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
+        if "gguf_file" in gguf_kwargs(base_model):  # unpacked: GGUF-packed weights neither train nor save
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        model = AutoModelForCausalLM.from_pretrained(**gguf_kwargs(base_model), **kwargs)
+        model.name_or_path = base_model  # what an adapter records as its base: a .gguf file, not its folder
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as error:  # SafetensorError, OSError, ValueError, RuntimeError: a damaged or mismatched model

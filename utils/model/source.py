@@ -38,8 +38,9 @@ def source_problems(name: str, flag: str, marker: str) -> list[str]:
     path = Path(name).expanduser()
     if path.is_dir():
         return [] if (path / marker).is_file() else [f"{flag} {name}: the folder has no {marker}"]
-    if path.exists():
-        return [f"{flag} {name}: is a file; pass the folder that holds {marker}"]
+    if path.exists():  # a file: a GGUF base holds its config and tokenizer itself (gguf.py)
+        return [] if path.suffix == ".gguf" and marker == "config.json" and path.is_file() else [
+            f"{flag} {name}: is a file; pass the folder that holds {marker}"]
     if HUB_ID.match(name) and cached(name, marker):
         return []
     if not is_hub_id(name):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from utils.core.cli import flag
+from utils.model.gguf import GGUF_FILE_HELP, fold_gguf_file
 from utils.runtime import PRECISIONS
 
 ATTENTION_IMPLEMENTATIONS = ("", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -15,7 +16,8 @@ class FinetuneArgs:
     """The flags of finetune.py (the original BenTsao / alpaca-lora names); `--help` shows each comment."""
 
     # model/data params
-    base_model: str = flag("", "local folder or Hugging Face hub id (org/name) of the base model (required)")
+    base_model: str = flag("", "local folder, hub id (org/name) or .gguf file of the base model (required)")
+    gguf_file: str = flag("", GGUF_FILE_HELP)
     data_path: str = flag("data/llama_data.json", "JSON Lines or JSON array of {instruction, input, output}")
     output_dir: str = flag("./lora-bentsao", "where checkpoints and the final adapter go")
     # training hyperparams
@@ -65,3 +67,6 @@ class FinetuneArgs:
     prompt_template_name: str = flag("med_template", "a name in templates/ or a path to a template JSON")
     trust_remote_code: bool = flag(False, "allow a hub model's own Python code to run")
     overwrite: bool = flag(False, "replace an earlier run's adapter and checkpoints in output_dir")
+
+    def __post_init__(self) -> None:
+        fold_gguf_file(self)
