@@ -11,6 +11,7 @@ and renamed into place only once it reads back.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -35,8 +36,8 @@ DTYPES = {"auto": "auto", "fp32": torch.float32, "fp16": torch.float16, "bf16": 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$", re.IGNORECASE)
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-# Merging rounds W + s·BA once per weight; in half precision every layer's output then moves by a few units of the
-# format's rounding, which grows with the logits' magnitude. The limit is relative to that magnitude.
+# Merging rounds W + s·BA once per weight; every layer's output then moves by a few units of the format's rounding,
+# which grows with the logits' magnitude and the depth (SmolLM2-135M's 30 fp32 layers: 1.1e-4 on logits of ~20).
 ROUNDING_UNITS = 32
 # The weight-level check copies a sampled layer's W and ΔW in fp32: layers larger than this (a 150k-token embedding
 # or LM head) are left to the logits check, so the check costs at most a few GB even for a 70B model.
@@ -113,12 +114,12 @@ def probe_logits(model: Any, tokenizer: Any) -> torch.Tensor:
     return model(**encoded).logits.float()
 
 
-def merge_limit(dtype: torch.dtype, scale: float) -> float:
-    """The largest logit difference rounding explains: 1e-4 in fp32; ROUNDING_UNITS of the format's unit roundoff
-    times the logits' magnitude in half precision."""
-    if dtype == torch.float32:
-        return 1e-4
-    return max(1e-3, ROUNDING_UNITS * torch.finfo(dtype).eps / 2 * scale)
+def merge_limit(dtype: torch.dtype, scale: float, layers: int = 1) -> float:
+    """The largest logit difference rounding explains: ROUNDING_UNITS of the format's unit roundoff times the logits'
+    magnitude, growing with the square root of the depth (each layer adds its own rounding); at least 1e-4 in fp32
+    (1e-3 in half precision)."""
+    floor = 1e-4 if dtype == torch.float32 else 1e-3
+    return max(floor, ROUNDING_UNITS * torch.finfo(dtype).eps / 2 * scale * math.sqrt(max(layers, 1)))
 
 
 def sampled_lora_layers(model: Any, most: int = 4) -> list[tuple[str, Any]]:
@@ -187,7 +188,8 @@ def merge_checked(model: Any, tokenizer: Any) -> Any:
         raise UserError("the merged model computes NaN/inf logits; the base or the adapter is broken (nothing saved)")
     difference = (expected - actual).abs().max().item()
     effect = (expected - bare).abs().max().item()
-    limit = merge_limit(merged.dtype, expected.abs().max().item())
+    layers = getattr(merged.config.get_text_config(), "num_hidden_layers", 1) or 1
+    limit = merge_limit(merged.dtype, expected.abs().max().item(), layers)
     if not difference <= limit:
         raise UserError(f"the merged model's logits differ from base + adapter by {difference:.2e} (> {limit:.1e}, "
                         f"what {str(merged.dtype).removeprefix('torch.')} rounding explains); nothing saved")

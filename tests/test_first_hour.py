@@ -382,6 +382,20 @@ def test_a_log_file_gets_no_progress_bar_junk(tiny_llama, train_file, tmp_path):
     assert "step 4/4" in trained.stdout  # the progress lines stand in for the bars
 
 
+def test_a_log_file_gets_no_bar_that_a_library_draws_with_tqdm_itself(tiny_llama, tmp_path):
+    """transformers' GGUF conversion draws a plain `tqdm.auto` bar; torch imports tqdm before TQDM_DISABLE could be
+    read, so run_cli sets tqdm's default itself (a bar asked for explicitly still draws)."""
+    import tqdm.auto
+
+    assert run_main(infer.main, "--base_model", tiny_llama, "--use_lora", "False", "--max_new_tokens", "2",
+                    "--num_beams", "1").returncode == 0
+    stream = io.StringIO()
+    for _ in tqdm.auto.tqdm(range(3), file=stream, mininterval=0):
+        pass
+    assert stream.getvalue() == ""
+    assert tqdm.auto.tqdm(range(3), disable=False, file=stream).disable is False
+
+
 # --- files colleagues can read ----------------------------------------------------------------------------------
 
 

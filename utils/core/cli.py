@@ -19,7 +19,9 @@ help page, written from the help strings. Library errors that mean a full or bro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import inspect
 import math
 import operator
@@ -211,10 +213,15 @@ def run_cli(component: Callable[..., Any] | Mapping[str, Callable[..., Any]], ar
 
 
 def quiet_progress_bars() -> None:
-    """No progress bars from the Hugging Face libraries (hub downloads, "Loading weights", datasets' map): in a log
-    file (nohup, sbatch, `| tee`) every redraw is a `\r`-joined chunk of junk. The scripts' own progress lines stay."""
+    """No progress bars from the libraries (hub downloads, "Loading weights", datasets' map, transformers' GGUF
+    conversion): in a log file (nohup, sbatch, `| tee`) every redraw is a `\r`-joined chunk of junk. The scripts' own
+    progress lines stay."""
+    import tqdm.std
     from huggingface_hub.utils import disable_progress_bars
 
+    init = tqdm.std.tqdm.__dict__["__init__"]  # tqdm reads TQDM_DISABLE=1 only on import, and torch imported it first
+    if not getattr(init, "keywords", {}).get("disable"):  # so set its default the way tqdm's environment does
+        tqdm.std.tqdm.__init__ = functools.partialmethod(init, disable=True)
     disable_progress_bars()  # transformers and datasets copy this setting when they are imported
     for module, disable in (("transformers.utils.logging", "disable_progress_bar"),
                             ("datasets", "disable_progress_bars")):
@@ -246,7 +253,5 @@ def fail(message: str) -> None:
 
 def silence_stdout() -> None:
     """Point stdout at /dev/null, so that the interpreter's final flush does not complain about the closed pipe."""
-    try:
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # not a real file (a test's capture): nothing to do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):
-        pass  # stdout is not a real file (a test's capture): nothing will be flushed to the pipe

@@ -141,8 +141,8 @@ def jsonl_text(records: Iterable[dict[str, Any]]) -> str:
 
 def json_array_text(records: Sequence[dict[str, Any]]) -> str:
     """A JSON array with one row a line: valid JSON, and a diff shows which rows changed."""
-    return "[\n" + ",\n".join(json.dumps(record, ensure_ascii=False) for record in records) + "\n]\n" if records \
-        else "[]\n"
+    rows = ",\n".join(json.dumps(record, ensure_ascii=False) for record in records)
+    return f"[\n{rows}\n]\n" if records else "[]\n"
 
 
 def _fsync(path: Path) -> None:
@@ -322,12 +322,11 @@ class RunLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._lock.acquire()
         except Timeout:
-            try:
-                holder = self.path.read_text(encoding="utf-8", errors="replace") or "holder unknown"
-            except OSError:
-                holder = "holder unknown"
-            raise UserError(f"{self.what} is in use by another run ({holder}); wait for it to finish, or stop it (the "
-                            f"lock is {self.path})") from None
+            holder = ""
+            with contextlib.suppress(OSError):
+                holder = self.path.read_text(encoding="utf-8", errors="replace")
+            raise UserError(f"{self.what} is in use by another run ({holder or 'holder unknown'}); wait for it to "
+                            f"finish, or stop it (the lock is {self.path})") from None
         except OSError as error:
             if error.errno in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):  # a file system without flock
                 print(f"warning: {self.path.parent} cannot be locked ({error.strerror}); make sure no other run writes "
