@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from utils.core.cli import run_cli
 from utils.core.errors import UserError, first_line, raise_problems, storage_failure
 from utils.core.io import RunLock, output_dir_problems, publish_files
@@ -84,6 +82,7 @@ def validate(args: FinetuneArgs) -> list[str]:
     problems += engine_problems(args) + template_problems(args.prompt_template_name) + (
         source_problems(args.base_model, "--base_model", "config.json") if args.base_model else [])
     if args.attn_implementation.startswith("flash_attention"):  # else refused by transformers after tokenising
+        import torch
         import transformers.utils
 
         kernel = getattr(transformers.utils, f"is_{args.attn_implementation.replace('attention', 'attn')}_available")
@@ -148,6 +147,8 @@ def prepare_data(args: FinetuneArgs, run: Run, dataset: Any, val_size: int, toke
 def check_launch(run: Run) -> None:
     """One process per GPU: `python finetune.py` with several GPUs visible is refused (nn.DataParallel would split
     the packed batches wrongly); torchrun / accelerate launch start one process per GPU."""
+    import torch  # here, not at the top: utils (OMP_WAIT_POLICY) is imported before torch loads OpenMP
+
     visible = torch.cuda.device_count() if run.device == "cuda" else 0
     check_one_process_per_gpu(run.device, visible, launched="LOCAL_RANK" in os.environ)
 

@@ -36,9 +36,6 @@ sys.path.insert(0, str(REPO))
 
 from utils.core.cli import flag, run_cli  # noqa: E402 - no torch: a mistyped flag is answered at once
 
-# On a busy machine OpenMP threads that spin while they wait made this model's forward passes 5-10x slower (2 threads
-# on 2 shared cores); passive waiting costs nothing on free cores. Set before torch loads, here and in finetune.py.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 DATA = Path(__file__).with_name("quality.yaml")
 
 

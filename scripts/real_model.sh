@@ -11,8 +11,6 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 export HF_HUB_OFFLINE=1
-# a busy machine: OpenMP threads that spin while they wait made this model's forward passes 5-10x slower
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 OUTPUT_DIR=${OUTPUT_DIR:-real-model}
 DATA_PATH=${DATA_PATH:-data/llama_data.json}
 PROMPT_TEMPLATE=${PROMPT_TEMPLATE:-chat}

@@ -24,7 +24,7 @@ CORPUS = FIXTURES / "corpus.jsonl"  # 500 rows of the project's own QA data: wha
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # the scripts' thread choice (runtime.use_idle_cores): tiny models, one
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread each, however busy the machine
 sys.path.insert(0, str(REPO))
 
 

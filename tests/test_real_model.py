@@ -58,7 +58,7 @@ def test_finetune_infer_evaluate_export_reload(run, gguf):
 def test_a_folder_plus_gguf_file_and_the_chat_template_in_infer_literature(run, gguf):
     result = run_script("infer_literature.py", "--base_model", str(gguf.parent), "--gguf_file", gguf.name,
                         "--lora_weights", str(run / "adapter"), "--prompt_template", "chat", "--max_new_tokens", "8",
-                        "--num_beams", "1", env={"OMP_WAIT_POLICY": "PASSIVE"}, timeout=900)
+                        "--num_beams", "1", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Response:") == 5  # the built-in liver-cancer questions
 
@@ -67,7 +67,7 @@ def test_generate_serves_the_gguf_base(run, gguf, tmp_path):
     port, log = free_port(), tmp_path / "generate.log"
     command = [sys.executable, "generate.py", "--base_model", str(gguf), "--lora_weights", str(run / "adapter"),
                "--prompt_template", "chat", "--server_port", str(port)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", OMP_WAIT_POLICY="PASSIVE")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
     with open(log, "w") as handle:
         process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env=env)
     try:

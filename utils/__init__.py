@@ -9,6 +9,12 @@ import warnings
 # new name.
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
+# OpenMP threads that spin while they wait for work (libgomp's default) take the timeslices other processes need: on
+# 2 cores kept busy by 2 other processes a tiny-model step took 6.5 s with 2 spinning threads, 0.24 s with passive
+# waiting (benchmarks/busy_cpu.sh, docs/performance.md); on idle cores passive waiting costs nothing measurable. OpenMP
+# reads the variable when torch loads it: utils is imported before torch by every script that trains or answers.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # DeepSpeed (installed with the test requirements) warns "Setting accelerator to CPU" on every run of a machine without
 # a GPU; telling it spares the line. Checked without torch, so that a mistyped flag is still answered at once.
 if not (os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/kfd")):
