@@ -27,8 +27,7 @@ from utils.core.cli import flag, run_cli
 from utils.core.errors import UserError, raise_problems
 from utils.generation.args import GenerationArgs, ModelArgs
 from utils.generation.dialogue import Chat, context_length
-from utils.model.loading import load_for_inference
-from utils.prompter import Prompter, template_problems
+from utils.prompter import template_problems
 from utils.runtime import parse_device_map
 
 if TYPE_CHECKING:
@@ -146,19 +145,11 @@ def validate(args: GenerateArgs) -> list[str]:
 
 def main(args: GenerateArgs) -> None:
     """Serve the chat page until interrupted."""
-    from transformers import set_seed
-
     device_map = parse_device_map(args.device_map)
     check_port_free(args.server_name, args.server_port)
     raise_problems(validate(args))
     login = parse_auth(args.auth)
-    prompter = Prompter(args.prompt_template)
-    set_seed(args.seed)
-    model, tokenizer, device = load_for_inference(
-        args.base_model, args.adapter, precision=args.precision, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
-        trust_remote_code=args.trust_remote_code, device_map=device_map,
-    )
-    prompter.tokenizer = tokenizer  # a chat template renders with the base model's own
+    model, tokenizer, device, prompter = args.load(args.prompt_template, device_map)
     context = context_length(model, tokenizer)
     chat = Chat(prompter, tokenizer, context - args.max_new_tokens)
     adapter = f"adapter `{args.lora_weights}`" if args.use_lora else "no adapter"

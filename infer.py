@@ -26,8 +26,7 @@ from utils.core.io import (
 from utils.generation.args import GenerationArgs, ModelArgs
 from utils.generation.dialogue import context_length
 from utils.generation.engine import default_batch_size, generate_answers
-from utils.model.loading import load_for_inference
-from utils.prompter import Prompter, template_problems
+from utils.prompter import template_problems
 from utils.runtime import parse_device_map
 
 BUILT_IN_QUESTIONS = [
@@ -128,18 +127,10 @@ def write_answers(output_file: str, rows: list[dict[str, Any]], answers: list[st
 
 def main(args: InferArgs) -> None:
     """Answer every row of --instruct_dir (or a few built-in questions) and print the original blocks."""
-    from transformers import set_seed
-
     rows = read_questions(args.instruct_dir)  # the data first: its problems name the file and the line
     device_map = parse_device_map(args.device_map)
     raise_problems(validate(args))
-    prompter = Prompter(args.prompt_template)
-    set_seed(args.seed)
-    model, tokenizer, _ = load_for_inference(
-        args.base_model, args.adapter, precision=args.precision, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
-        trust_remote_code=args.trust_remote_code, device_map=device_map,
-    )
-    prompter.tokenizer = tokenizer  # a chat template renders with the base model's own
+    model, tokenizer, _, prompter = args.load(args.prompt_template, device_map)
     prompts = [prompter.generate_prompt(row["instruction"], row.get("input") or None) for row in rows]
     note_long_prompts(model, tokenizer, prompts, args.max_new_tokens)
     answers = answer_in_order(model, tokenizer, prompts, rows, args,

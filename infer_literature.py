@@ -19,7 +19,6 @@ from utils.core.errors import UserError, raise_problems
 from utils.generation.args import GenerationArgs, ModelArgs
 from utils.generation.dialogue import Chat, context_length
 from utils.generation.engine import default_batch_size, generate_answers
-from utils.model.loading import load_for_inference
 from utils.prompter import Prompter, template_problems
 
 BUILT_IN_QUESTIONS = [
@@ -104,16 +103,8 @@ class LiteratureArgs(ModelArgs, GenerationArgs):
 
 def main(args: LiteratureArgs) -> None:
     """Answer the built-in liver-cancer questions (single) or chat turn by turn from standard input (multi)."""
-    from transformers import set_seed
-
     raise_problems(args.generation_problems() + args.model_problems() + template_problems(args.prompt_template))
-    prompter = Prompter(args.prompt_template)
-    set_seed(args.seed)
-    model, tokenizer, _ = load_for_inference(
-        args.base_model, args.adapter, precision=args.precision, load_8bit=args.load_8bit, load_4bit=args.load_4bit,
-        trust_remote_code=args.trust_remote_code,
-    )
-    prompter.tokenizer = tokenizer  # a chat template renders with the base model's own
+    model, tokenizer, _, prompter = args.load(args.prompt_template)
     if args.single_or_multi == "single":
         answer_single(model, tokenizer, prompter, args, args.batch_size or default_batch_size(args.num_beams))
     else:

@@ -6,6 +6,7 @@ without it the browser test is skipped. Set BENTSAO_WEBUI_SCREENSHOT=docs/webui.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shutil
@@ -43,12 +44,10 @@ def wait_for_page(url: str, process: subprocess.Popen, log: Path, timeout: float
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pytest.fail(f"generate.py exited with {process.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200 and "Running on local URL" in log.read_text(errors="replace"):
+                return  # served, and the banner printed once launch() returns is in the log
+        time.sleep(0.5)
     pytest.fail(f"generate.py did not serve {url} within {timeout} s:\n{log.read_text(errors='replace')[-3000:]}")
 
 

@@ -9,6 +9,11 @@ import warnings
 # new name.
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
+# peft (0.21.2) saving an adapter looks for the base's config.json beside its path to see whether the vocabulary was
+# resized; a GGUF base is one file, so every checkpoint warned that it "will assume that the vocabulary was not
+# modified", which is right: the scripts never resize it.
+warnings.filterwarnings("ignore", message=r"Could not find a config file in .*\.gguf - will", category=UserWarning)
+
 # OpenMP threads that spin while they wait for work (libgomp's default) take the timeslices other processes need: on
 # 2 cores kept busy by 2 other processes a tiny-model step took 6.5 s with 2 spinning threads, 0.24 s with passive
 # waiting (benchmarks/busy_cpu.sh, docs/performance.md); on idle cores passive waiting costs nothing measurable. OpenMP

@@ -62,8 +62,7 @@ def _choices(meta: Mapping[str, Any]) -> str:
     return ", ".join(str(choice) if choice != "" else "'' (empty)" for choice in meta["choices"])
 
 
-def _bounds(meta: Mapping[str, Any]) -> str:
-    """`; >= 1`, `; one of a, b` or `` for the help page."""
+def _bounds(meta: Mapping[str, Any]) -> str:  # `; >= 1`, `; one of a, b` or `` for the help page
     described = f"one of {_choices(meta)}" if meta.get("choices") else _describe(meta) if "help" in meta else ""
     return f"; {described}" if described else ""
 

@@ -83,3 +83,19 @@ class ModelArgs:
     def adapter(self) -> str | None:
         """The adapter to apply, or None (`--use_lora False`)."""
         return self.lora_weights if self.use_lora else None
+
+    def load(self, prompt_template: str, device_map: Any = None) -> tuple[Any, Any, str, Any]:
+        """(model, tokenizer, device, prompter), seeded: the base with the adapter, ready to answer; the prompter
+        renders a chat template with the base model's own tokenizer."""
+        from transformers import set_seed
+
+        from utils.model.loading import load_for_inference
+        from utils.prompter import Prompter
+
+        prompter = Prompter(prompt_template)
+        set_seed(self.seed)
+        model, tokenizer, device = load_for_inference(
+            self.base_model, self.adapter, precision=self.precision, load_8bit=self.load_8bit,
+            load_4bit=self.load_4bit, trust_remote_code=self.trust_remote_code, device_map=device_map)
+        prompter.tokenizer = tokenizer
+        return model, tokenizer, device, prompter

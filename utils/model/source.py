@@ -41,7 +41,9 @@ def source_problems(name: str, flag: str, marker: str) -> list[str]:
     if path.exists():  # a file: a GGUF base holds its config and tokenizer itself (gguf.py)
         return [] if path.suffix == ".gguf" and marker == "config.json" and path.is_file() else [
             f"{flag} {name}: is a file; pass the folder that holds {marker}"]
-    if HUB_ID.match(name) and cached(name, marker):
+    from huggingface_hub import try_to_load_from_cache
+
+    if HUB_ID.match(name) and isinstance(try_to_load_from_cache(name, marker), str):  # in the local hub cache
         return []
     if not is_hub_id(name):
         return [f"{flag} {name}: no such folder{nearest(path, folders=True)} (and not a hub id of the form org/name)"]
@@ -49,13 +51,6 @@ def source_problems(name: str, flag: str, marker: str) -> list[str]:
         return [(f"{flag} {name}: no such folder, and HF_HUB_OFFLINE is set while the hub model is not in the local "
                 "cache; download it once with network access, or pass a local folder")]
     return []
-
-
-def cached(name: str, marker: str) -> bool:
-    """The hub model `name` is in the local hub cache (its `marker` file is there)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    return isinstance(try_to_load_from_cache(name, marker), str)
 
 
 def load_error(what: str, name: str, error: Exception) -> UserError:
