@@ -27,9 +27,9 @@ from typing import Any
 
 from utils.core.cli import run_cli
 from utils.core.errors import UserError, first_line, raise_problems, storage_failure
-from utils.core.io import RunLock, output_dir_problems, publish_files
+from utils.core.io import RunLock, file_problems, output_dir_problems, publish_files
 from utils.data import load_instruction_dataset, tokenize_dataset
-from utils.model.checks import quantization_problems
+from utils.model.checks import ADAPTER_WEIGHTS, check_loaded_adapter, quantization_problems
 from utils.model.loading import load_base_model, load_tokenizer, resolve_lora_targets
 from utils.model.source import source_problems
 from utils.prompter import Prompter, template_problems
@@ -79,6 +79,8 @@ def validate(args: FinetuneArgs) -> list[str]:
     problems += batching_problems(args.pack_len, args.cutoff_len, args.micro_batch_tokens)
     problems += precision_problems(args.precision, resolve_device()) + quantization_problems(args.load_8bit,
                                                                                               args.load_4bit)
+    problems += setup.option_problems(args.val_set_size, args.report_to)
+    problems += file_problems(args.data_path, "--data_path") if args.data_path else []
     problems += engine_problems(args) + template_problems(args.prompt_template_name) + (
         source_problems(args.base_model, "--base_model", "config.json") if args.base_model else [])
     if args.attn_implementation.startswith("flash_attention"):  # else refused by transformers after tokenising
@@ -104,10 +106,10 @@ def resolve(args: FinetuneArgs) -> Run:
     """The device, precision, template, checkpoint and loggers: what the flags name, read and checked."""
     device = resolve_device()
     prompter = Prompter(args.prompt_template_name)
+    loggers = setup.reporters(args.wandb_project, args.wandb_watch, args.wandb_log_model, args.report_to)
     checkpoint = checkpoints.resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     resume_from, note = (checkpoints.check_resumable(checkpoint, world_size(), args.resume_weights_only)
-                         if checkpoint is not None else (None, None))
-    loggers = setup.reporters(args.wandb_project, args.wandb_watch, args.wandb_log_model, args.report_to)
+                         if checkpoint is not None else (None, None))  # last: a view of it may be made in /tmp
     threads = use_idle_cores() if device == "cpu" else None
     return Run(device, resolve_precision(args.precision, device), world_size(), prompter, checkpoint, resume_from,
                loggers, [note for note in (threads, cpu_engine_note(device), note) if note])
@@ -181,6 +183,9 @@ def load_model(args: FinetuneArgs, run: Run, tokenizer: Any) -> tuple[Any, Any]:
     if run.checkpoint is not None:
         checkpoints.check_same_lora(run.checkpoint, args.lora_r, args.lora_alpha, targets)
     model = setup.build_peft_model(model, targets, args)
+    if run.checkpoint is not None and any((run.checkpoint / name).is_file() for name in ADAPTER_WEIGHTS):
+        # the Trainer resumes through peft, which keeps fresh weights where a checkpoint's names do not fit
+        check_loaded_adapter(model, str(run.checkpoint), label=f"the checkpoint {run.checkpoint}")
     if device_map == "meta":  # FSDP RAM-efficient loading on this rank: rank 0's weights arrive when sharding
         materialize_trainable(model)
     log(f"LoRA targets: {targets}")
@@ -269,8 +274,7 @@ def finish_from_checkpoint(trainer: Any, checkpoint: Path) -> Any:
     set_peft_model_state_dict(trainer.model, load_peft_weights(str(checkpoint), device="cpu"))
     trainer.state = TrainerState.load_from_json(str(checkpoint / checkpoints.TRAINER_STATE))
     log(f"{checkpoint} holds the run's last step: writing the adapter from it")
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return TrainOutput(trainer.state.global_step, losses[-1] if losses else float("nan"), {"train_runtime": 0.0})
+    return TrainOutput(trainer.state.global_step, float("nan"), {})  # no loss or speed measured now: none reported
 
 
 def finish(args: FinetuneArgs, trainer: Any, tokenizer: Any, targets: Any, summary: dict[str, Any]) -> None:

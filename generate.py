@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from utils.core.cli import flag, run_cli
-from utils.core.errors import UserError, raise_problems
+from utils.core.errors import raise_problems
 from utils.generation.args import GenerationArgs, ModelArgs
 from utils.generation.dialogue import Chat, context_length
 from utils.prompter import template_problems
@@ -105,21 +105,22 @@ def build_demo(model: Any, chat: Chat, chat_context: int, title: str, defaults: 
     return demo
 
 
-def check_port_free(server_name: str, server_port: int) -> None:
-    """Fail before the model loads when another program already listens on the address."""
+def port_problems(server_name: str, server_port: int) -> list[str]:
+    """Another program already listens on the address (found before the model loads)."""
     import socket
 
     try:
         infos = socket.getaddrinfo(server_name, server_port, type=socket.SOCK_STREAM)
     except socket.gaierror as error:
-        raise UserError(f"--server_name {server_name}: not an address of this machine ({error.strerror})") from None
+        return [f"--server_name {server_name}: not an address of this machine ({error.strerror})"]
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         try:
             probe.bind(address)
         except OSError as error:
-            raise UserError(f"cannot listen on {server_name}:{server_port} ({error.strerror}); another program uses "
-                            "it: choose another --server_port") from None
+            return [f"cannot listen on {server_name}:{server_port} ({error.strerror}); another program uses it: "
+                    + "choose another --server_port"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -140,13 +141,13 @@ def validate(args: GenerateArgs) -> list[str]:
     problems = args.generation_problems()
     if args.auth and parse_auth(args.auth) is None:
         problems.append("--auth must look like user:password")
+    problems += port_problems(args.server_name, args.server_port)
     return problems + args.model_problems() + template_problems(args.prompt_template)
 
 
 def main(args: GenerateArgs) -> None:
     """Serve the chat page until interrupted."""
     device_map = parse_device_map(args.device_map)
-    check_port_free(args.server_name, args.server_port)
     raise_problems(validate(args))
     login = parse_auth(args.auth)
     model, tokenizer, device, prompter = args.load(args.prompt_template, device_map)

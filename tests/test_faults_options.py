@@ -141,14 +141,23 @@ def test_every_problem_in_one_line(tmp_path, monkeypatch, capsys):
         assert flag in line
 
 
-def test_a_port_in_use_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys):
+def test_a_port_in_use_is_reported_with_the_other_problems_before_the_model_loads(tmp_path, monkeypatch, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         line = assert_refused(cli(generate.main, "--base_model", NO_MODEL, "--use_lora", "False", "--server_port",
                                   port, monkeypatch=monkeypatch, capsys=capsys), f"127.0.0.1:{port}", "--server_port")
-    assert NO_MODEL not in line
+    assert NO_MODEL in line  # one error names every problem
+
+
+def test_every_problem_of_a_finetune_command_is_in_its_one_error(monkeypatch, capsys, tmp_path):
+    line = assert_refused(cli(finetune.main, "--base_model", NO_MODEL, "--data_path", tmp_path / "nope.json",
+                              "--output_dir", tmp_path / "out", "--report_to", "bogus", "--val_set_size", "2.5",
+                              monkeypatch=monkeypatch, capsys=capsys))
+    for fact in (NO_MODEL, "nope.json", "--report_to bogus", "--val_set_size"):
+        assert fact in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_valid_extremes_are_accepted_by_the_option_checks(monkeypatch, capsys, tmp_path):

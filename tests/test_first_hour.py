@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import re
 import shutil
@@ -204,6 +205,32 @@ def test_a_run_stopped_after_its_last_checkpoint_finishes_on_resume(finished_run
     expected = load_file(str(finished_run / "adapter_model.safetensors"))
     actual = load_file(str(stopped / "adapter_model.safetensors"))
     assert expected.keys() == actual.keys() and all(torch.equal(actual[k], expected[k]) for k in expected)
+    summary = json.loads((stopped / "bentsao_training.json").read_text(encoding="utf-8"))["summary"]
+    assert summary["steps"] == 4 and summary["train_loss"] is None and summary["tokens_per_s"] is None  # not measured
+
+
+@pytest.mark.parametrize("checkpoint", ["checkpoint-2", "checkpoint-4"], ids=["mid-run", "last step"])
+def test_a_checkpoint_whose_weight_names_do_not_fit_is_refused_on_resume(finished_run, tiny_llama, train_file,
+                                                                         tmp_path, checkpoint):
+    """peft resumes renamed weights with a warning and trains fresh ones in their place: refused, naming the
+    checkpoint, before a step is trained."""
+    from safetensors.torch import save_file
+
+    stopped = tmp_path / "stopped"
+    shutil.copytree(finished_run, stopped)
+    if checkpoint == "checkpoint-2":
+        shutil.rmtree(stopped / "checkpoint-4")
+    for name in ("adapter_model.safetensors", "adapter_config.json", "bentsao_training.json"):
+        (stopped / name).unlink()
+    weights = stopped / checkpoint / "adapter_model.safetensors"
+    save_file({k.replace("layers.", "layer."): v for k, v in load_file(str(weights)).items()}, str(weights),
+              metadata={"format": "pt"})
+    before = snapshot(stopped)
+    result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", train_file, "--output_dir", stopped,
+                      *TRAIN_QUICK, "--val_set_size", "0", "--resume_from_checkpoint", "True")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert checkpoint in result.stderr and "layer.0" in result.stderr and "Traceback" not in result.stderr
+    assert snapshot(stopped) == before
 
 
 @pytest.mark.parametrize("length", [["--max_steps", "8"], ["--max_steps", "-1", "--num_epochs", "2"]],

@@ -15,7 +15,7 @@ warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is depre
 warnings.filterwarnings("ignore", message=r"Could not find a config file in .*\.gguf - will", category=UserWarning)
 
 # OpenMP threads that spin while they wait for work (libgomp's default) take the timeslices other processes need: on
-# 2 cores kept busy by 2 other processes a tiny-model step took 6.5 s with 2 spinning threads, 0.24 s with passive
+# 2 cores kept busy by 2 other processes a tiny-model step took 6.46 s with 2 spinning threads, 0.24 s with passive
 # waiting (benchmarks/busy_cpu.sh, docs/performance.md); on idle cores passive waiting costs nothing measurable. OpenMP
 # reads the variable when torch loads it: utils is imported before torch by every script that trains or answers.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -91,9 +91,10 @@ def adapter_source_problems(lora_weights: str) -> list[str]:
     return problems
 
 
-def check_loaded_adapter(model: Any, lora_weights: str) -> None:
+def check_loaded_adapter(model: Any, lora_weights: str, label: str = "") -> None:
     """Refuse what peft loads without an error: NaN/inf weights, weights it could not place (fresh ones are used
-    instead), an adapter trained on another base; warn about an untrained one (every lora_B zero)."""
+    instead), an adapter trained on another base; warn about an untrained one (every lora_B zero). `label` names
+    the adapter in the error (default `--lora_weights PATH`)."""
     from peft import get_peft_model_state_dict
     from peft.utils import load_peft_weights
 
@@ -118,7 +119,8 @@ def check_loaded_adapter(model: Any, lora_weights: str) -> None:
         problems += [f"it was trained on a base with {name} {trained[name]}, this base has {value}"
                      for name, value in here.items() if trained.get(name) not in (None, value)]
     if problems:
-        raise UserError(f"--lora_weights {lora_weights} does not fit this base model: {'; '.join(problems)}")
+        raise UserError(f"{label or '--lora_weights ' + lora_weights} does not fit this base model: "
+                        f"{'; '.join(problems)}")
     lora_b = [t for name, t in saved.items() if "lora_B" in name]
     if lora_b and not any(torch.count_nonzero(t).item() for t in lora_b):
         print(f"warning: every lora_B weight of {lora_weights} is zero, so the adapter changes nothing (an untrained "

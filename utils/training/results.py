@@ -27,16 +27,19 @@ def run_summary(trainer: Any, result: Any, report: dict[str, Any], batching: Bat
                 started: float) -> dict[str, Any]:
     """The run's figures for bentsao_training.json and the summary line; the final validation loss evaluated now
     unless the schedule's last evaluation was at the last step."""
+    trained = "train_runtime" in result.metrics  # else written from the run's last checkpoint: nothing ran now
+    loop = result.metrics.get("train_runtime", 0.0)
     summary: dict[str, Any] = {
-        "train_loss": round(result.training_loss, 4) if math.isfinite(result.training_loss) else None,
+        "train_loss": round(result.training_loss, 4) if trained and math.isfinite(result.training_loss) else None,
         "steps": trainer.state.global_step,
         "train_runtime_s": round(time.time() - started, 1),
         "train_rows": report["rows"],
         "truncated_rows": report["truncated"],
         "batching": batching.mode,
-        "pad_fraction": round(batching.stats.pad_fraction, 4),  # padding share of the training tensors (this process)
-        "tokens_per_s": round(batching.stats.real_tokens / max(result.metrics["train_runtime"], 1e-9), 1),
-        "train_loop_s": round(result.metrics["train_runtime"], 1),  # trainer.train's own runtime
+        # padding share of the training tensors (this process); the speed of trainer.train's own runtime
+        "pad_fraction": round(batching.stats.pad_fraction, 4) if trained else None,
+        "tokens_per_s": round(batching.stats.real_tokens / max(loop, 1e-9), 1) if trained else None,
+        "train_loop_s": round(loop, 1) if trained else None,
     }
     if val_data is not None:  # the last evaluation, when the schedule ran one at the last step; else one now
         last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)

@@ -37,8 +37,6 @@ def resolve_val_size(val_set_size: float | None, rows: int) -> int:
     """
     if val_set_size is None:
         return min(500, rows // 10)
-    if not 0 < val_set_size < 1 and not float(val_set_size).is_integer():
-        raise UserError(f"--val_set_size must be a row count, a fraction below 1, or 0; got {val_set_size!r}")
     size = max(1, int(rows * val_set_size)) if 0 < val_set_size < 1 else int(val_set_size)
     if size and size >= rows:
         raise UserError(f"--val_set_size {val_set_size:g} leaves no training rows: the data has {rows} rows")
@@ -59,8 +57,7 @@ def warmup(warmup_steps: int, steps: int) -> int:
 def reporters(wandb_project: str, watch: str, log_model: str, report_to: str) -> list[str]:
     """The loggers: wandb only when a project is named (offline when no API key is configured, never a prompt),
     plus `--report_to` (e.g. tensorboard)."""
-    names = [name.strip() for name in str(report_to).split(",") if name.strip() and name.strip() != "none"]
-    check_loggers(names)
+    names = logger_names(report_to)
     project = wandb_project or os.environ.get("WANDB_PROJECT", "")
     if not project:
         return names
@@ -79,18 +76,25 @@ def reporters(wandb_project: str, watch: str, log_model: str, report_to: str) ->
     return ["wandb", *names]
 
 
-def check_loggers(names: list[str]) -> None:
-    """`--report_to` names loggers transformers knows and this machine has installed (else the Trainer fails after
-    the model loaded)."""
+def logger_names(report_to: str) -> list[str]:
+    return [name.strip() for name in str(report_to).split(",") if name.strip() and name.strip() != "none"]
+
+
+def option_problems(val_set_size: float | None, report_to: str) -> list[str]:
+    """The form of `--val_set_size`; `--report_to` names loggers transformers knows and this machine has installed
+    (else the Trainer fails after the model loaded)."""
     from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
-    unknown = [name for name in names if name not in INTEGRATION_TO_CALLBACK]
-    if unknown:
-        raise UserError(f"--report_to {','.join(unknown)}: not a logger transformers knows; known: "
+    problems = []
+    if val_set_size is not None and not 0 < val_set_size < 1 and not float(val_set_size).is_integer():
+        problems.append(f"--val_set_size must be a row count, a fraction below 1, or 0; got {val_set_size!r}")
+    names = logger_names(report_to)
+    if unknown := [name for name in names if name not in INTEGRATION_TO_CALLBACK]:
+        problems.append(f"--report_to {','.join(unknown)}: not a logger transformers knows; known: "
                         f"{', '.join(INTEGRATION_TO_CALLBACK)}")
-    missing = [name for name in names if name != "wandb" and name not in get_available_reporting_integrations()]
-    if missing:
-        raise UserError(f"--report_to {','.join(missing)}: its package is not installed on this machine")
+    elif missing := [n for n in names if n != "wandb" and n not in get_available_reporting_integrations()]:
+        problems.append(f"--report_to {','.join(missing)}: its package is not installed on this machine")
+    return problems
 
 
 # --- what an output folder may already hold --------------------------------------------------------------------------
