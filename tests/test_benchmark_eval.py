@@ -258,6 +258,8 @@ def test_cmb_answers_and_few_shot_follow_its_authors(tmp_path):
     assert prompt.startswith("问：以下是中国医师考试中执业医师考试的一道单项选择题")
     assert "\n答：答案是B。\n问：" in prompt  # the solved example, as CMB's few-shot template writes it
     assert prompt.endswith("E. 以上都不是\n答：")
+    dev = benchmarks.read_benchmark(tmp_path / "CMB" / "CMB-val" / "CMB-val-merge.json", n_shot=1)
+    assert "答案是" not in benchmarks.build_prompts(dev, n_shot=1)[0]  # its own solved copy is no example
 
 
 def test_generate_scoring_reads_the_letter_as_each_benchmark_does(tiny_llama, tmp_path):

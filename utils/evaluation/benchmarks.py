@@ -175,9 +175,10 @@ def build_prompts(bench: Benchmark, n_shot: int = 0, count_tokens: Callable[[str
     config, prompts, count = bench.config, [], cache(count_tokens) if count_tokens else None
     for question in bench.questions:
         header = config["header"].format(subject_name=bench.subject_name(question.subject))
-        pool = bench.shots.get(question.subject) or bench.shots.get(None, [])
-        shots = [render(config, shot) + config["shot"].format(answer=shot.answer) for shot in pool[:n_shot]]
         end = render(config, question)
+        pool = [shot for shot in bench.shots.get(question.subject) or bench.shots.get(None, [])
+                if render(config, shot) != end]  # scoring the dev file itself: never a question's own answer
+        shots = [render(config, shot) + config["shot"].format(answer=shot.answer) for shot in pool[:n_shot]]
         room = max_length - count(header) - count(end) if count else max_length
         while count and shots and sum(map(count, shots)) >= room:
             shots = [shot for shot in shots if count(shot) != max(map(count, shots))]
