@@ -93,7 +93,7 @@ def test_all_linear_and_bad_target_names(tiny_models, train_file, tmp_path, trai
         "[q_proj,query_key_value]",
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert "query_key_value not in this model; valid names: down_proj, gate_proj, k_proj, o_proj" in bad.stderr
+    assert "query_key_value" in bad.stderr and "q_proj" in bad.stderr  # the wrong target and the valid ones
 
 
 def test_resume_continues_optimizer_schedule_and_step(tiny_llama, train_file, tmp_path, train_adapter):
@@ -182,7 +182,4 @@ def test_validation_size_choices(tiny_llama, train_file, tmp_path, train_adapter
         "--val_set_size",
         "500",
     )
-    assert (
-        too_many.returncode == 2
-        and "--val_set_size 500 leaves no training rows: the data has 26 rows" in too_many.stderr
-    )
+    assert too_many.returncode == 2 and "--val_set_size 500" in too_many.stderr and "26 rows" in too_many.stderr

@@ -33,7 +33,7 @@ def test_precision_auto_takes_bf16_only_where_the_gpu_computes_it_natively(monke
     if native:
         assert resolve_precision("bf16", "cuda") == "bf16"
     else:
-        with pytest.raises(UserError, match="--precision bf16 is not supported natively on this cuda device"):
+        with pytest.raises(UserError, match=r"--precision bf16.*cuda"):
             resolve_precision("bf16", "cuda")
     assert resolve_precision("fp16", "cuda") == "fp16"
 
@@ -87,14 +87,14 @@ def test_parse_device_map():
     for strategy in ("auto", "balanced", "balanced_low_0", "sequential"):
         assert parse_device_map(strategy) == strategy
     assert parse_device_map("cpu") == {"": "cpu"}
-    with pytest.raises(UserError, match="--device_map must be one of auto, balanced"):
+    with pytest.raises(UserError, match="--device_map.*auto"):
         parse_device_map("everywhere")
-    with pytest.raises(UserError, match="--device_map must be one of"):
+    with pytest.raises(UserError, match="--device_map"):
         parse_device_map(1.5)
     if not torch.cuda.is_available():
-        with pytest.raises(UserError, match="--device_map cuda:1: no such CUDA device"):
+        with pytest.raises(UserError, match="--device_map cuda:1"):
             parse_device_map("cuda:1")
-        with pytest.raises(UserError, match="--device_map cuda:0: no such CUDA device"):
+        with pytest.raises(UserError, match="--device_map cuda:0"):
             parse_device_map(0)  # fire passes a bare GPU index as an int
 
 
