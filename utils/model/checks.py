@@ -92,9 +92,8 @@ def adapter_source_problems(lora_weights: str) -> list[str]:
 
 
 def check_loaded_adapter(model: Any, lora_weights: str, label: str = "") -> None:
-    """Refuse what peft loads without an error: NaN/inf weights, weights it could not place (fresh ones are used
-    instead), an adapter trained on another base; warn about an untrained one (every lora_B zero). `label` names
-    the adapter in the error (default `--lora_weights PATH`)."""
+    """Refuse what peft loads without an error (`label` names the adapter): NaN/inf weights, weights it could not
+    place (fresh ones are used instead), an adapter trained on another base; warn if every lora_B is zero."""
     from peft import get_peft_model_state_dict
     from peft.utils import load_peft_weights
 
