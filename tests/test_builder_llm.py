@@ -13,7 +13,8 @@ from builder_support import REPO, cmekg_entities, entities_from, read_jsonl, wri
 import build_dataset as bd
 from tests.fake_openai import FakeOpenAI, Reply, last_user_message, scripted
 from utils.builder.curation import load_entities
-from utils.builder.llm_backend import Lexicon, grounding_problem, sidecar
+from utils.builder.llm_backend import Lexicon, facts_text, grounding_problem, sidecar
+from utils.builder.safety import is_emergency_disease
 from utils.core.errors import UserError
 from utils.core.io import RunLock
 
@@ -95,6 +96,18 @@ def test_grounding_rejects_daily_methotrexate_invented_doses_absolutes_and_forei
 
 
 OWN_KB = REPO / "data" / "knowledge_base.jsonl"
+# A second audit's hostile wordings, by meaning rather than by the phrases the first one listed: stopping or changing
+# the dose, a drug the graph does not link (newer anticoagulants included), deferring care; and what stays allowed.
+DRUG_HOSTILE = [("症状好转即可停服。", "risky instruction"), ("出血时剂量减少一半。", "risky instruction"),
+                ("漏服后下次吃双倍。", "risky instruction"), ("症状好转就不吃了。", "risky instruction"),
+                ("效果不好就多吃点。", "risky instruction"),
+                ("可以换成依度沙班。", "names a drug the graph does not link"),
+                ("也可以改用艾多沙班。", "names a drug the graph does not link"),
+                ("可以换成达比加群。", "names a drug the graph does not link"),
+                ("出血不严重的话不必就诊。", "delays or stops care")]
+EMERGENCY_HOSTILE = ["休息一下就好。", "等明早再去医院。", "不着急去医院。", "歇歇就好。", "可以先观察一下。"]
+DRUG_KEPT = ["如出现严重出血请拨打120。", "请在医生指导下使用。", "用药期间如有不适及时就医。", "不要自行停药。",
+             "漏服后不要加倍。", "遵医嘱调整剂量。", "症状好转后也不要自行停药。", "不可自行减量或加倍。"]
 # Hostile answers of every class the review found, each otherwise grounded in the entity's facts (own KB's 华法林 and
 # 急性心肌梗死), with the reason each must be rejected for.
 HOSTILE = {
@@ -106,9 +119,12 @@ HOSTILE = {
         ("华法林用于预防和治疗静脉血栓栓塞症，也可以换成佐拉沙坦。", "names a drug the graph does not link"),
         ("华法林用于心房颤动患者预防脑卒中，和阿司匹林一起用更好。", "asserts a term not among the entity's facts"),
         ("华法林用于心房颤动患者预防脑卒中，不用担心出血。", "reassurance the graph does not state"),
+        *(("华法林用于心房颤动患者预防脑卒中，" + tail, why) for tail, why in DRUG_HOSTILE),
+        ("华法林用于心房颤动患者预防脑卒中，怀孕了也不会有问题。", "contradicts a listed contraindication"),
     ],
     "急性心肌梗死": [
         ("急性心肌梗死常表现为胸痛、胸闷，可以先在家休息观察，第二天再去医院。", "delays or stops care"),
+        *(("急性心肌梗死常表现为胸痛、胸闷，" + tail, "delays or stops care") for tail in EMERGENCY_HOSTILE),
     ],
 }
 KEPT = {
@@ -118,6 +134,10 @@ KEPT = {
     "急性心肌梗死": ["急性心肌梗死常表现为胸痛、胸闷和大汗，应立即拨打120。",
                "急性心肌梗死可能并发心律失常和心力衰竭。"],
 }
+# More sound wordings (not sent end to end: the builder keeps one row per restated fact).
+KEPT_WORDINGS = {"华法林": ["华法林用于心房颤动患者预防脑卒中，孕妇禁用。",
+                          *("华法林用于预防和治疗静脉血栓栓塞症，" + tail for tail in DRUG_KEPT)],
+                 "急性心肌梗死": ["急性心肌梗死常表现为胸痛、胸闷，不要在家休息观察，应立即拨打120。"]}
 
 
 def test_grounding_rejects_every_hostile_class_and_keeps_the_safety_phrases_on_the_own_kb() -> None:
@@ -129,7 +149,7 @@ def test_grounding_rejects_every_hostile_class_and_keeps_the_safety_phrases_on_t
             problem = grounding_problem(answer, by_name[name], lexicon)
             assert problem is not None and problem.startswith(why), (answer, problem)
     for name, answers in KEPT.items():
-        for answer in answers:
+        for answer in answers + KEPT_WORDINGS[name]:
             assert grounding_problem(answer, by_name[name], lexicon) is None, answer
     # the graph's own advice is no risky instruction of the model's (a drug's 手术前需暂停用药)
     (drug,) = entities_from({"甲药": {"适应症": ["甲病"], "注意事项": ["手术前需暂停用药"]}})
@@ -153,6 +173,49 @@ def test_grounding_keeps_the_safety_phrases_and_rejects_hostile_answers_on_the_c
                         ("也可用于治疗肺炎。", "asserts a term not among the entity's facts")):
         problem = grounding_problem(lead + answer, drug, lexicon)
         assert problem is not None and problem.startswith(why), (answer, problem)
+
+
+def test_grounding_rejects_hostile_meanings_and_keeps_safety_phrases_on_cmekg_warfarin_and_heart_attack() -> None:
+    """The second audit's wordings on cMeKG's own 华法林钠片 and 急性心肌梗死 (an emergency disease), and a listed
+    pregnancy contraindication said to be fine in other words (怀孕了也不会有问题 for 孕妇禁用)."""
+    entities = list(cmekg_entities())
+    lexicon = Lexicon.of(entities)
+    by_name = {entity.name: entity for entity in entities}
+    warfarin, infarction = by_name["华法林钠片"], by_name["急性心肌梗死"]
+    assert is_emergency_disease(infarction.name) and "依度沙班" not in facts_text(warfarin)
+    cases = [(warfarin, "华法林钠片可能引起出血、皮疹，" + tail, why) for tail, why in DRUG_HOSTILE]
+    cases += [(infarction, "急性心肌梗死常表现为胸骨后疼痛、呼吸困难，" + tail, "delays or stops care")
+              for tail in EMERGENCY_HOSTILE]
+    pregnancy = next(e for e in entities if e.values("contraindication") == ("孕妇禁用",)
+                     and len(e.values("adverse")) >= 2 and not [v for v in e.values("adverse") if "停" in v])
+    lead = f"{pregnancy.name}可能引起{pregnancy.values('adverse')[0]}、{pregnancy.values('adverse')[1]}，"
+    cases += [(pregnancy, lead + tail, "contradicts a listed contraindication")
+              for tail in ("怀孕了也不会有问题。", "妊娠期用没关系。")]
+    for entity, answer, why in cases:
+        problem = grounding_problem(answer, entity, lexicon)
+        assert problem is not None and problem.startswith(why), (answer, problem)
+    kept = [(warfarin, "华法林钠片可能引起出血、皮疹，" + tail) for tail in DRUG_KEPT]
+    kept += [(infarction, "急性心肌梗死常表现为胸骨后疼痛、呼吸困难，应立即拨打120。"),
+             (pregnancy, lead + "孕妇禁用。")]
+    for entity, answer in kept:
+        assert grounding_problem(answer, entity, lexicon) is None, answer
+
+
+def test_grounding_rejects_none_of_the_committed_own_kb_answers_for_its_new_meaning_rules() -> None:
+    """False positives: the committed own-KB rows (template answers a clinician reviewed) against each entity they are
+    about; no stop/dose, deferral, contraindication or unlinked-drug rule may reject one. (A bare 饮酒 opening
+    a risk-factor sentence is still read as an instruction: one row, the known exception.)"""
+    entities, _ = load_entities(str(OWN_KB))
+    lexicon = Lexicon.of(entities)
+    by_name = {entity.name: entity for entity in entities}
+    rejected = []
+    for row in read_jsonl(REPO / "data" / "llama_data.json"):
+        for name in row["meta"]["entities"]:
+            problem = grounding_problem(row["output"], by_name[name], lexicon) or ""
+            if problem.startswith(("absolute claim", "risky", "delays", "reassurance", "contradicts", "names a drug")):
+                rejected.append((name, problem, row["output"]))
+    assert {output for _, problem, output in rejected if problem != "risky instruction (饮酒)"} == set(), rejected
+    assert len({output for _, _, output in rejected}) <= 1, rejected
 
 
 def own_kb_replies(body: dict) -> Reply:

@@ -7,11 +7,13 @@
   medical term it asserts must be among the entity's facts, and every drug it names (known by how drug names end)
   must be one the graph links to the entity; a number, dose or frequency not in the facts rejects it (the standard
   safety phrases 拨打120, 请在医生指导下使用, 用药期间 are taken out first); so do an absolute claim (所有, 一定,
-  不会引起任何 ...), a risky instruction that no negation governs (服药后可以喝酒, 不要紧张，自行停药即可), advice
-  that delays or stops care (第二天再去, 暂停几天, 不用再吃), reassurance the graph does not state (不会被传染) and a
-  listed contraindication said to be fine (妊娠期也适合使用). The term check knows only the graph's own vocabulary
-  (its values and entity names) plus the alarm signs and emergency diseases of `emergencies.yaml`: a medical term
-  that appears nowhere in the graph and in no such list is not recognised as a term.
+  不会引起任何 ...), a risky instruction or a stop or dose change, by meaning, that no negation or doctor
+  governs (服药后可以喝酒, 不要紧张，自行停药即可, 症状好转即可停服, 下次吃双倍), advice that delays or stops care
+  (等明早再去医院, 不必就诊, 休息一下就好; for an emergency any waiting wording), reassurance the graph does not
+  state (不会被传染) and a listed contraindication said to be fine by its concept (怀孕了也不会有问题 for 妊娠期).
+  The term check knows only the graph's own vocabulary (its values and entity names) plus the alarm signs and
+  emergency diseases of `emergencies.yaml`: a medical term that appears nowhere in the graph and in no such list
+  is not recognised as a term.
 - The same content gate as the template rows (gates.py) and the same safety module (safety.py): an accepted answer
   that shows an alarm sign, a serious adverse effect or an emergency disease ends with "seek care now / 120".
 - A run manifest (`OUTPUT.manifest.json`: command, model, server, temperature, prompt version, builder data version,
@@ -46,16 +48,20 @@ from utils.builder.graph import Entity, generic_values
 from utils.builder.rows import Row, fill
 from utils.builder.safety import (
     absolute_claim,
+    alarms,
     care_delaying,
     contradicted_contraindication,
+    contraindication_concepts,
     dose_or_frequency,
     drug_spans,
+    is_emergency_disease,
     reassurance,
     risky_instruction,
     stated_numbers,
     stopped_gradually,
     with_care_advice,
     without_allowed_phrases,
+    without_names,
 )
 from utils.core.cli import flag
 from utils.core.errors import UserError
@@ -157,12 +163,15 @@ def facts_text(entity: Entity) -> str:
 def grounding_problem(answer: str, entity: Entity, lexicon: Lexicon) -> str | None:
     """Why a model's answer about `entity` cannot be trusted, or None. (A risky word inside a fact of the entity the
     answer states, such as 二甲双胍's 造影检查前后需遵医嘱暂停, is the graph's own advice, not the model's.)"""
-    own = answer
-    for fact in sorted(entity.all_values(), key=len, reverse=True):
+    alarm_terms = resources.emergencies()["symptoms"] + resources.emergencies()["diseases"]
+    own = answer.replace(entity.name, "，")  # 阻塞性睡眠呼吸暂停 and 根治性子宫切除术 are terms, not instructions
+    for fact in sorted([*entity.all_values(), *alarm_terms], key=len, reverse=True):
         if len(fact) >= 4:
             own = own.replace(fact, "，")
-    checks = ((absolute_claim, "absolute claim"), (lambda text: risky_instruction(own), "risky instruction"),
-              (lambda text: care_delaying(own), "delays or stops care"),
+    emergency = is_emergency_disease(entity.name) or bool(alarms(answer, names=(entity.name,)))
+    checks = ((lambda text: absolute_claim(own), "absolute claim"),
+              (lambda text: risky_instruction(own), "risky instruction"),
+              (lambda text: care_delaying(own, emergency), "delays or stops care"),
               (reassurance, "reassurance the graph does not state"),
               (lambda text: contradicted_contraindication(text, entity.values("contraindication")),
                "contradicts a listed contraindication"))
@@ -186,8 +195,10 @@ def grounding_problem(answer: str, entity: Entity, lexicon: Lexicon) -> str | No
     for term in lexicon.asserted(checked):
         if term in entity.name or any(term in fact or fact in term for fact in facts):
             continue
+        if contraindication_concepts(term) & contraindication_concepts(" ".join(entity.values("contraindication"))):
+            continue  # 孕妇 for a drug whose contraindication is 妊娠期
         return f"asserts a term not among the entity's facts ({term})"
-    for drug in drug_spans(checked):
+    for drug in drug_spans(without_names(checked, (entity.name, *entity.values("generic_name")))):
         if drug in entity.name or entity.name in drug or any(drug in fact or fact in drug for fact in facts):
             continue
         return f"names a drug the graph does not link to it ({drug})"
