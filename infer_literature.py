@@ -101,9 +101,14 @@ class LiteratureArgs(ModelArgs, GenerationArgs):
     max_turns: int = flag(0, "multi mode: stop after this many turns (0: until EOF or `exit`)", low=0)
 
 
+def validate(args: LiteratureArgs) -> list[str]:
+    """Every problem with the options, before anything loads."""
+    return args.generation_problems() + args.model_problems() + template_problems(args.prompt_template)
+
+
 def main(args: LiteratureArgs) -> None:
     """Answer the built-in liver-cancer questions (single) or chat turn by turn from standard input (multi)."""
-    raise_problems(args.generation_problems() + args.model_problems() + template_problems(args.prompt_template))
+    raise_problems(validate(args))
     model, tokenizer, _, prompter = args.load(args.prompt_template)
     if args.single_or_multi == "single":
         answer_single(model, tokenizer, prompter, args, args.batch_size or default_batch_size(args.num_beams))
