@@ -41,3 +41,17 @@ def test_the_final_rounds_correct_rows_are_rebuilt_as_they_were() -> None:
                if not any((row["question"], row["answer"]) in rebuilt(name) for name in entities
                           if name in row["question"])]
     assert not missing, missing
+
+
+def test_the_review_command_prints_a_stratified_sample(tmp_path, capsys) -> None:
+    from builder_support import write_jsonl
+
+    from utils.builder.review import sample
+    from utils.core.cli import run_cli
+
+    rows = [{"instruction": f"问题{n}", "output": f"答案{n}", "meta": {"kind": "fact" if n % 2 else "case"}}
+            for n in range(10)]
+    path = write_jsonl(tmp_path / "rows.json", rows)
+    run_cli(sample, ["--rows", str(path), "--per_kind", "2", "--more", "fact=3", "--seed", "7"])
+    out = capsys.readouterr().out
+    assert "#### case (2 of 5)" in out and "#### fact (3 of 5)" in out

@@ -173,6 +173,18 @@ def _symptoms_ranked(symptoms: list[str], words: Vocabulary, severe: set[str], h
         value for value in by_holders if value in severe]
 
 
+def _hallmarks_first(disease: str, ranked: list[str], hallmarks: Sequence[str], pathognomonic: dict[str, str],
+                     severe: set[str]) -> list[str]:
+    """The disease's hallmark signs first; a sign pathognomonic of another disease (重症肌无力's 苦笑面容: tetanus)
+    after its other signs, before the severe states."""
+    own = [value for value in hallmarks if value in ranked]
+    foreign = [value for value in ranked if value not in own and value not in severe
+               and pathognomonic.get(value, disease) not in disease]
+    rest = [value for value in ranked if value not in own and value not in foreign]
+    cut = next((index for index, value in enumerate(rest) if value in severe), len(rest))
+    return own + rest[:cut] + foreign + rest[cut:]
+
+
 def curated_values(entity: Entity, relation: str, values: tuple[str, ...], graph: GraphFacts,
                    dropped: Counter[str]) -> tuple[str, ...]:
     """The values of one relation of an entity that survive the checks, ranked."""
@@ -206,6 +218,7 @@ def curated_values(entity: Entity, relation: str, values: tuple[str, ...], graph
     typos = tuple(data["typos"])
     wrong = set(data["reviewed_wrong"].get(entity.name, {}).get(relation, ()))
     organ_first = tuple(data["organ_first"]) if relation in ("effect", "function_indication") else ()
+    hallmarks = tuple(data["hallmark_symptoms"].get(entity.name, ())) if relation == "symptom" else ()
     for value in values:
         held = holders[value]  # as the graph says it (a value said as meant below is held as the graph said it)
         prefix = next((word for word in leading if value.startswith(word) and len(value) > len(word) + 1), "")
@@ -222,7 +235,7 @@ def curated_values(entity: Entity, relation: str, values: tuple[str, ...], graph
                                                                        and len(value) == 3) or (
                 relation in ("precaution", "contraindication") and re.search(r"[和及与、][\u4e00-\u9fff]$", value)):
             drop("fragment")  # ... or a sentence cut after its last word (宜定期监测血常规和肝)
-        elif relation == "symptom" and graph.large and value not in words:
+        elif relation == "symptom" and graph.large and value not in words and value not in hallmarks:
             drop("not in the clinical-symptom vocabulary")
         elif relation == "precaution" and graph.large and not any(marker in value for marker in markers):
             drop("fragment")
@@ -255,13 +268,14 @@ def curated_values(entity: Entity, relation: str, values: tuple[str, ...], graph
             drop("an infection as an adverse effect of a patent medicine (its indication)")
         elif relation in ("indication", "function_indication") and never_indicated(entity, value, data):
             drop("an indication the drug's kind never has")
-        elif least and held < least and value not in words and value not in graph.names and not (
-                endings and value.endswith(endings)):
+        elif (least and held < least and value not in words and value not in graph.names
+              and value not in hallmarks and not (endings and value.endswith(endings))):
             drop("held by too few entities of the graph")
         elif value not in kept:
             kept.append(value)
     if relation in ("symptom", "adverse", "complication", "indication", "function_indication", "test"):
-        repeats = [value for value in kept if (value not in words or relation != "symptom") and any(
+        repeats = [value for value in kept if (value not in words or relation != "symptom") and value not in hallmarks
+                   and any(
             other != value and other in value and (len(value) - len(other) <= 2 or other == _NOTE.sub("", value))
             for other in kept)]  # 心电图检查 beside 心电图（ECG）检查
         drop("near repeat in one list", len(repeats))
@@ -284,7 +298,8 @@ def curated_values(entity: Entity, relation: str, values: tuple[str, ...], graph
         drop("a piece of another ingredient", len(pieces))
         kept = [value for value in kept if value not in pieces]
     counts = holders if graph.large else None
-    if relation == "adverse" and ((entity.name.endswith(tuple(data["local_forms"])) and sum(
+    if relation == "adverse" and ((any(name.endswith(tuple(data["local_forms"])) for name in (
+            entity.name, *entity.values("generic_name"))) and sum(
             value in data["systemic_effects"] for value in kept) >= 2) or (not any(
             word in name for name in (entity.name, *entity.values("generic_name"))
             for word in data["route_forms"]["injection_names"]) and any("注射部位" in value for value in kept))):
@@ -310,11 +325,13 @@ def curated_values(entity: Entity, relation: str, values: tuple[str, ...], graph
         return ()
     elif relation == "symptom" and graph.large:
         kept = _symptoms_ranked(kept, words, set(data["severe_states"]), holders)
+        kept = _hallmarks_first(entity.name, kept, hallmarks, data["pathognomonic"], set(data["severe_states"]))
     if relation == "contagious" and graph.large and kept == ["无"]:
         drop("a 'not contagious' the graph states for infections too (小儿扁桃体炎)")
         return ()
     if relation in OCR_PRONE and graph.large:
-        typos = [value for value in kept if value not in words and graph.ocr_variant(relation, value)]
+        typos = [value for value in kept if value not in words and value not in hallmarks
+                 and graph.ocr_variant(relation, value)]
         drop("an OCR variant of a common value", len(typos))
         kept = [value for value in kept if value not in typos]
     if relation == "prescription" and (len(kept) > 1 or (graph.large and kept != ["prescription"])):

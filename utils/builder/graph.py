@@ -272,6 +272,8 @@ class Cleaner:
     organ_list: re.Pattern[str]  # the 、 of 肝、肾功能: not a separator
     variants: dict[int, str]  # str.translate table: 甙 -> 苷
     ocr_fixes: dict[str, str]  # l岁 -> 1岁
+    list_number: re.Pattern[str]  # the 1. of 禁忌包括1.6岁以下儿童
+    lost_exponent: re.Pattern[str]  # 2.5×10/L
     fragment_values: frozenset[str]
     person_endings: tuple[str, ...]
     person_exclude: tuple[str, ...]
@@ -302,6 +304,9 @@ def cleaner() -> Cleaner:
         organ_list=re.compile("([{0}])、(?=[{0}](?:、[{0}])*(?:{1}))".format(
             data["organ_lists"]["organs"], "|".join(data["organ_lists"]["shared"]))),
         variants=str.maketrans(data["variant_characters"]), ocr_fixes=dict(data["ocr_fixes"]),
+        list_number=re.compile("(?:^|(?<=[\\s：:；;，,。（(])|" + "|".join(
+            f"(?<={re.escape(lead)})" for lead in data["list_number_leads"]) + ")" + data["list_number"]),
+        lost_exponent=re.compile(data["lost_exponent"]),
         fragment_values=frozenset(data["fragment_values"]),
         person_endings=tuple(data["person_endings"]), person_exclude=tuple(data["person_exclude"]),
         excipients=frozenset(data["excipients"]), excipient_parts=tuple(data["excipient_parts"]),
@@ -400,6 +405,9 @@ def _clean_pieces(relation: str, value: str) -> tuple[tuple[str, ...], tuple[str
     text = text if spec.latin else clean.organ_list.sub(r"\1", _SPACES_NEAR_CJK.sub("", text)).translate(clean.variants)
     for misread, meant in clean.ocr_fixes.items():
         text = text.replace(misread, meant)
+    if clean.lost_exponent.search(text):
+        return (), ("a number that lost its power of ten",)
+    text = clean.list_number.sub("", text)
     if dose_or_frequency(text):  # a value with a dose in it is dropped whole: its other pieces are instructions too
         return (), ("dose or frequency",)
     pieces = [text] if spec.keep_whole else split_value(text, tuple(_ALWAYS_SPLIT) + spec.split, clean.split_protected)

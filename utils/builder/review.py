@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from utils.core.cli import flag
 from utils.core.errors import UserError
 
 
@@ -35,9 +37,20 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ").strip()
 
 
-def sample(rows: str = "", per_kind: int = 20, seed: int = 2024, more: str = "") -> None:
+@dataclass(frozen=True)
+class ReviewArgs:
+    """The flags of `python -m utils.builder.review`."""
+
+    rows: str = flag("", "a build's output (JSON Lines)")
+    per_kind: int = flag(20, "rows drawn of each question kind", low=1)
+    seed: int = flag(2024, "the draw's seed (the same rows and seed give the same sample)")
+    more: str = flag("", "kind=rows pairs drawing more of the kinds they name (fact=40,case=30)")
+
+
+def sample(args: ReviewArgs) -> None:
     """Print the stratified sample of the rows file (JSON Lines) as Markdown tables, one per question kind; `more`
     (fact=40,case=30) draws more rows of the kinds it names (a kind with a large share, for a sharper estimate)."""
+    rows, per_kind, seed, more = args.rows, args.per_kind, args.seed, args.more
     path = Path(rows)
     if not path.is_file():
         raise UserError(f"--rows {rows}: no such file (a build's JSON Lines output)")

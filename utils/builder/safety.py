@@ -257,9 +257,9 @@ def is_emergency_disease(name: str) -> bool:
     that is not a chronic or late form (慢性铅中毒, 陈旧性心肌梗死), an acid-base disorder or a test."""
     known = emergencies()
     if name in known.diseases:
-        return True
-    return (any(pattern in name for pattern in known.disease_patterns)
-            and not any(part in name for part in known.not_emergency_parts))
+        return True  # a vaccine named after one (吸附白喉破伤风联合疫苗, 出血热灭活疫苗) is none
+    return (any(pattern in name for pattern in known.disease_patterns) and not any(
+        part in name for part in (*known.not_emergency_parts, *resources.emergencies()["prevention_words"])))
 
 
 def alarm_symptoms(symptoms: Sequence[str]) -> list[str]:
@@ -345,10 +345,37 @@ def _two(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else "、".join(names[:-1]) + "和" + names[-1]
 
 
+def first_aid(text: str) -> str:
+    """The first-aid sentences (吃糖 at once for 低血糖, 120 when unconscious) for what `text` shows outside the
+    sentences naming who must not take a drug, less those the text holds already."""
+    data = resources.emergencies()
+    shown = "。".join(s for s in _sentences(text) if not any(word in s for word in data["condition_words"]))
+    return "".join(sentence for pattern, sentence in data["first_aid"].items()
+                   if re.search(pattern, shown) and sentence not in text)
+
+
+def is_vaccine(names: Sequence[str]) -> bool:
+    return any(word in name for name in names[:1] for word in resources.emergencies()["vaccine_words"])
+
+
+def for_vaccine(answer: str) -> str:
+    """A vaccine's answer said as one about a vaccination: no 停药 (a vaccine is given, not taken), the vaccinating
+    clinic told of a reaction."""
+    for said, meant in resources.emergencies()["vaccine_rewording"]:
+        answer = answer.replace(said, meant)
+    return answer
+
+
 def care_advice(question: str, answer: str, adverse_context: bool = False, names: Sequence[str] = (),
                 keep: bool = False) -> str:
-    """The sentence an answer must end with, or "" when it needs none or already names 120: a serious adverse effect
-    -> stop the drug and seek care now; an emergency disease or an alarm sign -> seek care now."""
+    """The sentences an answer must end with, or "" when it needs none: first aid it calls for (低血糖), then, unless
+    it names 120 already, a serious adverse effect -> stop the drug and seek care now; an emergency disease or an
+    alarm sign -> seek care now."""
+    aid = first_aid(f"{question}\n{answer}")
+    return _urgent_advice(question, answer, adverse_context, names, keep) + aid
+
+
+def _urgent_advice(question: str, answer: str, adverse_context: bool, names: Sequence[str], keep: bool) -> str:
     if "120" in answer:
         return ""
     shown = alarms(f"{question}\n{answer}", adverse_context, names)
@@ -357,7 +384,8 @@ def care_advice(question: str, answer: str, adverse_context: bool = False, names
         keep = keep or any(keeps_taking(name) for name in names) or stopped_gradually(answer)
         return data["adverse_keep_sentence" if keep else "adverse_sentence"].replace("{what}", _two(shown.adverse))
     if shown.diseases:
-        return data["disease_sentence"].replace("{what}", shown.diseases[0])
+        what = shown.diseases[0]
+        return data["disease_sentences"].get(what, data["disease_sentence"]).replace("{what}", what)
     if shown.symptoms:
         return data["sentence"].replace("{what}", _two(shown.symptoms))
     return ""
@@ -365,7 +393,8 @@ def care_advice(question: str, answer: str, adverse_context: bool = False, names
 
 def with_care_advice(question: str, answer: str, adverse_context: bool = False, names: Sequence[str] = (),
                      keep: bool = False) -> str:
-    return answer + care_advice(question, answer, adverse_context, names, keep)
+    answer += care_advice(question, answer, adverse_context, names, keep)
+    return for_vaccine(answer) if is_vaccine(names) else answer
 
 
 # --- contentless answers and text similarity ----------------------------------------------------------------------
