@@ -487,6 +487,15 @@ def test_a_mistyped_data_path_gets_a_did_you_mean(tiny_llama, tmp_path, no_model
     result = run_main(finetune.main, "--base_model", tiny_llama, "--data_path", tmp_path / "llama_dat.json",
                       "--output_dir", tmp_path / "out")
     assert result.returncode == 2 and f"{tmp_path / 'llama_data.json'}?" in result.stderr, result.stderr
+    assert "--data_path" in result.stderr
+
+
+def test_a_mistyped_knowledge_base_gets_a_did_you_mean(tmp_path):
+    (tmp_path / "knowledge_base.jsonl").write_text('{"中心词": "甲病", "常见症状": ["发热"]}\n', encoding="utf-8")
+    result = run_main({"knowledge": build_dataset.knowledge}, "knowledge", "--kb", tmp_path / "knowledge_bas.jsonl",
+                      "--output", tmp_path / "out.json")
+    assert result.returncode == 2 and "--kb" in result.stderr, result.stderr
+    assert f"{tmp_path / 'knowledge_base.jsonl'}?" in result.stderr and not (tmp_path / "out.json").exists()
 
 
 @pytest.mark.parametrize("busy, env, expected", [(5, None, 2), (70, None, 1), (100, None, 1), (100, "2", 2)])

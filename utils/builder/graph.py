@@ -26,8 +26,8 @@ from typing import Any
 
 from utils.builder import resources
 from utils.builder.safety import dose_or_frequency
-from utils.core.errors import UserError
-from utils.core.io import read_records
+from utils.core.errors import UserError, raise_problems
+from utils.core.io import file_problems, read_records
 
 CENTER_KEY = "中心词"
 TYPE_KEY = "类型"
@@ -161,10 +161,7 @@ def read_graph(kb: str) -> tuple[list[RawEntity], str]:
         path = installed_cmekg_path()
         return graph_from_mapping(unpickle_plain(path.read_bytes(), str(path)), str(path)), f"cMeKG ({path})"
     path = Path(kb)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected a file")
+    raise_problems(file_problems(path, "--kb"))  # missing (with the nearest name), a folder, a FIFO
     if path.suffix.lower() in PICKLE_SUFFIXES:
         try:
             data = path.read_bytes()
