@@ -25,7 +25,7 @@ from utils.builder import llm_backend, resources
 from utils.builder import output as out
 from utils.builder.curation import load_entities
 from utils.builder.gates import GateCounts, LeakIndex, apply_gates
-from utils.builder.knowledge import TemplateOptions, template_options, template_rows
+from utils.builder.knowledge import TemplateOptions, kinds_problems, template_options, template_rows
 from utils.builder.lint import lint
 from utils.builder.literature import dialogue_turns, literature_item, load_documents
 from utils.builder.literature import template_rows as literature_template_rows
@@ -192,18 +192,24 @@ class KnowledgeArgs(BuildArgs):
                                           "the report says why) or all")
 
 
+def validate_knowledge(args: KnowledgeArgs) -> list[str]:
+    """Every problem with the options and paths, before the graph is read."""
+    kinds = [kind.strip() for kind in args.prompt_kinds.split(",") if kind.strip()]
+    unknown = [kind for kind in kinds if kind not in llm_backend.prompt_kinds()]
+    problems = [(f"--prompt_kinds: unknown kind {', '.join(unknown)} (known: "
+                f"{', '.join(llm_backend.prompt_kinds())})")] if unknown else []
+    excluded = [] if args.exclude_questions == "none" else [args.exclude_questions]
+    return problems + kinds_problems(args.question_kinds) + args.server_problems(args.backend) + out.path_problems(
+        args.kb, "--kb", args.output, excluded, args.hf_dataset, validation=args.val_fraction > 0)
+
+
 def knowledge(args: KnowledgeArgs) -> None:
     """Knowledge graph -> instruction rows (JSON Lines) and a report."""
     started = time.monotonic()
+    raise_problems(validate_knowledge(args))
     options, kinds_off = template_options(args.kb, args.question_kinds, args.seed, args.per_entity, args.turns)
     kinds = [kind.strip() for kind in args.prompt_kinds.split(",") if kind.strip()]
-    unknown = [kind for kind in kinds if kind not in llm_backend.prompt_kinds()]
-    raise_problems([f"--prompt_kinds: unknown kind {', '.join(unknown)} (known: "
-                    f"{', '.join(llm_backend.prompt_kinds())})" if unknown else ""])
-    config = args.chat_config(args.backend)
-    excluded = [] if args.exclude_questions == "none" else [args.exclude_questions]
-    output_path = out.check_paths(args.kb, "--kb", args.output, excluded, args.hf_dataset,
-                                  validation=args.val_fraction > 0)
+    config, output_path = args.chat_config(args.backend), Path(args.output).expanduser()
     questions, answers, exclude = eval_questions(args.exclude_questions)
     with RunLock(f"{output_path}.lock", f"--output {output_path}"):
         entities, stats = load_entities(args.kb, progress=True)
@@ -258,8 +264,8 @@ class LiteratureArgs(BuildArgs):
 
 def literature(args: LiteratureArgs) -> None:
     """Documents (JSON Lines of {"title", "text"}) -> literature dialogues (a JSON array in the published shape)."""
-    config = args.chat_config(args.backend)
-    output_path = out.check_paths(args.docs, "--docs", args.output, [])
+    raise_problems(args.server_problems(args.backend) + out.path_problems(args.docs, "--docs", args.output, []))
+    config, output_path = args.chat_config(args.backend), Path(args.output).expanduser()
     documents = load_documents(args.docs)
     with RunLock(f"{output_path}.lock", f"--output {output_path}"):
         counts = GateCounts()

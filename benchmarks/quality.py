@@ -51,6 +51,7 @@ class QualityArgs:
     num_epochs: float = flag(8, "finetune.py --num_epochs", above=0)
     learning_rate: float = flag(2e-3, "finetune.py --learning_rate", above=0)
     lora_r: int = flag(16, "finetune.py --lora_r (alpha twice it, every linear layer)", low=1)
+    cutoff_len: int = flag(512, "finetune.py --cutoff_len: rows whole (SmolLM2: ~2 tokens a Chinese character)", low=16)
     precision: str = flag("bf16", "training and scoring (bf16: AMX/AVX-512 matmuls, 3x fp32 on this CPU)",
                           choices=("auto", "bf16", "fp16", "fp32"))
     prompt_template: str = flag("med_template", "the template of training and of the questions")
@@ -164,8 +165,9 @@ def compare(before, after, seed, rounds=4000):
 def finetune(base_model, data, adapter, args):
     flags = {"base_model": base_model, "data_path": data, "output_dir": adapter, "num_epochs": args.num_epochs,
              "learning_rate": args.learning_rate, "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r,
-             "lora_target_modules": "all-linear", "batch_size": 16, "micro_batch_size": 8, "cutoff_len": 256,
-             "val_set_size": 0, "warmup_steps": 10, "logging_steps": 5, "save_steps": 100000, "seed": args.seed,
+             "lora_target_modules": "all-linear", "batch_size": 16, "micro_batch_size": 8,
+             "cutoff_len": args.cutoff_len, "val_set_size": 0, "warmup_steps": 10, "logging_steps": 5,
+             "save_steps": 100000, "seed": args.seed,
              "precision": args.precision, "prompt_template_name": args.prompt_template, "overwrite": True}
     command = [sys.executable, "finetune.py", *[part for k, v in flags.items() for part in (f"--{k}", str(v))]]
     started = time.monotonic()

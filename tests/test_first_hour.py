@@ -490,6 +490,14 @@ def test_a_mistyped_data_path_gets_a_did_you_mean(tiny_llama, tmp_path, no_model
     assert "--data_path" in result.stderr
 
 
+def test_every_problem_of_a_build_command_is_in_its_one_error(tmp_path):
+    result = run_main({"knowledge": build_dataset.knowledge}, "knowledge", "--kb", REPO / "data/knowledge_base.jsonl",
+                      "--question_kinds", "fact,bogus", "--prompt_kinds", "nope", "--backend", "openai",
+                      "--output", tmp_path / "out.json")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert all(fact in result.stderr for fact in ("bogus", "nope", "--model")) and not list(tmp_path.iterdir())
+
+
 def test_a_mistyped_knowledge_base_gets_a_did_you_mean(tmp_path):
     (tmp_path / "knowledge_base.jsonl").write_text('{"中心词": "甲病", "常见症状": ["发热"]}\n', encoding="utf-8")
     result = run_main({"knowledge": build_dataset.knowledge}, "knowledge", "--kb", tmp_path / "knowledge_bas.jsonl",

@@ -24,7 +24,6 @@ from utils.builder.progress import progress_bar
 from utils.builder.questions import interleave, single_entity_rows
 from utils.builder.rows import Row, rng_for
 from utils.builder.safety import stopped_gradually, with_care_advice
-from utils.core.errors import UserError
 
 KINDS = ("fact", "case", "multi_fact", "dialogue", "reverse", "compare", "multi_hop", "vignette", "differential")
 
@@ -52,11 +51,15 @@ def chosen_kinds(question_kinds: str, kb: str) -> tuple[frozenset[str], dict[str
     if question_kinds.strip() == "all":
         return frozenset(KINDS), {}
     asked = [kind.strip() for kind in question_kinds.split(",") if kind.strip()]
-    unknown = [kind for kind in asked if kind not in KINDS]
-    if unknown:
-        raise UserError(f"--question_kinds: unknown kind {', '.join(unknown)} (known: {', '.join(KINDS)}, or "
-                        "default, all)")
     return frozenset(asked), {kind: "not asked for (--question_kinds)" for kind in KINDS if kind not in asked}
+
+
+def kinds_problems(question_kinds: str) -> list[str]:
+    if question_kinds.strip() in ("", "default", "all"):
+        return []
+    unknown = [kind.strip() for kind in question_kinds.split(",") if kind.strip() and kind.strip() not in KINDS]
+    return [f"--question_kinds: unknown kind {', '.join(unknown)} (known: {', '.join(KINDS)}, or default, all)"
+            ] if unknown else []
 
 
 def template_options(kb: str, question_kinds: str, seed: int, per_entity: int, turns: int,

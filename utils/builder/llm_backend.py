@@ -94,12 +94,15 @@ class ServerArgs:
     dry_run: bool = flag(False, "openai: print the requests and their estimated tokens and cost; send and write "
                                 "nothing")
 
+    def server_problems(self, backend: str) -> list[str]:
+        if backend == "openai" and not self.model and not self.dry_run:
+            return ["--backend openai needs --model (the model name the server serves)"]
+        return []
+
     def chat_config(self, backend: str) -> llm.ChatConfig | None:
         """How to reach the server (None for the offline template backend)."""
         if backend != "openai":
             return None
-        if not self.model and not self.dry_run:
-            raise UserError("--backend openai needs --model (the model name the server serves)")
         return llm.ChatConfig(model=self.model or "(dry run)", api_base=self.api_base or None,
                               api_key_env=self.api_key_env, temperature=self.temperature, timeout=self.timeout,
                               max_retries=self.max_retries, retry_base_delay=self.retry_base_delay)

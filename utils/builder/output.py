@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.builder.llm_backend import sidecar
-from utils.core.errors import UserError, raise_problems
+from utils.core.errors import UserError
 from utils.core.io import (
     atomic_write,
     check_string_fields,
@@ -104,45 +104,46 @@ def export_hf(folder: Path, train: Sequence[dict[str, Any]], validation: Sequenc
 # --- before any work: every path the build writes -----------------------------------------------------------------
 
 
-def check_paths(source: str, source_flag: str, output: str, extra_inputs: list[str], hf_dataset: str = "",
-                validation: bool = False) -> Path:
+def path_problems(source: str, source_flag: str, output: str, extra_inputs: list[str], hf_dataset: str = "",
+                  validation: bool = False) -> list[str]:
     """The output path, checked before any work: given, writable, not an input, not a folder; and every file the run
     writes beside it (report, validation split, work log, manifest, lock) and the --hf_dataset folder, never an
     input or a folder that holds anything else."""
-    problems = []
-    if not source:
-        problems.append(f"{source_flag} is required (the input)")
+    problems = [] if source else [f"{source_flag} is required (the input)"]
     if not output:
-        problems.append("--output is required (the file to write)")
+        return [*problems, "--output is required (the file to write)"]
     inputs = [name for name in (source, *extra_inputs) if name]
-    raise_problems(problems or output_file_problems(output, "--output", inputs))
+    problems += output_file_problems(output, "--output", inputs)
+    if problems:
+        return problems
     output_path = Path(output).expanduser()
     beside = {"report": report_path(output_path), "lock": Path(f"{output_path}.lock"),
               "work log": sidecar(output_path, ".work.jsonl"),
               "manifest": sidecar(output_path, ".manifest.json")}
     if validation:
         beside["validation split"] = validation_path(output_path)
-    for what, path in beside.items():
-        clash = next((name for name in inputs if same_path(name, path)), None)
-        if clash is not None:
-            raise UserError(f"{clash}: this run writes its {what} there (beside --output {output_path}); rename the "
-                            "input or choose another --output")
+    problems = [f"{clash}: this run writes its {what} there (beside --output {output_path}); rename the input or "
+                "choose another --output"
+                for what, path in beside.items() for clash in inputs if same_path(clash, path)]
     if hf_dataset:
-        check_hf_dataset(Path(hf_dataset).expanduser().resolve(), [output_path, *beside.values(), *map(Path, inputs)])
-    return output_path
+        problems += hf_dataset_problems(Path(hf_dataset).expanduser().resolve(),
+                                        [output_path, *beside.values(), *map(Path, inputs)])
+    return problems
 
 
-def check_hf_dataset(folder: Path, files: list[Path]) -> None:
+def hf_dataset_problems(folder: Path, files: list[Path]) -> list[str]:
     """--hf_dataset is replaced as a whole: only a new folder, an empty one or an earlier export, and never one that
     holds the output, its companions or an input."""
-    raise_problems(output_dir_problems(folder, "--hf_dataset"))
+    if problems := output_dir_problems(folder, "--hf_dataset"):
+        return problems
     inside = next((path for path in files if folder in path.expanduser().resolve().parents), None)
     if inside is not None:
-        raise UserError(f"--hf_dataset {folder}: holds {inside}, which replacing the folder would delete; choose a "
-                        "folder of its own")
+        return [(f"--hf_dataset {folder}: holds {inside}, which replacing the folder would delete; choose a folder of "
+                "its own")]
     if folder.is_dir() and any(folder.iterdir()) and not (folder / "dataset_dict.json").is_file():
-        raise UserError(f"--hf_dataset {folder}: holds other files (it is no earlier `datasets` export), which "
-                        "replacing it would delete; choose a new or empty folder")
+        return [(f"--hf_dataset {folder}: holds other files (it is no earlier `datasets` export), which replacing it "
+                "would delete; choose a new or empty folder")]
+    return []
 
 
 def check_some_rows(records: list[dict[str, Any]], output: Path, source: str) -> None:
