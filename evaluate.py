@@ -222,11 +222,14 @@ def validate(args: EvaluateArgs) -> list[str]:
 
 
 def benchmark_problems(args: EvaluateArgs) -> list[str]:
+    from utils.model.checks import adapter_source_problems  # torch: only for benchmarks
+
     adapters = [name.strip() for name in args.lora_weights.split(",") if name.strip()]
     problems = source_problems(args.base_model, "--base_model", "config.json") + template_problems(
         args.prompt_template) if args.base_model else ["--benchmark needs --base_model"]
     if len(set(adapters)) < len(adapters):
         problems.append("--lora_weights names an adapter twice")
+    problems += [problem for adapter in adapters for problem in adapter_source_problems(adapter)]
     if args.predictions or args.compare or args.more_files:
         problems.append("--benchmark scores models; give it without --predictions or --compare")
     for flag_name, path, inputs in (("--output", args.output, [args.benchmark]),
@@ -245,10 +248,8 @@ def run_benchmark(args: EvaluateArgs) -> None:
     adapters = [name.strip() for name in args.lora_weights.split(",") if name.strip()]
     wanted = [name.strip() for name in args.subjects.split(",") if name.strip()]
     bench = benchmarks.read_benchmark(args.benchmark, args.benchmark_format, wanted, args.n_shot, args.max_questions)
-    prompter = Prompter(args.prompt_template) if args.prompt_template else None
     model, tokenizer, _ = load_for_inference(args.base_model, precision=args.precision)
-    if prompter:
-        prompter.tokenizer = tokenizer  # a chat template renders with the base model's own
+    prompter = Prompter(args.prompt_template, tokenizer=tokenizer) if args.prompt_template else None
     rows = []
     for label in ["base", *adapters]:
         scored = model if label == "base" else load_adapter(model, label)

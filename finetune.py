@@ -6,7 +6,7 @@ The data is JSON Lines or a JSON array of {instruction, input, output}; the prom
 `templates/<prompt_template_name>.json`. The adapter (adapter_config.json + adapter_model.safetensors), the
 tokenizer and bentsao_training.json (what it was trained with) land in --output_dir.
 
-The recipe, top to bottom: (under the run lock) validate -> resolve -> check_launch -> read_data -> load_tokenizer ->
+The recipe, top to bottom: validate -> (under the run lock) resolve -> check_launch -> read_data -> load_tokenizer ->
 prepare_data -> plan -> load_model -> build_trainer -> train -> finish. Every check that needs no weights runs before
 any weights load, and the Trainer's arguments exist before the weights load, so DeepSpeed ZeRO-3 partitions them
 while they load and FSDP reads them on rank 0 only (utils/training/engines.py).

@@ -96,14 +96,15 @@ def mc_questions(group, name, wordings, rng):
 def training_rows(trained, questions, args):
     from utils.builder.gates import GateCounts, LeakIndex, apply_gates, bigrams
     from utils.builder.knowledge import TemplateOptions, template_rows
+    from utils.builder.safety import jaccard
 
     counts = GateCounts()
     built = [row for seed in range(args.seed, args.seed + args.phrasings)
              for row in template_rows(trained, TemplateOptions(seed=seed, per_entity=args.per_entity))]
     rows = apply_gates(built, LeakIndex([q["question"] for q in questions], 0.8), 0.8, counts)
     grams = [bigrams(row.instruction) for row in rows]
-    similarity = max(len(bigrams(q["question"]) & other) / len(bigrams(q["question"]) | other)
-                     for q in questions if q["group"] == "trained" for other in grams)
+    similarity = max((jaccard(bigrams(q["question"]), other) for q in questions if q["group"] == "trained"
+                      for other in grams), default=0.0)
     return [row.record() for row in rows], {"leaks_dropped": counts.leaks_exact + counts.leaks_near,
                                             "greatest_question_similarity": round(similarity, 3)}
 
@@ -163,6 +164,9 @@ def compare(before, after, seed, rounds=4000):
 
 
 def finetune(base_model, data, adapter, args):
+    from utils.training.checkpoints import checkpoint_folders, read_trainer_state
+    from utils.training.plotting import loss_series
+
     flags = {"base_model": base_model, "data_path": data, "output_dir": adapter, "num_epochs": args.num_epochs,
              "learning_rate": args.learning_rate, "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r,
              "lora_target_modules": "all-linear", "batch_size": 16, "micro_batch_size": 8,
@@ -172,9 +176,9 @@ def finetune(base_model, data, adapter, args):
     command = [sys.executable, "finetune.py", *[part for k, v in flags.items() for part in (f"--{k}", str(v))]]
     started = time.monotonic()
     subprocess.run(command, cwd=REPO, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    state = max(Path(adapter).glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name[11:]))
-    history = json.loads(state.read_text(encoding="utf-8"))["log_history"]
-    return command, [[e["step"], round(e["loss"], 4)] for e in history if "loss" in e], time.monotonic() - started
+    _, last = checkpoint_folders(adapter)[-1]
+    losses, _ = loss_series(read_trainer_state(last)["log_history"])
+    return command, [[step, round(loss, 4)] for step, loss in losses], time.monotonic() - started
 
 
 def main(args: QualityArgs) -> None:

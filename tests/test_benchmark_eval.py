@@ -323,3 +323,5 @@ def test_bad_benchmarks_are_one_error_line(tiny_llama, tmp_path):
     write_csv(data / "test" / "bmw.csv", header, [[0, "q", 1, 2, 3, 4, "A"]])
     assert "bmw" in error_line(run_benchmark(data, "--base_model", tiny_llama, "--subjects", "bmw"))
     assert "--base_model" in error_line(run_benchmark(data))
+    result = run_benchmark(data, "--base_model", tiny_llama, "--lora_weights", tmp_path / "lora-typo")
+    assert "--lora_weights" in error_line(result) and "questions" not in result.stderr  # before the base is scored

@@ -92,10 +92,8 @@ class ModelArgs:
         from utils.model.loading import load_for_inference
         from utils.prompter import Prompter
 
-        prompter = Prompter(prompt_template)
         set_seed(self.seed)
         model, tokenizer, device = load_for_inference(
             self.base_model, self.adapter, precision=self.precision, load_8bit=self.load_8bit,
             load_4bit=self.load_4bit, trust_remote_code=self.trust_remote_code, device_map=device_map)
-        prompter.tokenizer = tokenizer
-        return model, tokenizer, device, prompter
+        return model, tokenizer, device, Prompter(prompt_template, tokenizer=tokenizer)

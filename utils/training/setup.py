@@ -122,13 +122,11 @@ def restart_problems(output_dir: str | Path, resuming: bool, overwrite: bool) ->
     is, see finetune.py), or replaces it with `--overwrite True`; checkpoints that are all incomplete (a save a kill
     or a full disk interrupted) hold nothing to resume, so only `--overwrite True` fits them."""
     left = earlier_run(output_dir)
-    if not left or overwrite:
+    if not left or overwrite or resuming:  # resuming: resolve_checkpoint says what is wrong with the checkpoint
         return []
     if finished(output_dir):
-        return [] if resuming else [(f"{output_dir} already holds {left} of a finished run; write the new run into a "
-                                     "new --output_dir, or replace the finished one with --overwrite True")]
-    if resuming:  # resolve_checkpoint says what is wrong with the checkpoint asked for, if anything
-        return []
+        return [(f"{output_dir} already holds {left} of a finished run; write the new run into a new --output_dir, "
+                 "or replace the finished one with --overwrite True")]
     if latest_complete(output_dir) is None:
         return [(f"{output_dir} holds only incomplete checkpoints ({left}) of an interrupted run, nothing to resume; "
                 "replace them with --overwrite True")]
